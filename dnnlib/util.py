@@ -1,0 +1,169 @@
+"""Attribute dicts, construction by dotted name, atomic file writes and cached URL fetching."""
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+import tempfile
+import urllib.parse
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a file, a URL). Entry points print it as one line, no traceback."""
+
+
+class EasyDict(dict):
+    """A dict whose keys can also be read and written as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        del self[name]
+
+
+def get_obj_by_name(name):
+    """Resolve a dotted name such as 'training.loss.ECTLoss' to the object it names."""
+    module_name, _, attr = name.rpartition('.')
+    if not module_name:
+        raise UserError(f'"{name}" is not a dotted name of the form module.object')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f'cannot import module "{module_name}" for "{name}": {e}') from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UserError(f'module "{module_name}" has no attribute "{attr}" (from "{name}")') from None
+
+
+def construct_class_by_name(*args, class_name, **kwargs):
+    """Instantiate the class named by `class_name` with the given arguments (EDM's component convention)."""
+    cls = get_obj_by_name(class_name)
+    if not callable(cls):
+        raise UserError(f'"{class_name}" is not callable')
+    return cls(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb'):
+    """Write `path` through a temporary file in the same directory, renamed into place only on success.
+
+    A crash (or exception) inside the block leaves any previous file under `path` untouched and never a
+    truncated one; the temporary file is removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def make_cache_dir_path(*paths):
+    """The cache directory: $ECT_CACHE_DIR, else $XDG_CACHE_HOME/ect, else ~/.cache/ect."""
+    if 'ECT_CACHE_DIR' in os.environ:
+        root = os.environ['ECT_CACHE_DIR']
+    elif 'XDG_CACHE_HOME' in os.environ:
+        root = os.path.join(os.environ['XDG_CACHE_HOME'], 'ect')
+    else:
+        root = os.path.join(os.path.expanduser('~'), '.cache', 'ect')
+    return os.path.join(root, *paths)
+
+
+def _is_url(path_or_url):
+    return re.match(r'^[a-z][a-z0-9+.-]*://', str(path_or_url)) is not None
+
+
+def _url_cache_name(url):
+    digest = hashlib.md5(url.encode('utf-8')).hexdigest()
+    basename = re.sub(r'[^0-9a-zA-Z._-]+', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
+    return f'{digest}_{basename}'
+
+
+def _check_sha256(data_path, sha256, url):
+    h = hashlib.sha256()
+    with open(data_path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    if h.hexdigest() != sha256.lower():
+        raise UserError(f'downloaded file from {url} has sha256 {h.hexdigest()}, expected {sha256}')
+
+
+def _download(url, dest, sha256, num_attempts, timeout):
+    import requests  # Deferred: only needed when something is actually fetched.
+    last_error = None
+    for _attempt in range(num_attempts):
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as res:
+                res.raise_for_status()
+                expected = res.headers.get('Content-Length')
+                written = 0
+                with atomic_write(dest) as f:
+                    for chunk in res.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        written += len(chunk)
+                    if expected is not None and int(expected) != written:
+                        raise IOError(f'connection closed after {written} of {expected} bytes')
+            if sha256 is not None:
+                try:
+                    _check_sha256(dest, sha256, url)
+                except UserError:
+                    os.remove(dest)
+                    raise
+            return
+        except requests.exceptions.HTTPError as e:
+            raise UserError(f'cannot download {url}: HTTP {e.response.status_code} (is the URL right?)') from None
+        except (requests.exceptions.RequestException, IOError) as e:
+            last_error = e
+    raise UserError(f'cannot download {url}: {type(last_error).__name__}: {last_error} '
+                    f'(offline? download it elsewhere and pass the local path instead)') from None
+
+
+def open_url(url, cache_dir=None, cache=True, sha256=None, num_attempts=3, timeout=30, return_filename=False):
+    """Open a local path, a file:// URL or an http(s) URL as a binary file object.
+
+    http(s) URLs are downloaded once into `cache_dir` (default: make_cache_dir_path('downloads')) through a
+    temporary file and an atomic rename, checked against `sha256` when given, and served from there after.
+    With return_filename=True the local file name is returned instead of an open file.
+    """
+    url = os.fspath(url) if not isinstance(url, str) else url
+    if not _is_url(url):
+        if not os.path.isfile(url):
+            raise UserError(f'no such file: {url}')
+        return url if return_filename else open(url, 'rb')
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == 'file':
+        local = urllib.parse.unquote(parsed.path)
+        return open_url(local, return_filename=return_filename)
+    if parsed.scheme not in ('http', 'https'):
+        raise UserError(f'unsupported URL scheme "{parsed.scheme}" in {url}')
+    if not cache:
+        if return_filename:
+            raise UserError('open_url: return_filename=True needs cache=True')
+        with tempfile.TemporaryDirectory() as tmp:
+            dest = os.path.join(tmp, 'download')
+            _download(url, dest, sha256, num_attempts, timeout)
+            with open(dest, 'rb') as f:
+                return io.BytesIO(f.read())
+    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path('downloads')
+    dest = os.path.join(cache_dir, _url_cache_name(url))
+    if not os.path.isfile(dest):
+        _download(url, dest, sha256, num_attempts, timeout)
+    return dest if return_filename else open(dest, 'rb')
