@@ -37,7 +37,7 @@ def get_obj_by_name(name):
         raise UserError(f'"{name}" is not a dotted name of the form module.object')
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except (ImportError, TypeError, ValueError) as e:  # TypeError/ValueError: relative or malformed names ('.x.Y').
         raise UserError(f'cannot import module "{module_name}" for "{name}": {e}') from None
     try:
         return getattr(module, attr)
@@ -53,6 +53,12 @@ def construct_class_by_name(*args, class_name, **kwargs):
     return cls(*args, **kwargs)
 
 
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """Write `path` through a temporary file in the same directory, renamed into place only on success.
@@ -65,6 +71,7 @@ def atomic_write(path, mode='wb'):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions.
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -88,7 +95,7 @@ def make_cache_dir_path(*paths):
 
 
 def _is_url(path_or_url):
-    return re.match(r'^[a-z][a-z0-9+.-]*://', str(path_or_url)) is not None
+    return re.match(r'^[a-z][a-z0-9+.-]*://', str(path_or_url), re.IGNORECASE) is not None
 
 
 def _url_cache_name(url):
@@ -97,13 +104,18 @@ def _url_cache_name(url):
     return f'{digest}_{basename}'
 
 
-def _check_sha256(data_path, sha256, url):
+def _file_sha256(data_path):
     h = hashlib.sha256()
     with open(data_path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    if h.hexdigest() != sha256.lower():
-        raise UserError(f'downloaded file from {url} has sha256 {h.hexdigest()}, expected {sha256}')
+    return h.hexdigest()
+
+
+def _check_sha256(data_path, sha256, url):
+    digest = _file_sha256(data_path)
+    if digest != sha256.lower():
+        raise UserError(f'downloaded file from {url} has sha256 {digest}, expected {sha256}')
 
 
 def _download(url, dest, sha256, num_attempts, timeout):
@@ -113,7 +125,10 @@ def _download(url, dest, sha256, num_attempts, timeout):
         try:
             with requests.get(url, stream=True, timeout=timeout) as res:
                 res.raise_for_status()
-                expected = res.headers.get('Content-Length')
+                # requests decodes gzip/deflate bodies, so Content-Length counts the bytes written only when
+                # the body is sent unencoded.
+                encoded = res.headers.get('Content-Encoding', 'identity').lower() != 'identity'
+                expected = None if encoded else res.headers.get('Content-Length')
                 written = 0
                 with atomic_write(dest) as f:
                     for chunk in res.iter_content(chunk_size=1 << 20):
@@ -164,6 +179,8 @@ def open_url(url, cache_dir=None, cache=True, sha256=None, num_attempts=3, timeo
                 return io.BytesIO(f.read())
     cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path('downloads')
     dest = os.path.join(cache_dir, _url_cache_name(url))
+    if os.path.isfile(dest) and sha256 is not None and _file_sha256(dest) != sha256.lower():
+        os.remove(dest)  # A stale or damaged cached copy: fetch it again.
     if not os.path.isfile(dest):
         _download(url, dest, sha256, num_attempts, timeout)
     return dest if return_filename else open(dest, 'rb')

@@ -37,8 +37,16 @@ def persistent_class(cls):
                     class_name=type(self).__name__, state=self.__getstate__())
         return (_reconstruct_persistent_obj, (meta,))
 
+    def __deepcopy__(self, memo):
+        # copy.deepcopy (EMA copies, ...) copies the state directly instead of going through the pickle record.
+        result = type(self).__new__(type(self))
+        memo[id(self)] = result
+        result.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return result
+
     cls.__init__ = __init__
     cls.__reduce__ = __reduce__
+    cls.__deepcopy__ = __deepcopy__
     cls.init_args = property(lambda self: copy.deepcopy(self._init_args))
     cls.init_kwargs = property(lambda self: copy.deepcopy(self._init_kwargs))
     cls._is_persistent_class = True

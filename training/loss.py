@@ -1,0 +1,269 @@
+"""Loss functions: Easy Consistency Tuning (ECT) and EDM diffusion pretraining, EDM calling convention.
+
+`loss_fn(net=net, images=images, labels=labels, augment_pipe=None)` returns per-sample losses of shape [N].
+The training loop adds them up and divides by the GLOBAL batch size (`reduce_loss`), so a batch split into
+any number of accumulation rounds, on any number of ranks, gives the same gradient.
+
+Mapping functions (t, stage) -> r and regular weightings (t, r) -> w are components built by dotted class
+name like every other component, so a new one needs no edit outside its own class.
+"""
+
+import fractions
+import inspect
+import math
+
+import numpy as np
+import torch
+
+import dnnlib
+
+#----------------------------------------------------------------------------
+# Curriculum.
+
+# Discretisation curriculum, spec §4: stage = floor(tick / double), tick = floor(cur_nimg / (tick_kimg·1000)).
+def curriculum_stage(cur_nimg, tick_kimg, double_ticks):
+    """The curriculum stage for `cur_nimg` images seen; double_ticks None or inf = the stage never grows."""
+    if not tick_kimg > 0:
+        raise dnnlib.UserError(f'--tick: must be positive, got {tick_kimg}')
+    if double_ticks is None or double_ticks == math.inf:
+        return 0
+    if not double_ticks > 0:
+        raise dnnlib.UserError(f'--double: must be positive (or inf for never), got {double_ticks}')
+    tick_nimg = fractions.Fraction(tick_kimg).limit_denominator(10**6) * 1000  # exact for e.g. 12.8 kimg
+    tick = math.floor(fractions.Fraction(int(cur_nimg)) / tick_nimg)
+    return math.floor(tick / fractions.Fraction(double_ticks).limit_denominator(10**6))
+
+
+def reduce_loss(per_sample_loss, global_batch_size):
+    """Contribution of one accumulation round to the batch loss: sum over its samples / GLOBAL batch size."""
+    return per_sample_loss.sum() / global_batch_size
+
+#----------------------------------------------------------------------------
+# Mapping functions r = mapping(t, stage): 0 <= r <= t, t - r shrinking as the stage grows.
+
+def _positive(owner, name, value):
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise dnnlib.UserError(f'{owner}: {name} must be a positive number, got {value!r}')
+    return float(value)
+
+
+def _check_stage(stage):
+    if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or stage < 0:
+        raise dnnlib.UserError(f'ECT curriculum stage must be a non-negative integer, got {stage!r}')
+    return int(stage)
+
+
+def _clamp_r(r, t):
+    return torch.minimum(r.clamp(min=0), t)
+
+
+class ConstantMapping:
+    """Constant mapping, ECT paper §3 / spec §4: r = t·(1 − q^−(stage+1))."""
+
+    def __init__(self,
+        q = 2,  # Base of the geometric decay of (t − r)/t per stage.
+    ):
+        self.q = _positive('ConstantMapping', 'q', q)
+
+    # ECT spec §4, constant mapping.
+    def __call__(self, t, stage):
+        decay = self.q ** -(_check_stage(stage) + 1)
+        return _clamp_r(t * (1 - decay), t)
+
+
+class SigmoidMapping:
+    """Sigmoid mapping (ECT default), ECT paper §3 / spec §4."""
+
+    def __init__(self,
+        q = 2,  # Base of the geometric decay of (t − r)/t per stage.
+        k = 8,  # Extra gap at small t: factor 1 + k·sigmoid(−b·t).
+        b = 1,  # Sharpness of the sigmoid in t.
+    ):
+        self.q = _positive('SigmoidMapping', 'q', q)
+        self.k = float(k)
+        self.b = float(b)
+
+    # ECT spec §4, sigmoid mapping: r = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))), clamped at 0.
+    def __call__(self, t, stage):
+        decay = self.q ** -(_check_stage(stage) + 1)
+        return _clamp_r(t * (1 - decay * (1 + self.k * torch.sigmoid(-self.b * t))), t)
+
+#----------------------------------------------------------------------------
+# Regular weightings w = weighting(t, r).
+
+class InverseGapWeighting:
+    """CIFAR-10 recipe, spec §3 step 8: w = 1/(t − r)."""
+
+    # ECT spec §3 step 8 (CIFAR-10).
+    def __call__(self, t, r):
+        return 1 / (t - r)
+
+
+class InverseSquareWeighting:
+    """ImageNet-64 recipe, spec §3 step 8: w = 1/t² + 1/σd²."""
+
+    def __init__(self,
+        sigma_data = 0.5,   # Standard deviation of the data; ECTLoss fills in its own when not given.
+    ):
+        self.sigma_data = _positive('InverseSquareWeighting', 'sigma_data', sigma_data)
+
+    # ECT spec §3 step 8 (ImageNet-64).
+    def __call__(self, t, r):
+        return 1 / t.square() + 1 / self.sigma_data ** 2
+
+
+class NoWeighting:
+    """w = 1."""
+
+    def __call__(self, t, r):
+        return torch.ones_like(t)
+
+#----------------------------------------------------------------------------
+# Shared helpers.
+
+def _build_component(owner, name, spec, defaults):
+    """A component from dict(class_name=..., **kwargs) (with `defaults` for kwargs its class accepts)."""
+    if not isinstance(spec, dict) and callable(spec):
+        return spec  # an already built component
+    if not isinstance(spec, dict) or 'class_name' not in spec:
+        raise dnnlib.UserError(f'{owner}: {name} must be dict(class_name=..., ...) or a callable, got {spec!r}')
+    cls = dnnlib.util.get_obj_by_name(spec['class_name'])
+    params = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in defaults.items() if k in params}
+    kwargs.update(spec)
+    try:
+        return dnnlib.util.construct_class_by_name(**kwargs)
+    except TypeError as e:
+        raise dnnlib.UserError(f'{owner}: cannot build {name} {spec["class_name"]}: {e}') from None
+
+
+def _unwrap(net):
+    """The module behind DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(net, 'module', getattr(net, '_orig_mod', None))
+        if not isinstance(inner, torch.nn.Module):
+            return net
+        net = inner
+
+
+def tuning_kwargs(net, augment_labels=None):
+    """Keyword arguments for a training-pass call of `net`.
+
+    Preconditioners whose forward() names a `boundary` argument (ECMPrecond, EDM2 Precond with a σmin)
+    get boundary=False, the tuning-pass (EDM) form; the choice never depends on `net.training`.
+    augment_labels are passed only when an augmentation pipe produced them.
+    """
+    kwargs = {}
+    if 'boundary' in inspect.signature(_unwrap(net).forward).parameters:
+        kwargs['boundary'] = False
+    if augment_labels is not None:
+        kwargs['augment_labels'] = augment_labels
+    return kwargs
+
+
+class _NoiseLoss:
+    """EDM calling convention on top of loss_from_noise(net, images, rnd_normal, eps, labels, augment_labels)."""
+
+    def sample_noise(self, images):
+        """The random inputs of one step: standard normals n [N,1,...,1] for the noise level, and eps."""
+        rnd_normal = torch.randn([images.shape[0]] + [1] * (images.ndim - 1), device=images.device)
+        return rnd_normal, torch.randn_like(images)
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        """Per-sample losses [N]; the augment pipe (if any) runs first, as in EDM."""
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        rnd_normal, eps = self.sample_noise(y)
+        return self.loss_from_noise(net, y, rnd_normal, eps, labels, augment_labels)
+
+
+def _check_lognormal(owner, P_mean, P_std, sigma_data):
+    if not isinstance(P_mean, (int, float)) or not math.isfinite(P_mean):
+        raise dnnlib.UserError(f'{owner}: P_mean must be a finite number, got {P_mean!r}')
+    return float(P_mean), _positive(owner, 'P_std', P_std), _positive(owner, 'sigma_data', sigma_data)
+
+#----------------------------------------------------------------------------
+# ECT loss.
+
+class ECTLoss(_NoiseLoss):
+    """Easy Consistency Tuning loss, ECT paper §3 / spec §3 (per sample)."""
+
+    def __init__(self,
+        P_mean      = -1.1,     # Mean of ln(t), t ~ lognormal.
+        P_std       = 2.0,      # Standard deviation of ln(t).
+        sigma_data  = 0.5,      # Standard deviation of the data (passed to weightings that take it).
+        c           = 0.0,      # Pseudo-Huber constant: L = sqrt(d + c²) − c.
+        mapping     = None,     # dict(class_name=..., **kwargs) of the mapping; None = SigmoidMapping().
+        weighting   = None,     # dict(class_name=..., **kwargs) of the weighting; None = InverseGapWeighting().
+    ):
+        self.P_mean, self.P_std, self.sigma_data = _check_lognormal('ECTLoss', P_mean, P_std, sigma_data)
+        if not (isinstance(c, (int, float)) and c >= 0):
+            raise dnnlib.UserError(f'ECTLoss: c must be a non-negative number, got {c!r}')
+        self.c = float(c)
+        mapping = mapping if mapping is not None else dict(class_name='training.loss.SigmoidMapping')
+        weighting = weighting if weighting is not None else dict(class_name='training.loss.InverseGapWeighting')
+        self.mapping = _build_component('ECTLoss', 'mapping', mapping, {})
+        self.weighting = _build_component('ECTLoss', 'weighting', weighting, dict(sigma_data=self.sigma_data))
+        self.stage = 0
+
+    def set_stage(self, stage):
+        """Set the curriculum stage (the loop calls this every step with curriculum_stage(...))."""
+        self.stage = _check_stage(stage)
+
+    def times(self, rnd_normal):
+        """(t, r): t = exp(P_mean + P_std·n) and r = mapping(t, stage), 0 <= r <= t (spec §3 steps 1-2)."""
+        t = (rnd_normal * self.P_std + self.P_mean).exp()
+        return t, _clamp_r(self.mapping(t, self.stage), t)
+
+    def prediction_and_target(self, net, x0, t, r, eps, labels=None, augment_labels=None, shared_dropout=True):
+        """(f_t, f_r) of spec §3 steps 3-5: f_t with gradients, f_r without, same dropout masks.
+
+        The global CPU RNG state (and the CUDA RNG state of x0's device) is saved before the prediction and
+        restored for the target pass inside fork_rng, so both passes draw identical dropout masks and the
+        global streams afterwards continue exactly as if only the prediction pass had run.
+        shared_dropout=False lets the target draw fresh masks (for ablations and tests).
+        """
+        kwargs = tuning_kwargs(net, augment_labels)
+        cuda_devices = [x0.device] if x0.device.type == 'cuda' else []
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in cuda_devices]
+        f_t = net(x0 + t * eps, t, labels, **kwargs)
+        target_needed = r > 0
+        if not bool(target_needed.any()):
+            return f_t, x0.to(f_t.dtype)
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
+            if shared_dropout:
+                torch.set_rng_state(cpu_state)
+                for d, state in zip(cuda_devices, cuda_states):
+                    torch.cuda.set_rng_state(state, d)
+            f_r = net(x0 + r * eps, r, labels, **kwargs).to(f_t.dtype).nan_to_num()
+        return f_t, torch.where(target_needed, f_r, x0.to(f_t.dtype))
+
+    # ECT spec §3 steps 6-8: L = w(t, r)·(sqrt(‖f_t − f_r‖² + c²) − c).
+    def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, augment_labels=None):
+        """Per-sample ECT losses [N] for given noise (images already augmented)."""
+        t, r = self.times(rnd_normal)
+        f_t, f_r = self.prediction_and_target(net, images, t, r, eps, labels, augment_labels)
+        d = (f_t - f_r).square().flatten(1).sum(dim=1)
+        adaptive = (d + self.c ** 2).sqrt() - self.c
+        return adaptive * self.weighting(t, r).flatten()
+
+#----------------------------------------------------------------------------
+# EDM loss (diffusion pretraining).
+
+class EDMLoss(_NoiseLoss):
+    """EDM training loss, Karras et al. 2022 eq. 2 and §5 / spec §3 (the r = 0 special case)."""
+
+    def __init__(self,
+        P_mean      = -1.2,     # Mean of ln(σ), σ ~ lognormal.
+        P_std       = 1.2,      # Standard deviation of ln(σ).
+        sigma_data  = 0.5,      # Standard deviation of the data.
+    ):
+        self.P_mean, self.P_std, self.sigma_data = _check_lognormal('EDMLoss', P_mean, P_std, sigma_data)
+
+    # EDM eq. 2 with λ(σ) = (σ² + σd²)/(σ·σd)², σ = exp(P_mean + P_std·n).
+    def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, augment_labels=None):
+        """Per-sample EDM losses [N] for given noise (images already augmented)."""
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        denoised = net(images + sigma * eps, sigma, labels, **tuning_kwargs(net, augment_labels))
+        return (weight * (denoised - images).square()).flatten(1).sum(dim=1)
