@@ -1,0 +1,486 @@
+"""Checkpoint I/O: safe loading of official EDM/EDM2/ECT network pickles, this project's own network
+snapshots, weight transfer between networks, and training-state files (spec §2 and §7).
+
+Official pickles rebuild their networks by executing Python source embedded in the file. Here they are
+read by a restricted unpickler that never executes or imports that source: every persistent record becomes
+a plain (class name, state) record, only class names on an allow-list are accepted, tensors are rebuilt by
+allow-listed torch functions, and the networks are then constructed as this project's classes from their
+recorded constructor arguments, with their tensors loaded under a strict name and shape check.
+"""
+
+import collections
+import dataclasses
+import importlib
+import io
+import json
+import os
+import pickle
+import warnings
+
+import numpy as np
+import torch
+
+import dnnlib
+from dnnlib.util import UserError
+from torch_utils import persistence
+
+SNAPSHOT_FORMAT = 'ect-network-snapshot'
+SNAPSHOT_VERSION = 1
+
+# Network classes that official records and our snapshots may name, by the module defining them here.
+_NETWORK_MODULES = {
+    'training.networks': ('VPPrecond', 'VEPrecond', 'EDMPrecond', 'ECMPrecond', 'SongUNet', 'DhariwalUNet',
+                          'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding'),
+    'training.networks_edm2': ('Precond', 'UNet', 'Block', 'MPConv', 'MPFourier'),
+}
+_NETWORK_CLASS_MODULE = {name: module for module, names in _NETWORK_MODULES.items() for name in names}
+_NETWORK_CLASS_NAMES = frozenset(f'{module}.{name}' for name, module in _NETWORK_CLASS_MODULE.items())
+
+# Non-network objects of official pickles: kept as PersistentRecord(class_name, init_kwargs), never built.
+_RECORD_ONLY_CLASSES = frozenset(['EDMLoss', 'VPLoss', 'VELoss', 'ECMLoss', 'ECTLoss', 'EDM2Loss', 'AugmentPipe',
+                                  'StandardRGBEncoder'])
+
+_PICKLE_PROTOCOL_BYTE = b'\x80'
+_ZIP_MAGIC = b'PK'
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentRecord:
+    """A non-network persistent object of an official pickle (loss, augment pipe, encoder), not rebuilt."""
+    class_name: str     # Class name recorded in the pickle, e.g. 'VPLoss'.
+    init_kwargs: dict   # Keyword arguments it was constructed with.
+
+
+class _ModuleRecord:
+    """A persistent record read without executing its source: its class name and pickled __dict__."""
+
+    def __init__(self, class_name, state):
+        self.class_name = class_name    # Class name from the record, checked against the allow-list.
+        self.state = state              # The object's pickled __dict__ (_parameters, _buffers, _modules, ...).
+
+
+class _ContainerStub:
+    """Inert stand-in for torch.nn.ModuleDict / ModuleList / Sequential: keeps the pickled state only."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Restricted unpickling of official pickles.
+
+def _safe_load_from_bytes(data):
+    """Replacement for torch.storage._load_from_bytes: the bytes are a torch.save archive, read weights-only."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError('storage payload is not bytes')
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Replacement for torch._utils._rebuild_tensor_v2 that accepts only a real storage and no hooks."""
+    del requires_grad, backward_hooks, metadata  # Only values matter here; hooks are never attached.
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError('tensor record does not hold a storage')
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    """Replacement for torch._utils._rebuild_parameter(_with_state): the tensor only, no hooks or attributes."""
+    del requires_grad, backward_hooks, state
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError('parameter record does not hold a tensor')
+    return data
+
+
+def _numpy_dtype(spec, align=False, copy=True):
+    """Replacement for numpy.dtype in pickled numpy scalars: numeric and bool types only, always a fresh copy."""
+    del copy  # A fresh copy is always made: the pickle's BUILD step then sets the state of that copy only.
+    dtype = np.dtype(spec, align=bool(align), copy=True) if isinstance(spec, str) else None
+    if dtype is None or dtype.kind not in 'biufc':
+        raise pickle.UnpicklingError(f'numpy dtype {spec!r} is not a numeric type')
+    return dtype
+
+
+def _numpy_scalar(dtype, data):
+    """Replacement for numpy's scalar(dtype, bytes) as used by pickled numpy scalars (e.g. EDM's skip_scale)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in 'biufc' or not isinstance(data, bytes) \
+            or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError('malformed numpy scalar')
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+_SAFE_GLOBALS = {
+    ('numpy', 'dtype'): _numpy_dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _safe_load_from_bytes,
+    ('torch.nn.modules.container', 'ModuleDict'): _ContainerStub,
+    ('torch.nn.modules.container', 'ModuleList'): _ContainerStub,
+    ('torch.nn.modules.container', 'Sequential'): _ContainerStub,
+}
+_RECORD_GLOBAL = ('torch_utils.persistence', '_reconstruct_persistent_obj')
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allow-listed globals and turns persistent records into _ModuleRecord."""
+
+    def __init__(self, file, name):
+        super().__init__(file)
+        self.name = name    # File name used in error messages.
+
+    def find_class(self, module, name):
+        if (module, name) == _RECORD_GLOBAL:
+            return self.make_record
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        raise UserError(f'{self.name}: refusing to load global "{module}.{name}" (not on the allow-list)')
+
+    def make_record(self, meta):
+        version = persistence.FORMAT_VERSION
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != version:
+            raise UserError(f'{self.name}: unsupported persistent record (expected type "class", version {version})')
+        class_name = meta.get('class_name')
+        if class_name not in _NETWORK_CLASS_MODULE and class_name not in _RECORD_ONLY_CLASSES:
+            raise UserError(f'{self.name}: refusing to rebuild persistent class "{class_name}" (not on the allow-list; '
+                            f'pass allow_unsafe_pickle=True only if you trust the file)')
+        if not isinstance(meta.get('state'), dict):
+            raise UserError(f'{self.name}: persistent record of "{class_name}" has no state dict')
+        return _ModuleRecord(class_name, meta['state'])
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """EDM's own loading: persistent records are rebuilt by executing their embedded source (opt-in only)."""
+
+    def find_class(self, module, name):
+        if (module, name) == _RECORD_GLOBAL:
+            return persistence.exec_persistent_record
+        return super().find_class(module, name)
+
+
+def _brief(error):
+    """One line describing an exception from deep inside pickle/torch, for a UserError message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line for line in lines if 'global' in line.lower()), lines[0] if lines else '')
+    return f'{type(error).__name__}: {line}' if line else type(error).__name__
+
+
+def _unpickle(file, name, allow_unsafe_pickle):
+    if allow_unsafe_pickle:
+        warnings.warn(f'{name}: loading with allow_unsafe_pickle=True executes Python code embedded in the '
+                      f'file; do this only for files you trust', stacklevel=4)
+        unpickler = _LegacyUnpickler(file)
+    else:
+        unpickler = _RestrictedUnpickler(file, name)
+    try:
+        return unpickler.load()
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f'{name}: cannot read network pickle (truncated or corrupt file?): {_brief(e)}') from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building this project's networks from records.
+
+def _network_class(class_name):
+    return getattr(importlib.import_module(_NETWORK_CLASS_MODULE[class_name]), class_name)
+
+
+def _instantiate(cls, init_args, init_kwargs, name):
+    if not isinstance(init_args, (tuple, list)) or not isinstance(init_kwargs, dict):
+        raise UserError(f'{name}: {cls.__name__} has malformed recorded constructor arguments')
+    try:
+        return cls(*init_args, **init_kwargs)
+    except (TypeError, ValueError, dnnlib.UserError) as e:
+        raise UserError(f'{name}: cannot build {cls.__name__} from its recorded constructor arguments: {e}') from None
+
+
+def _name_list(names, limit=8):
+    shown = ', '.join(names[:limit])
+    return shown + (f', ... ({len(names)} in all)' if len(names) > limit else '')
+
+
+def _load_state_strict(net, tensors, name):
+    """Load `tensors` into `net`; any missing, unexpected or wrongly shaped tensor is a UserError naming it."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise UserError(f'{name}: tensors do not match {type(net).__name__}: '
+                        f'missing [{_name_list(missing)}], unexpected [{_name_list(unexpected)}]')
+    for key, value in expected.items():
+        if not isinstance(tensors[key], torch.Tensor):
+            raise UserError(f'{name}: "{key}" is not a tensor')
+        if tensors[key].shape != value.shape:
+            raise UserError(f'{name}: tensor "{key}" has shape {list(tensors[key].shape)}, '
+                            f'{type(net).__name__} expects {list(value.shape)}')
+    net.load_state_dict(tensors, strict=True)
+
+
+def _state_field(state, key, name, prefix):
+    value = state.get(key, {}) if isinstance(state, dict) else None
+    if not isinstance(value, dict):
+        raise UserError(f'{name}: module "{prefix or "<root>"}" has a malformed state ({key})')
+    return value
+
+
+def _record_tensors(record, name, prefix='', out=None):
+    """Dotted name -> tensor for the persistent parameters and buffers of a record and its submodules."""
+    out = {} if out is None else out
+    state = getattr(record, 'state', None)
+    parameters, buffers, modules = (_state_field(state, key, name, prefix)
+                                    for key in ('_parameters', '_buffers', '_modules'))
+    non_persistent = state.get('_non_persistent_buffers_set', set())
+    entries = list(parameters.items()) + [(k, v) for k, v in buffers.items() if k not in non_persistent]
+    for key, value in entries:
+        if value is not None:
+            out[prefix + key] = value
+    for key, child in modules.items():
+        if child is None:
+            continue
+        if not isinstance(child, (_ModuleRecord, _ContainerStub)):
+            raise UserError(f'{name}: submodule "{prefix + key}" is not a persistent record')
+        _record_tensors(child, name, prefix + key + '.', out)
+    return out
+
+
+def _build_from_record(record, name):
+    state = record.state
+    if record.class_name in _RECORD_ONLY_CLASSES:
+        init_kwargs = state.get('_init_kwargs', {})
+        if not isinstance(init_kwargs, dict):
+            raise UserError(f'{name}: {record.class_name} has malformed recorded constructor arguments')
+        return PersistentRecord(record.class_name, dict(init_kwargs))
+    net = _instantiate(_network_class(record.class_name), state.get('_init_args', ()),
+                       state.get('_init_kwargs', {}), name)
+    _load_state_strict(net, _record_tensors(record, name), name)
+    return net.eval()
+
+
+def _convert_records(value, name):
+    """Replace the records of an unpickled official dict by built networks / PersistentRecord values."""
+    if isinstance(value, _ModuleRecord):
+        return _build_from_record(value, name)
+    if isinstance(value, _ContainerStub):
+        raise UserError(f'{name}: a bare module container is not a network')
+    if isinstance(value, dict):
+        return type(value)((k, _convert_records(v, name)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_convert_records(v, name) for v in value)
+    return value
+
+
+def _file_name(file):
+    return os.fspath(file) if isinstance(file, (str, os.PathLike)) else getattr(file, 'name', '<stream>')
+
+
+def _load_pkl(file, name, allow_unsafe_pickle):
+    data = _unpickle(file, name, allow_unsafe_pickle)
+    if not isinstance(data, dict):
+        raise UserError(f'{name}: not a network pickle (expected a dict with "ema", got {type(data).__name__})')
+    return data if allow_unsafe_pickle else _convert_records(data, name)
+
+
+def load_network_pkl(file, *, allow_unsafe_pickle=False):
+    """The dict of an official EDM/EDM2/ECT network pickle (a path, URL or binary file object), with its
+    networks rebuilt as this project's classes and other persistent objects as PersistentRecord values.
+    allow_unsafe_pickle=True instead rebuilds everything by executing the embedded source (trusted files only).
+    """
+    name = _file_name(file)
+    if isinstance(file, (str, os.PathLike)):
+        with dnnlib.util.open_url(file) as f:
+            return _load_pkl(f, name, allow_unsafe_pickle)
+    return _load_pkl(file, name, allow_unsafe_pickle)
+
+
+def _pickled_ema(data, name):
+    net = data.get('ema')
+    if not isinstance(net, torch.nn.Module):
+        raise UserError(f'{name}: the pickle holds no "ema" network')
+    return net
+
+
+def load_network(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
+    """The network of an official pickle (its `ema`) or of one of our snapshots, told apart by content;
+    returned in eval mode on the CPU."""
+    name = os.fspath(path_or_url)
+    with dnnlib.util.open_url(path_or_url, cache_dir=cache_dir) as f:
+        head = f.read(2)
+        f.seek(0)
+        if head.startswith(_ZIP_MAGIC):
+            net, _metadata = load_network_snapshot(f, name=name)
+        elif head.startswith(_PICKLE_PROTOCOL_BYTE):
+            net = _pickled_ema(_load_pkl(f, name, allow_unsafe_pickle), name)
+            if allow_unsafe_pickle:
+                net = net.to('cpu')  # Executed source may have restored CUDA tensors; our rebuilds are on the CPU.
+        else:
+            raise UserError(f'{name}: not a network checkpoint (neither a network pickle nor a network snapshot)')
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plain-data checks shared by snapshots and training states.
+
+_PRIMITIVES = (type(None), bool, int, float, str)
+
+
+def _plain(value, where, allow_tensors):
+    """A copy of `value` made of dicts, lists, tuples, primitives (and tensors if allowed) — what a
+    weights_only torch.load reads back; anything else raises TypeError naming where it is."""
+    if isinstance(value, _PRIMITIVES) or (allow_tensors and isinstance(value, torch.Tensor)):
+        return value
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, _PRIMITIVES)]
+        if bad:
+            raise TypeError(f'{where}: dict key {bad[0]!r} is not a str/int/float/bool/None')
+        return {k: _plain(v, f'{where}[{k!r}]', allow_tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f'{where}[{i}]', allow_tensors) for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f'{where}: {type(value).__module__}.{type(value).__qualname__} cannot be stored '
+                    f'(only tensors, python primitives, lists, tuples and dicts)')
+
+
+def _torch_load(file, name, what):
+    """torch.load(weights_only=True) on the CPU; a missing, truncated or corrupt file is a one-line UserError."""
+    try:
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, 'rb') as f:
+                return torch.load(f, map_location='cpu', weights_only=True)
+        return torch.load(file, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f'{name}: no such {what} file') from None
+    except Exception as e:
+        brief = _brief(e)
+        reason = 'refusing an object a weights-only load does not allow' if 'global' in brief.lower() \
+            else 'truncated or corrupt file?'
+        raise UserError(f'{name}: cannot read {what} ({reason}): {brief}') from None
+
+
+def _save_torch(path, data):
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        torch.save(data, f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Our own network snapshots.
+
+def _constructor_kwargs(net):
+    """The keyword arguments that rebuild `net` (networks of this project are built by keyword only)."""
+    if not persistence.is_persistent(net):
+        raise TypeError(f'{type(net).__qualname__} is not a @persistent_class network; it cannot be snapshotted')
+    if net.init_args:
+        raise TypeError(f'{type(net).__qualname__} was built with positional arguments; build it by keyword '
+                        f'so a snapshot can record its configuration')
+    return net.init_kwargs
+
+
+def save_network_snapshot(path, net, **metadata):
+    """Write `net` to `path` in this project's safe snapshot format (a weights_only-loadable torch.save file).
+    `metadata` (e.g. kimg, stage, ema, mid_t) must be JSON-serialisable; it is stored as its JSON round trip."""
+    class_name = f'{type(net).__module__}.{type(net).__qualname__}'
+    if class_name not in _NETWORK_CLASS_NAMES:
+        raise TypeError(f'{class_name} is not one of the network classes a snapshot may hold')
+    try:
+        metadata = json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f'save_network_snapshot: metadata is not JSON-serialisable: {e}') from None
+    data = dict(format=SNAPSHOT_FORMAT, version=SNAPSHOT_VERSION, class_name=class_name,
+                init_kwargs=_plain(_constructor_kwargs(net), 'init_kwargs', allow_tensors=False),
+                state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()}, metadata=metadata)
+    _save_torch(path, data)
+
+
+def _check_snapshot(data, name):
+    if not isinstance(data, dict) or data.get('format') != SNAPSHOT_FORMAT:
+        raise UserError(f'{name}: not an {SNAPSHOT_FORMAT} file')
+    if data.get('version') != SNAPSHOT_VERSION:
+        raise UserError(f'{name}: unsupported snapshot version {data.get("version")!r} (expected {SNAPSHOT_VERSION})')
+    if data.get('class_name') not in _NETWORK_CLASS_NAMES:
+        raise UserError(f'{name}: refusing to build class "{data.get("class_name")}" (not on the allow-list of '
+                        f'network classes)')
+    for key in ('init_kwargs', 'state_dict', 'metadata'):
+        if not isinstance(data.get(key), dict):
+            raise UserError(f'{name}: snapshot field "{key}" is missing or not a dict')
+
+
+def load_network_snapshot(path, *, name=None):
+    """(net, metadata) from a file written by save_network_snapshot (a path or binary file object);
+    the network is in eval mode on the CPU."""
+    name = name if name is not None else _file_name(path)
+    data = _torch_load(path, name, 'network snapshot')
+    _check_snapshot(data, name)
+    module_name, _, class_name = data['class_name'].rpartition('.')
+    net = _instantiate(getattr(importlib.import_module(module_name), class_name), (), data['init_kwargs'], name)
+    _load_state_strict(net, data['state_dict'], name)
+    return net.eval(), data['metadata']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight transfer (spec §2: the inner U-Net of an EDM VP checkpoint into the ECM preconditioner).
+
+@dataclasses.dataclass
+class TransferReport:
+    """What transfer_weights did, by dotted tensor name."""
+    copied: list        # In both networks; copied from source to target.
+    skipped: list       # In the source only (e.g. model.map_augment.weight when augmentation is off).
+    untouched: list     # In the target only; left as initialised.
+
+    @property
+    def skipped_missing_in_target(self):
+        return self.skipped
+
+    @property
+    def not_in_source(self):
+        return self.untouched
+
+    def summary(self):
+        return (f'transferred {len(self.copied)} tensors; skipped {len(self.skipped)} absent from the target '
+                f'[{_name_list(self.skipped)}]; left {len(self.untouched)} target tensors as initialised '
+                f'[{_name_list(self.untouched)}]')
+
+    def __str__(self):
+        return self.summary()
+
+
+def transfer_weights(src_net, dst_net):
+    """Copy every parameter and buffer that `src_net` and `dst_net` share by name; a shape mismatch is a
+    UserError naming the tensor (checked before anything is copied)."""
+    src, dst = src_net.state_dict(), dst_net.state_dict()
+    copied = [k for k in dst if k in src]
+    for key in copied:
+        if src[key].shape != dst[key].shape:
+            raise UserError(f'transfer_weights: tensor "{key}" has shape {list(src[key].shape)} in the source '
+                            f'network but {list(dst[key].shape)} in the target')
+    with torch.no_grad():
+        for key in copied:
+            dst[key].copy_(src[key])
+    return TransferReport(copied=copied, skipped=[k for k in src if k not in dst],
+                          untouched=[k for k in dst if k not in src])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state.
+
+def save_training_state(path, state):
+    """Atomically write the training state (tensors, python primitives, lists, tuples and dicts only)."""
+    if not isinstance(state, dict):
+        raise TypeError('save_training_state: state must be a dict')
+    _save_torch(path, _plain(state, 'training state', allow_tensors=True))
+
+
+def load_training_state(path):
+    """The dict written by save_training_state (weights_only, on the CPU); a missing, truncated or corrupt
+    file is a UserError naming it."""
+    name = _file_name(path)
+    state = _torch_load(path, name, 'training state')
+    if not isinstance(state, dict):
+        raise UserError(f'{name}: not a training state file')
+    return state
