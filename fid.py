@@ -1,0 +1,176 @@
+"""Fréchet Inception Distance: reference statistics, FID of a folder of images, FID of a network.
+
+    python fid.py ref  --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    python fid.py calc --images=out --ref=fid-refs/cifar10-32x32.npz --num=50000
+    python fid.py net  --network=network-snapshot.pt --ref=fid-refs/cifar10-32x32.npz --steps=2
+    torchrun --nproc_per_node=8 fid.py net --network=... --num-images=50000 --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+`--kind=dinov2` computes FD_DINOv2 statistics instead (EDM2's protocol); `--detector` replaces the default
+network of the kind by a TorchScript file (URL or path) with the same calling convention. Under torchrun,
+write `--num-images` for `--num`: torchrun's argument parser takes `--num` for its own `--numa-binding`.
+"""
+
+import click
+import numpy as np
+import torch
+
+import dnnlib
+import generate
+from generate import CommandError
+from metrics import detectors
+from metrics import metric_main
+from metrics import metric_utils
+from torch_utils import distributed as dist
+
+_KINDS = ['inception', 'dinov2', 'vgg16']
+
+# ----------------------------------------------------------------------------------------------------------
+# The work, without the command line.
+
+
+def open_dataset(path, num=None, seed=0, flag='--data'):
+    """EDM's ImageFolderDataset on `path`; with `num`, a seeded subset of exactly `num` images."""
+    from training.dataset import ImageFolderDataset  # Deferred: keeps `fid.py --help` light.
+    dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
+    if num is not None and len(dataset) < num:
+        raise dnnlib.UserError(f'{flag}={path}: found {len(dataset)} images, but --num={num} were requested')
+    if len(dataset) < 2:
+        raise dnnlib.UserError(f'{flag}={path}: need at least 2 images, found {len(dataset)}')
+    return dataset
+
+
+def dataset_stats(dataset, detector, batch_size, device, capture_all=False):
+    """Float64 feature statistics of every image of `dataset`, shared over the ranks."""
+    stats = metric_utils.FeatureStats(capture_all=capture_all)
+    return metric_utils.compute_dataset_stats(dataset, detector, stats, batch_size, device,
+                                              dist.get_rank(), dist.get_world_size())
+
+
+def network_stats(net, detector, seeds, sampler, sampler_kwargs, batch_size, device):
+    """Float64 feature statistics of the images `net` generates for `seeds`, in memory, over the ranks."""
+    batches = generate.generate_images(net, seeds, None, sampler, sampler_kwargs, batch_size, device,
+                                       dist.get_rank(), dist.get_world_size())
+    return metric_utils.compute_generator_stats(batches, detector, metric_utils.FeatureStats(), device)
+
+
+def fid_from_stats(stats, ref):
+    mu, sigma = stats.get_mean_cov()
+    return metric_utils.frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
+
+
+def check_dest(dest):
+    if not dest.lower().endswith('.npz'):
+        raise dnnlib.UserError(f'--dest={dest}: reference statistics are written as .npz')
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _common_options(fn):
+    options = [
+        click.option('--kind', help='Feature network', type=click.Choice(_KINDS), default='inception', show_default=True),
+        click.option('--detector', help='Feature network file (TorchScript or DINOv2 weights)  [default: official]', metavar='PATH|URL', type=str, default=None),
+        click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
+        click.option('--allow-unsafe-pickle', help='Allow detector pickles that execute embedded code', is_flag=True),
+        click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _setup(kind, detector, allow_unsafe_pickle, device):
+    dist.init()
+    device = generate.pick_device(device)
+    return detectors.get_detector(kind, detector, allow_unsafe_pickle, device=device), device
+
+
+@click.group(context_settings=dict(help_option_names=['-h', '--help']))
+def cli():
+    """Calculate Fréchet distances (FID, FD_DINOv2) and their reference statistics."""
+
+
+@cli.command()
+@click.option('--data', 'data_path', help='Dataset folder or zip', metavar='PATH', type=str, required=True)
+@click.option('--dest', help='Where to write the statistics (.npz)', metavar='NPZ', type=str, required=True)
+@click.option('--features', 'save_features', help='Also store every feature vector (for KID, precision/recall)', is_flag=True)
+@_common_options
+def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe_pickle, device):
+    """Reference statistics (mu, sigma) of a dataset."""
+    try:
+        check_dest(dest)
+        dataset = open_dataset(data_path)
+        detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
+    except dnnlib.UserError as e:
+        raise CommandError(str(e)) from None
+    dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{data_path}"...')
+    stats = dataset_stats(dataset, detector, batch_size, device, capture_all=save_features)
+    if dist.get_rank() == 0:
+        metric_utils.save_ref(dest, stats, detector=np.array(kind))
+    dist.barrier()
+    dist.print0(f'Saved "{dest}".')
+
+
+@cli.command()
+@click.option('--images', 'image_path', help='Folder or zip of generated images', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', type=str, required=True)
+@click.option('--num', '--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=int, default=0, show_default=True)
+@_common_options
+def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, allow_unsafe_pickle, device):
+    """FID (or FD) of a folder/zip of images against reference statistics."""
+    try:
+        ref_arrays = metric_utils.load_ref(ref_path)
+        dataset = open_dataset(image_path, num_expected, seed, flag='--images')
+        detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
+        metric_main.check_ref_width(ref_arrays, detector, dataset.image_shape, device)
+    except dnnlib.UserError as e:
+        raise CommandError(str(e)) from None
+    dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{image_path}"...')
+    stats = dataset_stats(dataset, detector, batch_size, device)
+    _print_distance(stats, ref_arrays)
+
+
+@cli.command()
+@click.option('--network', 'network', help='Network: official pickle or snapshot, path or URL', metavar='PATH|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', type=str, required=True)
+@click.option('--num', '--num-images', 'num_samples', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', 'first_seed', help='First seed (seeds seed .. seed+num-1)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, heun otherwise]', type=click.Choice(['consistency', 'heun']), default=None)
+@click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), or Heun steps', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
+@_common_options
+def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, kind, detector, batch_size,
+        allow_unsafe_pickle, device):
+    """FID (or FD) of a network, sampling in memory (no PNGs written)."""
+    try:
+        ref_arrays = metric_utils.load_ref(ref_path)
+        mid_t = generate.parse_float_list(mid_t, '--mid_t')
+        model, metadata = generate.load_network(network, allow_unsafe_pickle)
+        sampler, sampler_kwargs = generate.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata)
+        detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
+        metric_main.check_ref_width(ref_arrays, detector, [model.img_channels, model.img_resolution, model.img_resolution], device)
+    except dnnlib.UserError as e:
+        raise CommandError(str(e)) from None
+    seeds = list(range(first_seed, first_seed + num_samples))
+    dist.print0(f'Generating {num_samples} images with the {sampler} sampler {sampler_kwargs}...')
+    with torch.no_grad():
+        stats = network_stats(model.to(device), detector, seeds, sampler, sampler_kwargs, batch_size, device)
+    _print_distance(stats, ref_arrays)
+
+
+def _print_distance(stats, ref_arrays):
+    try:
+        value = fid_from_stats(stats, ref_arrays)
+    except dnnlib.UserError as e:
+        raise CommandError(str(e)) from None
+    dist.print0(f'{value:g}')
+
+
+def main(args=None):
+    """Entry point; usage errors and user mistakes both exit with code 2."""
+    cli.main(args=args, prog_name='fid.py')
+
+
+if __name__ == '__main__':
+    main()

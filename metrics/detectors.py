@@ -1,0 +1,335 @@
+"""Feature detectors for the metrics: Inception-v3 (FID, KID, IS), VGG16 (precision/recall), DINOv2 (FD_DINOv2).
+
+Every detector is called as `detector(images)` with uint8 images N,C,H,W (3 channels) and returns float32
+features N,D. The official Inception and VGG16 files are TorchScript networks called as
+`module(images_uint8, return_features=True)` (or `no_output_bias=True` for the Inception class probabilities
+of the Inception Score, as StyleGAN3's metrics do).
+
+Loading never executes code embedded in a file unless the user opts in: a TorchScript archive (a zip) is read
+with `torch.jit.load`, which runs no Python; a pickle is read with a restricted unpickler that allows only
+the tensor-rebuilding globals of training.checkpoint's allow-list and EDM/StyleGAN persistent records, which
+are kept as inert data and searched for an embedded TorchScript archive. A pickle holding a plain Python network (its source
+code embedded in the file) cannot be run that way: the error says so and names the two ways out (the
+TorchScript twin of the official Inception file, or `--allow-unsafe-pickle` for a file the user trusts).
+"""
+
+import io
+import math
+import pickle
+import zipfile
+
+import numpy as np
+import torch
+
+import dnnlib
+from training import checkpoint
+
+INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+INCEPTION_TORCHSCRIPT_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+VGG16_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl'
+DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
+
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_PROTO = 0x80
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe loading of TorchScript archives and of pickles wrapping them.
+
+
+class DetectorRecord:
+    """Inert stand-in for an EDM/StyleGAN persistent object: its class name and pickled state, nothing run."""
+
+    def __init__(self, meta):
+        self.meta = meta if isinstance(meta, dict) else {}         # dict(type, version, module_src, class_name, state)
+        self.class_name = self.meta.get('class_name')              # name of the recorded class
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler resolving only the tensor-rebuilding globals of training.checkpoint's allow-list; persistent
+    records become inert DetectorRecords; anything else is refused."""
+
+    def __init__(self, file, source):
+        super().__init__(file)
+        self.source = source  # file name or URL, for error messages
+
+    def find_class(self, module, name):
+        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+            return DetectorRecord
+        if (module, name) in checkpoint._SAFE_GLOBALS:
+            return checkpoint._SAFE_GLOBALS[(module, name)]
+        raise dnnlib.UserError(f'{self.source}: pickle refers to {module}.{name}, which a safe load does not allow '
+                               f'(pass a TorchScript file, or --allow-unsafe-pickle if you trust this file)')
+
+
+def _is_torchscript_archive(data):
+    """True for a TorchScript zip archive (it has a code/ folder; torch.save archives do not)."""
+    if data[:4] != _ZIP_MAGIC:
+        return False
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()  # BadZipFile for a truncated archive
+    return any(name.split('/', 1)[-1].startswith('code/') for name in names)
+
+
+def _find_torchscript(obj, depth=0):
+    """The first TorchScript module inside `obj` (a module, an archive's bytes, or a container of them)."""
+    if isinstance(obj, torch.jit.ScriptModule):
+        return obj
+    if isinstance(obj, (bytes, bytearray)) and bytes(obj[:4]) == _ZIP_MAGIC:
+        return torch.jit.load(io.BytesIO(bytes(obj)), map_location='cpu') if _is_torchscript_archive(bytes(obj)) else None
+    if depth > 8:
+        return None
+    if isinstance(obj, DetectorRecord):
+        children = [obj.meta.get('state')]
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    else:
+        children = []
+    for child in children:
+        found = _find_torchscript(child, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _load_pickled_detector(data, source, allow_unsafe_pickle):
+    if allow_unsafe_pickle:
+        obj = checkpoint._LegacyUnpickler(io.BytesIO(data)).load()
+        if not callable(obj):
+            raise dnnlib.UserError(f'{source}: the pickle holds a {type(obj).__name__}, not a callable network')
+        return obj
+    obj = _RestrictedUnpickler(io.BytesIO(data), source).load()
+    module = _find_torchscript(obj)
+    if module is None:
+        what = f'persistent Python class "{obj.class_name}"' if isinstance(obj, DetectorRecord) else type(obj).__name__
+        raise dnnlib.UserError(f'{source}: the pickle holds a {what} with no TorchScript module inside; running it '
+                               f'would execute code embedded in the file. Use the TorchScript detector '
+                               f'{INCEPTION_TORCHSCRIPT_URL} (same network), or --allow-unsafe-pickle if you trust it')
+    return module
+
+
+def load_detector_module(url_or_path, allow_unsafe_pickle=False, cache_dir=None):
+    """The network stored at `url_or_path` (TorchScript archive or pickle), in eval mode on the CPU."""
+    with dnnlib.util.open_url(url_or_path, cache_dir=cache_dir) as f:
+        data = f.read()
+    try:
+        if data[:4] == _ZIP_MAGIC:
+            if not _is_torchscript_archive(data):
+                raise dnnlib.UserError(f'{url_or_path}: a zip archive but not a TorchScript file (no code/ folder; '
+                                       f'save detectors with torch.jit.save)')
+            module = torch.jit.load(io.BytesIO(data), map_location='cpu')
+        elif data[:1] and data[0] == _PICKLE_PROTO:
+            module = _load_pickled_detector(data, url_or_path, allow_unsafe_pickle)
+        else:
+            raise dnnlib.UserError(f'{url_or_path}: neither a TorchScript archive nor a pickle')
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
+        raise dnnlib.UserError(f'{url_or_path}: cannot read detector (truncated or corrupt file?): '
+                               f'{type(e).__name__}: {first_line}') from None
+    return module.eval() if isinstance(module, torch.nn.Module) else module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detector wrappers: uint8 N,C,H,W in, float32 features out.
+
+
+def _as_rgb(images):
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError(f'detector input must be uint8 N,C,H,W, got {images.dtype} {list(images.shape)}')
+    return images.repeat([1, 3, 1, 1]) if images.shape[1] == 1 else images
+
+
+class ModuleDetector:
+    """A network called as `module(images_uint8, **call_kwargs)`: the official TorchScript convention."""
+
+    def __init__(self, module, name, call_kwargs):
+        self.module = module                                       # TorchScript (or trusted) network
+        self.name = name                                           # label used in records and error messages
+        self.call_kwargs = dict(call_kwargs)                       # e.g. dict(return_features=True)
+
+    def to(self, device):
+        self.module = self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images):
+        features = self.module(_as_rgb(images), **self.call_kwargs)
+        return features.to(torch.float32)
+
+
+class DINOv2Detector:
+    """DINOv2 CLS features, EDM2's protocol: bicubic resize to 224, ImageNet mean/std, ViT-L/14 CLS token."""
+
+    def __init__(self, model, name='dinov2_vitl14', resolution=224):
+        self.model = model                                         # maps normalised float images to CLS features
+        self.name = name                                           # label used in records
+        self.resolution = resolution                               # square input size of the ViT
+
+    def to(self, device):
+        self.model = self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = _as_rgb(images).to(torch.float32)
+        x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode='bicubic',
+                                            antialias=True)
+        x = x / 255
+        mean = torch.tensor(_IMAGENET_MEAN, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        std = torch.tensor(_IMAGENET_STD, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        return self.model((x - mean) / std).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A small ViT-L/14 that reads the official DINOv2 state_dict (tensor names as facebookresearch/dinov2).
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads                                 # attention heads
+        self.qkv = torch.nn.Linear(dim, dim * 3)                   # joint query/key/value projection
+        self.proj = torch.nn.Linear(dim, dim)                      # output projection
+
+    # Multi-head self-attention (Vaswani et al. 2017, Eq. 1): softmax(q kᵀ / √d) v per head.
+    def forward(self, x):
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(n, t, c))
+
+
+class _LayerScale(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.ones(dim))           # per-channel residual scale
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(dim, hidden_dim)                # expansion
+        self.fc2 = torch.nn.Linear(hidden_dim, dim)                # projection back
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6)             # pre-attention norm
+        self.attn = _Attention(dim, num_heads)                     # self-attention
+        self.ls1 = _LayerScale(dim)                                # attention branch scale
+        self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)             # pre-MLP norm
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio))                 # feed-forward
+        self.ls2 = _LayerScale(dim)                                # MLP branch scale
+
+    # Pre-norm transformer block with LayerScale (DINOv2, Oquab et al. 2023, Sec. 4; CaiT, Touvron et al. 2021).
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoViT(torch.nn.Module):
+    """DINOv2 ViT backbone returning the normalised CLS token (ViT-L/14: dim 1024, depth 24, 16 heads)."""
+
+    def __init__(self, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=14, pretrain_size=518,
+                 interpolate_offset=0.1):
+        super().__init__()
+        self.patch_size = patch_size                               # pixels per patch side
+        self.interpolate_offset = interpolate_offset               # DINOv2's offset in the pos-embed rescale
+        num_patches = (pretrain_size // patch_size) ** 2
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)  # patchify
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))                    # class token
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))      # 37×37 grid + cls
+        self.blocks = torch.nn.ModuleList([_Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(embed_dim, eps=1e-6)                                  # final norm
+
+    # Position embeddings resized to the input grid as DINOv2 does (Oquab et al. 2023, code of
+    # interpolate_pos_encoding): bicubic with scale factor (grid + offset) / pretrain grid.
+    def interpolate_pos_embed(self, grid_h, grid_w):
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        m = int(math.sqrt(patch_pos.shape[1]))
+        if (grid_h, grid_w) == (m, m):
+            return self.pos_embed
+        patch_pos = patch_pos.reshape(1, m, m, -1).permute(0, 3, 1, 2).to(torch.float32)
+        scale = ((grid_h + self.interpolate_offset) / m, (grid_w + self.interpolate_offset) / m)
+        patch_pos = torch.nn.functional.interpolate(patch_pos, scale_factor=scale, mode='bicubic')
+        if patch_pos.shape[-2:] != (grid_h, grid_w):
+            raise ValueError(f'pos-embed interpolation gave {list(patch_pos.shape[-2:])}, expected {[grid_h, grid_w]}')
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(self.pos_embed.dtype)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward(self, x):
+        grid_h, grid_w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_embed(grid_h, grid_w)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+
+def load_dinov2_model(url_or_path, allow_unsafe_pickle=False, cache_dir=None, **vit_kwargs):
+    """DINOv2 from an official state_dict (`.pth`, read with weights_only=True) or a TorchScript file that maps
+    ImageNet-normalised float images N,3,224,224 to CLS features N,D."""
+    with dnnlib.util.open_url(url_or_path, cache_dir=cache_dir) as f:
+        data = f.read()
+    try:
+        if _is_torchscript_archive(data):
+            return load_detector_module(url_or_path, allow_unsafe_pickle, cache_dir)
+        state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        raise dnnlib.UserError(f'{url_or_path}: not a DINOv2 state_dict or TorchScript file ({type(e).__name__})') from None
+    if not isinstance(state, dict) or 'pos_embed' not in state:
+        raise dnnlib.UserError(f'{url_or_path}: not a DINOv2 state_dict (no "pos_embed" tensor)')
+    return _build_vit(state, url_or_path, **vit_kwargs)
+
+
+def _build_vit(state, source, **vit_kwargs):
+    embed_dim = state['pos_embed'].shape[-1]
+    depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+    patch_size = state['patch_embed.proj.weight'].shape[-1]
+    pretrain_size = int(math.sqrt(state['pos_embed'].shape[1] - 1)) * patch_size
+    kwargs = dict(embed_dim=embed_dim, depth=depth, patch_size=patch_size, pretrain_size=pretrain_size)
+    kwargs.update(vit_kwargs)
+    model = DinoViT(**kwargs)
+    state = {name: value for name, value in state.items() if name != 'mask_token'}  # Used only in pretraining.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise dnnlib.UserError(f'{source}: DINOv2 state_dict does not match ViT layout '
+                               f'(missing {missing[:3]}, unexpected {unexpected[:3]})')
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Named detectors.
+
+
+def get_detector(kind, url_or_path=None, allow_unsafe_pickle=False, cache_dir=None, device='cpu'):
+    """Detector for `kind` ('inception', 'inception_probs', 'vgg16', 'dinov2') from a URL/path or the default."""
+    if kind == 'dinov2':
+        model = load_dinov2_model(url_or_path or DINOV2_URL, allow_unsafe_pickle, cache_dir)
+        return DINOv2Detector(model).to(device)
+    defaults = dict(inception=(INCEPTION_URL, dict(return_features=True)),
+                    inception_probs=(INCEPTION_URL, dict(no_output_bias=True)),
+                    vgg16=(VGG16_URL, dict(return_features=True)))
+    if kind not in defaults:
+        raise dnnlib.UserError(f'unknown detector kind "{kind}" (expected one of {sorted(defaults) + ["dinov2"]})')
+    default_url, call_kwargs = defaults[kind]
+    url_or_path = url_or_path or default_url
+    module = load_detector_module(url_or_path, allow_unsafe_pickle, cache_dir)
+    return ModuleDetector(module, name=f'{kind}:{url_or_path}', call_kwargs=call_kwargs).to(device)
+
+
+def feature_dim(detector, image_shape, device='cpu'):
+    """The feature width of `detector` on images of shape C,H,W (one probe image)."""
+    probe = torch.zeros([1, *image_shape], dtype=torch.uint8, device=device)
+    return int(np.prod(detector(probe).shape[1:]))

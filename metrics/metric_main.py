@@ -1,0 +1,249 @@
+"""Named metrics computed from a network by sampling in memory, and their records in the run directory.
+
+    result = calc_metric('fid50k_full', net, run_dir, 'network-snapshot-001000.pt', ref='cifar10-32x32.npz')
+    # -> result.results.fid50k_full, and a line appended to <run_dir>/metric-fid50k_full.jsonl (rank 0)
+
+Names keep their published meaning (fid50k_full: FID of 50,000 one-step samples against the full training
+set statistics); `num_samples` overrides the count for tests and quick checks, and the record says so.
+Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by generate.generate_images.
+"""
+
+import collections
+import json
+import os
+import time
+import types
+
+import numpy as np
+
+import dnnlib
+from metrics import detectors
+from metrics import metric_utils
+from torch_utils import distributed as dist
+
+# detector: kind for metrics.detectors.get_detector; ref: 'stats' (mu/sigma), 'features' or None;
+# num_samples: generated images of the published metric; steps: consistency sampling steps.
+_MetricSpec = collections.namedtuple('_MetricSpec', ['detector', 'ref', 'num_samples', 'steps'])
+_METRICS = types.MappingProxyType(dict(
+    fid50k_full=_MetricSpec('inception', 'stats', 50000, 1),
+    two_step_fid50k_full=_MetricSpec('inception', 'stats', 50000, 2),
+    kid50k_full=_MetricSpec('inception', 'features', 50000, 1),
+    pr50k3_full=_MetricSpec('vgg16', 'features', 50000, 1),
+    is50k=_MetricSpec('inception_probs', None, 50000, 1),
+    fd_dinov2=_MetricSpec('dinov2', 'stats', 50000, 1),
+))
+KID_MAX_REAL = 1000000          # StyleGAN3's kid50k_full: up to 1M reference images.
+PR_MAX_REAL = 200000            # StyleGAN3's pr50k3_full: up to 200k reference images.
+
+
+def list_metrics():
+    return list(_METRICS)
+
+
+def is_valid_metric(metric):
+    return metric in _METRICS
+
+
+def check_metric(metric):
+    if not is_valid_metric(metric):
+        raise dnnlib.UserError(f'--metrics: unknown metric "{metric}" (choose from {", ".join(_METRICS)})')
+    return _METRICS[metric]
+
+
+def detector_kind(metric):
+    return check_metric(metric).detector
+
+
+def ref_kind(metric):
+    """'stats' (an .npz with mu/sigma), 'features' (a dataset or an .npz with features) or None."""
+    return check_metric(metric).ref
+
+
+def load_metric_detector(metric, url_or_path=None, allow_unsafe_pickle=False, device='cpu'):
+    """The detector `metric` uses (default URL of its kind unless `url_or_path` is given), on `device`."""
+    return detectors.get_detector(detector_kind(metric), url_or_path, allow_unsafe_pickle, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Computing one metric.
+
+
+def _is_dataset(path):
+    return os.path.isdir(path) or str(path).lower().endswith('.zip')
+
+
+def _ref_features(ref, detector, batch_size, device, rank, num_gpus, max_items):
+    """All reference features: computed from a dataset folder/zip, or read from an .npz's `features`."""
+    if _is_dataset(ref):
+        from training.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.
+        dataset = ImageFolderDataset(path=ref, use_labels=False, max_size=None)
+        stats = metric_utils.FeatureStats(capture_all=True, capture_mean_cov=False)
+        metric_utils.compute_dataset_stats(dataset, detector, stats, batch_size, device, rank, num_gpus, max_items)
+        return stats.get_all()
+    return metric_utils.load_ref(ref, need_features=True)['features'][:max_items]
+
+
+def _generated_stats(net, detector, num_samples, capture_all, sampling, batch_size, device, rank, num_gpus):
+    import generate  # Deferred: generate.py imports the samplers and the CLI machinery.
+    seeds = list(range(num_samples))
+    batches = generate.generate_images(net, seeds, class_idx=None, sampler=sampling['sampler'],
+                                       sampler_kwargs=sampling['sampler_kwargs'], batch_size=batch_size,
+                                       device=device, rank=rank, world_size=num_gpus)
+    stats = metric_utils.FeatureStats(capture_all=capture_all, capture_mean_cov=not capture_all)
+    return metric_utils.compute_generator_stats(batches, detector, stats, device)
+
+
+def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, metadata=None):
+    """dict(sampler, sampler_kwargs, nfe) for `metric`: 1- or 2-step consistency unless a sampler is given."""
+    import generate
+    steps = check_metric(metric).steps
+    if sampler is None:
+        if mid_t is not None and steps == 2:
+            mid_t = [float(t) for t in (mid_t if isinstance(mid_t, (list, tuple)) else [mid_t])]
+        sampler = 'consistency'
+        sampler_kwargs = generate.consistency_kwargs(net, num_steps=steps, mid_t=mid_t if steps == 2 else None,
+                                                     metadata=metadata)
+    sampler_kwargs = dict(sampler_kwargs or {})
+    if sampler == 'consistency':
+        nfe = len(sampler_kwargs.get('t_steps', (80.0, 0.821, 0.0))) - 1
+    else:
+        nfe = 2 * sampler_kwargs.get('num_steps', 18) - 1
+    return dict(sampler=sampler, sampler_kwargs=sampler_kwargs, nfe=nfe)
+
+
+def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus):
+    kind = ref_kind(metric)
+    args = (batch_size, device, rank, num_gpus)
+    if kind == 'stats':
+        mu_ref, sigma_ref = _load_stats(ref)
+        mu, sigma = _generated_stats(net, detector, num_samples, False, sampling, *args).get_mean_cov()
+        return {metric: metric_utils.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+    gen = _generated_stats(net, detector, num_samples, True, sampling, *args).get_all()
+    if metric == 'is50k':
+        mean, std = metric_utils.inception_score(gen, num_splits=10)
+        return dict(is50k_mean=mean, is50k_std=std)
+    if metric == 'kid50k_full':
+        real = _ref_features(ref, detector, batch_size, device, rank, num_gpus, KID_MAX_REAL)
+        return {metric: metric_utils.kernel_distance(real, gen, num_subsets=100, max_subset_size=1000)}
+    real = _ref_features(ref, detector, batch_size, device, rank, num_gpus, PR_MAX_REAL)
+    precision, recall = metric_utils.precision_recall(real, gen, nhood_size=3, device=device)
+    return dict(pr50k3_full_precision=precision, pr50k3_full_recall=recall)
+
+
+def _load_stats(ref):
+    arrays = metric_utils.load_ref(ref)
+    return arrays['mu'], arrays['sigma']
+
+
+def check_ref(metric, ref):
+    """Raise a UserError before any work if `metric` needs a reference and `ref` is missing or unusable."""
+    kind = ref_kind(metric)
+    if kind is None:
+        return
+    if ref is None:
+        need = 'a reference .npz with mu/sigma' if kind == 'stats' else 'a dataset folder/zip or an .npz with features'
+        raise dnnlib.UserError(f'--ref: metric {metric} needs {need}')
+    if kind == 'features' and _is_dataset(ref):
+        if not os.path.exists(ref):
+            raise dnnlib.UserError(f'--ref={ref}: no such dataset folder or zip')
+        return
+    metric_utils.load_ref(ref, need_features=(kind == 'features'))
+
+
+def check_ref_width(ref_arrays, detector, image_shape, device):
+    """Refuse, before any work, reference statistics of another feature width than the detector gives."""
+    width = detectors.feature_dim(detector, image_shape, device)
+    if len(ref_arrays['mu']) != width:
+        raise dnnlib.UserError(f'--ref: statistics have {len(ref_arrays["mu"])} features but the detector gives '
+                               f'{width} (computed with another --kind/--detector?)')
+
+
+def calc_metric(metric, net, run_dir=None, snapshot_name=None, ref=None, detector=None, num_samples=None,
+                batch_size=64, device='cpu', rank=None, num_gpus=None, sampler=None, sampler_kwargs=None, mid_t=None,
+                metadata=None, allow_unsafe_pickle=False):
+    """Compute `metric` for `net` (in eval mode on `device`); every rank must call it. Returns an EasyDict
+    with results, metric, total_time, num_gpus, sampler, nfe, num_samples; with `run_dir`, rank 0 also
+    appends it to <run_dir>/metric-<metric>.jsonl under `snapshot_name`.
+
+    `ref`: reference for the metric (see ref_kind); `detector`: a loaded detector, a URL/path, or None for
+    the default of the metric's kind; `mid_t`/`metadata` choose the 2-step intermediate time; `rank` and
+    `num_gpus` default to torch_utils.distributed's.
+    """
+    check_metric(metric)
+    check_ref(metric, ref)
+    rank = dist.get_rank() if rank is None else rank
+    num_gpus = dist.get_world_size() if num_gpus is None else num_gpus
+    num_samples = check_metric(metric).num_samples if num_samples is None else int(num_samples)
+    if not callable(detector):
+        detector = load_metric_detector(metric, detector, allow_unsafe_pickle, device)
+    if ref_kind(metric) == 'stats':
+        image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
+        check_ref_width(metric_utils.load_ref(ref), detector, image_shape, device)
+    sampling = sampling_for(metric, net, sampler, sampler_kwargs, mid_t, metadata)
+    start = time.time()
+    results = _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus)
+    result = dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=time.time() - start,
+                             num_gpus=num_gpus, sampler=sampling['sampler'], nfe=sampling['nfe'],
+                             num_samples=num_samples)
+    if run_dir is not None:
+        report_metric(result, run_dir, snapshot_name)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records: one JSON object per line in <run_dir>/metric-<name>.jsonl.
+
+
+def record_path(run_dir, metric):
+    return os.path.join(run_dir, f'metric-{metric}.jsonl')
+
+
+def _json_value(value):
+    return float(value) if isinstance(value, (np.floating, np.integer)) else value
+
+
+def read_records(run_dir, metric):
+    """The records of `metric` in `run_dir` (an empty list when there are none yet)."""
+    path = record_path(run_dir, metric)
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, 'r', encoding='utf-8') as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise dnnlib.UserError(f'{path}: line {line_no} is not JSON ({e.msg})') from None
+    return records
+
+
+def is_recorded(run_dir, metric, snapshot_name):
+    return any(r.get('snapshot_pkl') == snapshot_name for r in read_records(run_dir, metric))
+
+
+# Appending rewrites the file through atomic_write (read, add a line, rename into place): only rank 0
+# writes, records are small, and a crash never leaves a half-written line that later reads would choke on.
+def report_metric(result, run_dir, snapshot_name=None):
+    """Append `result` (from calc_metric) to <run_dir>/metric-<name>.jsonl on rank 0; returns the line."""
+    record = dict(results={k: _json_value(v) for k, v in result.results.items()}, metric=result.metric,
+                  total_time=result.total_time, num_gpus=result.num_gpus, snapshot_pkl=snapshot_name,
+                  sampler=result.sampler, nfe=result.nfe, num_samples=result.num_samples, timestamp=time.time())
+    line = json.dumps(record)
+    if run_dir is not None and dist.get_rank() == 0:
+        path = record_path(run_dir, result.metric)
+        previous = ''
+        if os.path.isfile(path):
+            with open(path, 'r', encoding='utf-8') as f:
+                previous = f.read()
+            if previous and not previous.endswith('\n'):
+                previous += '\n'
+        with dnnlib.util.atomic_write(path, 'w') as f:
+            f.write(previous + line + '\n')
+    return line
+
+
+def format_result(result):
+    """One human-readable line, e.g. 'fid50k_full 3.8512 (50000 samples, nfe 1, 612.3 s)'."""
+    values = ' '.join(f'{k} {v:.4f}' for k, v in result.results.items())
+    return f'{values} ({result.num_samples} samples, nfe {result.nfe}, {result.total_time:.1f} s)'
