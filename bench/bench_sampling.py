@@ -1,0 +1,102 @@
+"""Benchmark 1-step consistency sampling: throughput (img/s) at a large batch and batch-1 latency.
+
+    python bench/bench_sampling.py                                   # CUDA if present, batch 512
+    python bench/bench_sampling.py --device=cpu --batch=16 --iters=3 # a quick CPU run
+    python bench/bench_sampling.py --precision=bf16 --steps=2
+
+The network is ECMPrecond around the DDPM++ CIFAR-10 U-Net (model_channels 128, channel_mult [2,2,2],
+randomly initialised: the speed does not depend on the weights). On CUDA every timing is bracketed by
+torch.cuda.synchronize() and the peak allocated memory is reported.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dnnlib  # noqa: E402
+from configs import presets  # noqa: E402
+from training import samplers  # noqa: E402
+
+# The CIFAR-10 ECM network: DDPM++ (model_channels 128, channel_mult [2,2,2]) in ECMPrecond, unconditional.
+DDPMPP_CIFAR10 = dict(class_name=presets.PRECONDS['ecm'], img_resolution=32, img_channels=3, label_dim=0,
+                      dropout=0.0, **presets.ARCHS['ddpmpp'])
+
+
+def set_precision(precision, device):
+    """TF32 switches for fp32/tf32; an autocast context for bf16 (a no-op context otherwise)."""
+    tf32 = precision == 'tf32'
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if precision == 'bf16':
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_sampling(net, batch_size, t_steps, iters, warmup, device, autocast):
+    """Seconds per call of the consistency sampler on `batch_size` latents (one value per timed call)."""
+    latents = torch.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    seconds = []
+    for i in range(warmup + iters):
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast:
+            samplers.consistency_sampler(net, latents, t_steps=t_steps)
+        synchronize(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def pick_device(name):
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter('CUDA is not available on this machine', param_hint='--device')
+    return device
+
+
+@click.command()
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--batch', 'batch_size', help='Batch size of the throughput run', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--iters', help='Timed calls per measurement', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
+@click.option('--warmup', help='Untimed calls first', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--precision', help='Arithmetic', type=click.Choice(['fp32', 'tf32', 'bf16']), default='fp32', show_default=True)
+@click.option('--steps', 'num_steps', help='Consistency steps (2 uses mid_t 0.821)', type=click.IntRange(min=1, max=2), default=1, show_default=True)
+def main(device, batch_size, iters, warmup, precision, num_steps):
+    """Time 1-step (or 2-step) consistency sampling with a DDPM++ CIFAR-10 sized ECM network."""
+    device = pick_device(device)
+    torch.manual_seed(0)
+    net = dnnlib.util.construct_class_by_name(**DDPMPP_CIFAR10).eval().requires_grad_(False).to(device)
+    num_params = sum(p.numel() for p in net.parameters())
+    t_steps = samplers.make_consistency_steps(80.0, [0.821] if num_steps == 2 else None)
+    autocast = set_precision(precision, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = []
+    for label, batch in (('throughput', batch_size), ('latency', 1)):
+        seconds = time_sampling(net, batch, t_steps, iters, warmup, device, autocast)
+        median = statistics.median(seconds)
+        rows.append((label, batch, median * 1e3, batch / median))
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    print(f'DDPM++ CIFAR-10 ECMPrecond, {num_params / 1e6:.1f}M params, {num_steps}-step, {precision}, {name}')
+    print(f'{"run":<12}{"batch":>8}{"ms/call":>12}{"img/s":>12}')
+    for label, batch, ms, rate in rows:
+        print(f'{label:<12}{batch:>8}{ms:>12.2f}{rate:>12.1f}')
+    if device.type == 'cuda':
+        print(f'peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB')
+
+
+if __name__ == '__main__':
+    main()

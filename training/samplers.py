@@ -1,0 +1,147 @@
+"""Samplers: the few-step consistency sampler, EDM's Heun sampler, and per-seed random generators.
+
+Both samplers keep their state in float64, call the network with the noise level broadcast to the batch
+and convert what it returns to float64. They never switch any module between train and eval mode:
+callers pass networks already in `eval()` (ECM networks are called in their evaluation form,
+`boundary=True`, which does not depend on the mode anyway).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+import dnnlib
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-seed random numbers.
+
+
+class StackedRandomGenerator:
+    """One `torch.Generator` per seed; every draw is made per seed and stacked along the batch dimension.
+
+    By default the generators live on the CPU and the numbers are moved to `device` afterwards, so image
+    `i` of seed `s` is bit-identical whatever the device, the batch size or the number of processes.
+    Pass `generator_device=device` to draw on the device instead (EDM's generate.py does that on CUDA;
+    faster for large stochastic samplers, but the numbers then depend on the device kind).
+    """
+
+    def __init__(self, device, seeds, generator_device='cpu'):
+        self.device = torch.device(device)                         # where the drawn tensors are returned
+        self.generator_device = torch.device(generator_device)     # where the per-seed generators draw
+        self.generators = [torch.Generator(self.generator_device).manual_seed(int(seed) % (1 << 32))
+                           for seed in seeds]                       # one generator per seed, in batch order
+
+    def _check_batch(self, size):
+        if len(size) == 0 or size[0] != len(self.generators):
+            raise ValueError(f'StackedRandomGenerator: leading size {list(size)[:1]} does not match the '
+                             f'{len(self.generators)} seeds')
+
+    def randn(self, size, dtype=torch.float32, device=None):
+        """Standard normal numbers of shape `size`; row `i` comes from seed `i` alone."""
+        size = list(size)
+        self._check_batch(size)
+        rows = [torch.randn(size[1:], dtype=dtype, device=self.generator_device, generator=gen)
+                for gen in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
+
+    def randn_like(self, x):
+        """`randn` with the shape, dtype and device of `x`."""
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
+
+    def randint(self, high, size, device=None):
+        """Integers in [0, high) of shape `size` (int64); row `i` comes from seed `i` alone."""
+        size = list(size)
+        self._check_batch(size)
+        rows = [torch.randint(high, size=size[1:], device=self.generator_device, generator=gen)
+                for gen in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Consistency sampler.
+
+
+def _check_consistency_steps(steps):
+    """The steps as floats, after checking they decrease strictly from t_max to a final 0."""
+    steps = tuple(float(t) for t in steps)
+    decreasing = all(a > b for a, b in zip(steps[:-1], steps[1:]))
+    if len(steps) < 2 or steps[-1] != 0 or not decreasing or not all(math.isfinite(t) for t in steps):
+        raise dnnlib.UserError(f'--t-max/--mid_t: consistency steps must decrease strictly from t_max to 0 '
+                               f'with every intermediate t > 0, got {list(steps)}')
+    return steps
+
+
+def make_consistency_steps(t_max=80.0, mid_t=None):
+    """The time steps (t_max, *mid_t, 0) of the consistency sampler; `mid_t` is None or a list."""
+    return _check_consistency_steps((t_max, *(mid_t or []), 0.0))
+
+
+def _denoise(net, x, t, class_labels):
+    """One network evaluation at noise level `t` (a python float or 0-d tensor) for the whole batch."""
+    sigma = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(1).expand(x.shape[0])
+    return net(x, sigma, class_labels).to(torch.float64)
+
+
+# Consistency sampling (ECT paper, Sec. 3 / spec §5; Song et al. 2023, Algorithm 1):
+# x = z·t_0; for each step x = f(x, t_i), then re-noise to t_{i+1} unless it is 0. NFE = len(t_steps) − 1.
+def consistency_sampler(net, latents, class_labels=None, t_steps=(80.0, 0.821, 0.0), randn_like=torch.randn_like):
+    t_steps = _check_consistency_steps(t_steps)
+    x = latents.to(torch.float64) * t_steps[0]
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        x = _denoise(net, x, t_cur, class_labels)
+        if t_next > 0:
+            x = x + t_next * randn_like(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM Heun sampler.
+
+
+# Noise levels of EDM (Karras et al. 2022, Eq. 5): sigma_i = (smax^(1/rho) + i/(N-1)(smin^(1/rho) - smax^(1/rho)))^rho,
+# rounded to what the network represents, followed by sigma_N = 0.
+def edm_sigma_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
+    if num_steps < 2:
+        raise dnnlib.UserError(f'--steps: the Heun sampler needs at least 2 steps, got {num_steps}')
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
+    sigmas = torch.as_tensor(net.round_sigma(sigmas), dtype=torch.float64, device=device)
+    return torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
+
+
+# One stochastic Heun step of EDM (Karras et al. 2022, Algorithm 2): churn the noise level up to t_hat,
+# take an Euler step to t_next, and correct it with the slope at t_next unless t_next is the final 0.
+def _heun_step(net, x_cur, t_cur, t_next, class_labels, gamma, S_noise, randn_like):
+    t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=x_cur.device)
+    noise = randn_like(x_cur)  # Drawn on every step, as EDM does, so churn settings never shift later draws.
+    x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise
+    d_cur = (x_hat - _denoise(net, x_hat, t_hat, class_labels)) / t_hat
+    x_next = x_hat + (t_next - t_hat) * d_cur
+    if t_next > 0:
+        d_next = (x_next - _denoise(net, x_next, t_next, class_labels)) / t_next
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
+    return x_next
+
+
+# EDM's deterministic / stochastic sampler (Karras et al. 2022, Algorithm 2); NFE = 2·num_steps − 1.
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
+                sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0):
+    t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * t_steps[0]
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        x = _heun_step(net, x, t_cur, t_next, class_labels, gamma, S_noise, randn_like)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output conversion.
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (N,C,H,W) to uint8 N,H,W,C as EDM writes PNGs: (x·127.5 + 128) clipped, truncated."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
