@@ -1,0 +1,128 @@
+"""Benchmark the ECT training step of a preset: sec/step, img/s and peak memory per precision.
+
+    python bench/bench_train.py                                         # CUDA if present, cifar10-ecm, batch 128
+    python bench/bench_train.py --device=cpu --batch=8 --iters=2        # a quick CPU run
+    python bench/bench_train.py --precision=fp32,tf32,bf16 --batch-gpu=64
+
+The step is the training loop's own (training.training_loop.training_step: forward, target pass, backward,
+nan_to_num, optimiser step) plus the EMA update, on synthetic uint8 images of the preset's resolution
+(the speed does not depend on the data or the weights). Timings are bracketed by torch.cuda.synchronize().
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dnnlib  # noqa: E402
+from configs import presets  # noqa: E402
+from training import training_loop as tl  # noqa: E402
+
+
+class SyntheticData:
+    """Fixed shape stand-in for a dataset: the attributes build_network reads."""
+
+    def __init__(self,
+                 resolution,   # image side in pixels
+                 channels,     # colour channels
+                 label_dim,    # 0 = unconditional
+                 ):
+        self.resolution = resolution
+        self.num_channels = channels
+        self.label_dim = label_dim
+
+
+def synthetic_batches(data, batch_gpu):
+    """Endless (uint8 images, one-hot labels) micro-batches on the CPU, as the DataLoader yields them."""
+    images = torch.randint(0, 256, [batch_gpu, data.num_channels, data.resolution, data.resolution], dtype=torch.uint8)
+    labels = torch.eye(max(data.label_dim, 1))[torch.randint(max(data.label_dim, 1), [batch_gpu])][:, :data.label_dim]
+    while True:
+        yield images, labels
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_steps(options, data, precision, device, iters, warmup):
+    """(seconds per step list, peak GiB or None on the CPU, parameter count) for one precision."""
+    tl.setup_runtime(0, precision)
+    batch_gpu, rounds = tl.check_batch(options.batch_size, options.batch_gpu, 1)
+    net = tl.build_network(options.network_kwargs, data, None, device)
+    loss_fn, optimizer, base_lr, _, ema, scaler = tl.build_training_parts(
+        net, options.loss_kwargs, options.optimizer_kwargs, options.lr_kwargs, options.ema_kwargs, precision, device)
+    iterator = synthetic_batches(data, batch_gpu)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for i in range(warmup + iters):
+        synchronize(device)
+        start = time.perf_counter()
+        tl.training_step(net, net, loss_fn, optimizer, iterator, rounds, options.batch_size, base_lr, device,
+                         tl.AUTOCAST_DTYPES[precision], scaler)
+        ema.update((i + 1) * options.batch_size, options.batch_size)
+        synchronize(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+    return seconds, peak, sum(p.numel() for p in net.parameters())
+
+
+def pick_device(name):
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter('CUDA is not available on this machine', param_hint='--device')
+    return device
+
+
+def parse_precisions(text):
+    values = [p for p in text.split(',') if p]
+    bad = [p for p in values if p not in presets.PRECISIONS]
+    if bad or not values:
+        raise click.BadParameter(f'{bad or text} not in {", ".join(presets.PRECISIONS)}', param_hint='--precision')
+    return values
+
+
+@click.command()
+@click.option('--preset', help='Training preset', type=click.Choice(sorted(presets.PRESETS)), default='cifar10-ecm', show_default=True)
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--batch', help='Global batch (one process)', metavar='INT', type=click.IntRange(min=1), default=128, show_default=True)
+@click.option('--batch-gpu', help='Micro-batch (accumulation rounds = batch / batch-gpu)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--resolution', help='Image resolution', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
+@click.option('--label-dim', help='Classes (0 = unconditional)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--precision', 'precision_text', help='Comma list of fp32,tf32,bf16,fp16', metavar='LIST', type=str, default='fp32,tf32,bf16', show_default=True)
+@click.option('--iters', help='Timed steps per precision', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--warmup', help='Untimed steps first', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text, iters, warmup):
+    """Time the ECT training step of a preset's network and loss."""
+    device = pick_device(device)
+    precisions = parse_precisions(precision_text)
+    try:
+        options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none'))
+    except dnnlib.UserError as e:
+        raise click.ClickException(str(e)) from None
+    data = SyntheticData(resolution, 3, label_dim)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    rows = []
+    for precision in precisions:
+        seconds, peak, num_params = time_steps(options, data, precision, device, iters, warmup)
+        median = statistics.median(seconds)
+        rows.append((precision, median, batch / median, peak))
+    print(f'{preset}: {options.network_kwargs["class_name"]}, {num_params / 1e6:.1f}M params, {resolution}x{resolution}, '
+          f'batch {batch} (batch-gpu {batch_gpu or batch}), {name}')
+    print(f'{"precision":<10}{"sec/step":>10}{"img/s":>10}{"peak GiB":>10}')
+    for precision, sec, rate, peak in rows:
+        peak_text = '-' if peak is None else f'{peak:.2f}'
+        print(f'{precision:<10}{sec:>10.3f}{rate:>10.1f}{peak_text:>10}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,216 @@
+"""Named training presets (the recipes of spec §6) and their resolution into training options.
+
+A preset is a flat dict of option values, the same keys the command line sets (`train.py --preset=NAME`
+fills them, explicit flags override them). Components are named by dotted class name, so a new recipe is
+data only: add an entry to PRESETS. `resolve(preset_name, overrides)` turns preset + overrides into the
+EasyDict of training options that `training.training_loop.training_loop(**options)` takes, with every
+component as dict(class_name=..., **kwargs).
+
+Flat keys (all optional in a preset; see DEFAULTS for their defaults):
+  data, cond, arch, precond, network_kwargs (extra network constructor kwargs), dropout, dropout_res,
+  duration_mimg, batch, batch_gpu, tick_kimg, double_ticks (None or inf: the stage never grows), snap_ticks,
+  dump_ticks, sample_ticks, eval_ticks, metrics, metrics_ref, max_hours, seed, precision,
+  transfer ('none' disables a preset's initial checkpoint), loss ('ect' | 'edm'), q, k, b, c,
+  mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
+  optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
+  ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
+  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard.
+"""
+
+import copy
+import math
+
+import dnnlib
+
+CIFAR10_VP_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
+
+# Network architectures (EDM's --arch) -> constructor kwargs of the inner network.
+ARCHS = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+    'edm2': dict(),   # EDM2 UNet: sizes come from network_kwargs (model_channels etc.)
+}
+
+# Preconditioners (EDM's --precond) -> class names. --arch=edm2 always uses the EDM2 preconditioner.
+PRECONDS = {
+    'vp': 'training.networks.VPPrecond',
+    've': 'training.networks.VEPrecond',
+    'edm': 'training.networks.EDMPrecond',
+    'ecm': 'training.networks.ECMPrecond',
+}
+EDM2_PRECOND = 'training.networks_edm2.Precond'
+
+MAPPINGS = {'sigmoid': 'training.loss.SigmoidMapping', 'constant': 'training.loss.ConstantMapping'}
+WEIGHTINGS = {'ict': 'training.loss.InverseGapWeighting', 'edm2': 'training.loss.InverseSquareWeighting',
+              'none': 'training.loss.NoWeighting'}
+LOSSES = {'ect': 'training.loss.ECTLoss', 'edm': 'training.loss.EDMLoss'}
+PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16')
+GRID_SAMPLERS = ('consistency', 'edm')
+
+# Values used when neither the preset nor the command line gives one.
+DEFAULTS = dict(
+    data=None, cond=False, arch='ddpmpp', precond='ecm', network_kwargs={}, dropout=0.0, dropout_res=None,
+    duration_mimg=25.6, batch=128, batch_gpu=None, tick_kimg=12.8, double_ticks=None,
+    snap_ticks=50, dump_ticks=100, sample_ticks=50, eval_ticks=None, metrics=[], max_hours=None,
+    seed=0, precision='fp32', transfer=None, loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid',
+    weighting='ict', P_mean=-1.1, P_std=2.0, sigma_data=0.5,
+    optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
+    lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
+    ema_beta=None, ema_mimg=None, mid_t=[0.821], grid_sampler='consistency', xflip=False, cache=True, workers=2,
+    find_unused_parameters=False, metrics_ref=None, tensorboard=False,
+)
+
+# ECT CIFAR-10 recipe (spec §6, official run_ecm.sh): 200k iterations at batch 128.
+_CIFAR10_ECM = dict(
+    arch='ddpmpp', precond='ecm', cond=False, dropout=0.2, transfer=CIFAR10_VP_URL,
+    duration_mimg=25.6, batch=128, tick_kimg=12.8, double_ticks=250,
+    loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid', weighting='ict', P_mean=-1.1, P_std=2.0,
+    optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
+    lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
+    mid_t=[0.821], grid_sampler='consistency',
+)
+
+PRESETS = {
+    'cifar10-ecm': _CIFAR10_ECM,
+    # ECT CIFAR-10 in one A100-hour (spec §6): q = 256, the stage never doubles, EMA 0.9993, stop after an hour.
+    'cifar10-ecm-1gpu-hour': dict(_CIFAR10_ECM, q=256, double_ticks=None, max_hours=1.0,
+                                  ema=dict(class_name='training.ema.ConstantEMA', beta=0.9993)),
+    # EDM diffusion pretraining of DDPM++ (EDM's CIFAR-10 recipe, Karras et al. 2022 Table 7), for users without
+    # a checkpoint. EDM's --augment=0.12 is not reproduced: this project has no augmentation pipe.
+    'cifar10-edm-pretrain': dict(
+        arch='ddpmpp', precond='edm', cond=False, dropout=0.13, transfer=None,
+        duration_mimg=200.0, batch=512, tick_kimg=50.0, double_ticks=None,
+        loss='edm', P_mean=-1.2, P_std=1.2,
+        optimizer=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
+        lr_decay_batches=0, lr_rampup_kimg=10000, ema=None, ema_mimg=0.5, grid_sampler='edm',
+    ),
+    # HOOK (ImageNet-64): 'imagenet64-ecm-s', 'imagenet64-ecm-m', 'imagenet64-ecm-l', 'imagenet64-ecm-xl'
+    # are added here as data only (spec §6 column 3): arch='edm2', network_kwargs=dict(model_channels=192/256/
+    # 320/384, ...), dropout=0.40/0.50, dropout_res=16, cond=True, tick_kimg=6.4, double_ticks=500, q=4, c=0.06,
+    # P_mean=-0.8, P_std=1.6, weighting='edm2', optimizer=dict(class_name='torch.optim.Adam', lr=..., betas=[0.9,
+    # 0.99], eps=1e-8), lr_decay_batches=2000, ema=dict(class_name='training.ema.CombinedEMA', trackers=[
+    # dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
+    # dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]), mid_t=[1.526],
+    # network_kwargs should also carry ecm_sigma_min (the ECT boundary form of the EDM2 Precond);
+    # find_unused_parameters=True if the EDM2 net has parameters the ECT loss never uses.
+}
+
+
+def _choice(flag, value, choices):
+    if value not in choices:
+        raise dnnlib.UserError(f'{flag}: "{value}" is not one of {", ".join(sorted(choices))}')
+    return value
+
+
+def merge(preset_name, overrides):
+    """The flat options: DEFAULTS, then the preset, then the non-None overrides (command line)."""
+    if preset_name is not None and preset_name not in PRESETS:
+        raise dnnlib.UserError(f'--preset: unknown preset "{preset_name}"; known: {", ".join(sorted(PRESETS))}')
+    flat = copy.deepcopy(DEFAULTS)
+    flat.update(copy.deepcopy(PRESETS.get(preset_name, {})))
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise dnnlib.UserError(f'unknown option(s) {unknown}; known: {sorted(DEFAULTS)}')
+    flat.update({key: copy.deepcopy(value) for key, value in overrides.items() if value is not None})
+    return dnnlib.EasyDict(flat)
+
+
+def _network_kwargs(o):
+    arch = _choice('--arch', o.arch, ARCHS)
+    class_name = EDM2_PRECOND if arch == 'edm2' else PRECONDS[_choice('--precond', o.precond, PRECONDS)]
+    kwargs = dict(class_name=class_name, **copy.deepcopy(ARCHS[arch]))
+    kwargs.update(dropout=float(o.dropout))
+    if o.dropout_res is not None:
+        kwargs.update(dropout_res=int(o.dropout_res))
+    kwargs.update(use_fp16=False)   # mixed precision is autocast's job (--precision); network_kwargs may override
+    kwargs.update(copy.deepcopy(o.network_kwargs))
+    return kwargs
+
+
+def _loss_kwargs(o):
+    loss = _choice('--loss', o.loss, LOSSES)
+    if loss == 'edm':
+        return dict(class_name=LOSSES[loss], P_mean=float(o.P_mean), P_std=float(o.P_std), sigma_data=float(o.sigma_data))
+    mapping = dict(class_name=MAPPINGS[_choice('--mapping', o.mapping, MAPPINGS)], q=float(o.q))
+    if o.mapping == 'sigmoid':
+        mapping.update(k=float(o.k), b=float(o.b))
+    weighting = dict(class_name=WEIGHTINGS[_choice('--weighting', o.weighting, WEIGHTINGS)])
+    return dict(class_name=LOSSES[loss], P_mean=float(o.P_mean), P_std=float(o.P_std), sigma_data=float(o.sigma_data),
+                c=float(o.c), mapping=mapping, weighting=weighting)
+
+
+def _ema_kwargs(o):
+    if o.ema_beta is not None:
+        return dict(class_name='training.ema.ConstantEMA', beta=float(o.ema_beta))
+    if o.ema_mimg is not None:
+        return dict(class_name='training.ema.HalfLifeEMA', halflife_kimg=float(o.ema_mimg) * 1000, rampup_ratio=0.05)
+    if not o.ema:
+        raise dnnlib.UserError('--ema/--ema-beta: the configuration has no EMA; give one')
+    return copy.deepcopy(o.ema)
+
+
+def _optimizer_kwargs(o):
+    kwargs = copy.deepcopy(o.optimizer)
+    if o.lr is not None:
+        kwargs['lr'] = float(o.lr)
+    return kwargs
+
+
+def _check_numbers(o):
+    positive = dict(batch=('--batch', o.batch), duration_mimg=('--duration', o.duration_mimg),
+                    tick_kimg=('--tick', o.tick_kimg), lr=('--lr', _optimizer_kwargs(o).get('lr', 1)))
+    for flag, value in positive.values():
+        if not value > 0:
+            raise dnnlib.UserError(f'{flag}: must be positive, got {value}')
+    if o.batch_gpu is not None and not o.batch_gpu > 0:
+        raise dnnlib.UserError(f'--batch-gpu: must be positive, got {o.batch_gpu}')
+    if not 0 <= o.dropout < 1:
+        raise dnnlib.UserError(f'--dropout: must be in [0, 1), got {o.dropout}')
+    if o.double_ticks is not None and not o.double_ticks > 0:
+        raise dnnlib.UserError(f'--double: must be positive, got {o.double_ticks}')
+    if o.max_hours is not None and not o.max_hours > 0:
+        raise dnnlib.UserError(f'--max-hours: must be positive, got {o.max_hours}')
+    if any(not 0 < t < 80 for t in o.mid_t):
+        raise dnnlib.UserError(f'--mid-t: every value must be in (0, 80), got {list(o.mid_t)}')
+    if o.metrics and not o.eval_ticks:
+        raise dnnlib.UserError('--metrics: needs --eval-every=N (ticks between evaluations)')
+    _choice('--precision', o.precision, PRECISIONS)
+    _choice('--grid-sampler', o.grid_sampler, GRID_SAMPLERS)
+
+
+def _double_ticks(value):
+    """Ticks per curriculum stage; None (also for inf) = the stage never grows."""
+    return None if value is None or math.isinf(value) else float(value)
+
+
+def build_options(o):
+    """Training options (kwargs of training.training_loop.training_loop) from flat options `o`."""
+    _check_numbers(o)
+    return dnnlib.EasyDict(
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
+                            xflip=bool(o.xflip), cache=bool(o.cache)),
+        data_loader_kwargs=dict(num_workers=int(o.workers), pin_memory=True, prefetch_factor=2),
+        network_kwargs=_network_kwargs(o),
+        loss_kwargs=_loss_kwargs(o),
+        optimizer_kwargs=_optimizer_kwargs(o),
+        lr_kwargs=dict(class_name='training.training_loop.LearningRateSchedule',
+                       decay_batches=float(o.lr_decay_batches), rampup_kimg=float(o.lr_rampup_kimg)),
+        ema_kwargs=_ema_kwargs(o),
+        total_kimg=float(o.duration_mimg) * 1000, batch_size=int(o.batch),
+        batch_gpu=None if o.batch_gpu is None else int(o.batch_gpu),
+        tick_kimg=float(o.tick_kimg), double_ticks=_double_ticks(o.double_ticks),
+        snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,
+        eval_ticks=o.eval_ticks, metrics=list(o.metrics), max_hours=o.max_hours, seed=int(o.seed),
+        precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer, mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
+        find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref, tensorboard=bool(o.tensorboard),
+    )
+
+
+def resolve(preset_name, overrides):
+    """Final training options: DEFAULTS <- PRESETS[preset_name] <- overrides (flat keys), then built."""
+    return build_options(merge(preset_name, overrides))

@@ -1,0 +1,84 @@
+"""Presets resolve to the recipes of spec §6 (numbers transcribed here from the spec table, not from the code)."""
+
+import json
+import math
+
+import pytest
+
+import dnnlib
+from configs import presets
+
+# Spec §6, CIFAR-10 column (official run_ecm.sh).
+SPEC_CIFAR10 = dict(batch=128, total_mimg=25.6, iters=200_000, tick_kimg=12.8, double=250, q=2, k=8, b=1, c=0.0,
+                    P_mean=-1.1, P_std=2.0, dropout=0.20, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, ema=0.9999,
+                    mid_t=0.821, url='https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl')
+
+
+def test_cifar10_ecm_matches_spec():
+    o = presets.resolve('cifar10-ecm', dict(data='x'))
+    assert o.batch_size == SPEC_CIFAR10['batch']
+    assert o.total_kimg == pytest.approx(SPEC_CIFAR10['total_mimg'] * 1000)
+    assert o.total_kimg * 1000 / o.batch_size == pytest.approx(SPEC_CIFAR10['iters'])
+    assert o.tick_kimg == SPEC_CIFAR10['tick_kimg'] and o.double_ticks == SPEC_CIFAR10['double']
+    # 8 stages over the run: 25.6 Mimg / 12.8 kimg = 2000 ticks, / 250 = 8.
+    assert o.total_kimg / o.tick_kimg / o.double_ticks == pytest.approx(8)
+    loss = o.loss_kwargs
+    assert loss['class_name'] == 'training.loss.ECTLoss'
+    assert (loss['P_mean'], loss['P_std'], loss['c'], loss['sigma_data']) == (-1.1, 2.0, 0.0, 0.5)
+    assert loss['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2, k=8, b=1)
+    assert loss['weighting'] == dict(class_name='training.loss.InverseGapWeighting')
+    net = o.network_kwargs
+    assert net['class_name'] == 'training.networks.ECMPrecond' and net['model_type'] == 'SongUNet'
+    assert net['embedding_type'] == 'positional' and net['encoder_type'] == 'standard'   # DDPM++
+    assert net['model_channels'] == 128 and net['channel_mult'] == [2, 2, 2] and net['dropout'] == 0.2
+    assert o.dataset_kwargs['use_labels'] is False and o.dataset_kwargs['xflip'] is False   # uncond, no augmentation
+    opt = o.optimizer_kwargs
+    assert opt['class_name'] == 'torch.optim.RAdam' and opt['lr'] == 1e-4
+    assert tuple(opt['betas']) == (0.9, 0.999) and opt['eps'] == 1e-8
+    assert o.lr_kwargs['decay_batches'] == 0 and o.lr_kwargs['rampup_kimg'] == 0
+    assert o.ema_kwargs == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
+    assert o.mid_t == [0.821] and o.transfer == SPEC_CIFAR10['url']
+    json.dumps(o)   # training_options.json must be writable
+
+
+def test_cifar10_one_gpu_hour_matches_spec():
+    o = presets.resolve('cifar10-ecm-1gpu-hour', dict(data='x'))
+    assert o.loss_kwargs['mapping']['q'] == 256 and o.double_ticks is None   # never doubles
+    assert o.ema_kwargs['beta'] == 0.9993 and o.max_hours == 1.0
+    assert o.batch_size == 128 and o.loss_kwargs['P_mean'] == -1.1 and o.loss_kwargs['P_std'] == 2.0
+    assert o.network_kwargs['dropout'] == 0.2 and o.optimizer_kwargs['lr'] == 1e-4
+
+
+def test_edm_pretrain_preset():
+    o = presets.resolve('cifar10-edm-pretrain', dict(data='x'))
+    # Spec §3: diffusion pretraining uses the EDM loss with P_mean -1.2, P_std 1.2.
+    assert o.loss_kwargs == dict(class_name='training.loss.EDMLoss', P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    assert o.transfer is None and o.grid_sampler == 'edm'
+    assert o.ema_kwargs['class_name'] == 'training.ema.HalfLifeEMA' and o.ema_kwargs['halflife_kimg'] == 500
+
+
+def test_overrides_and_components_build():
+    o = presets.resolve('cifar10-ecm', dict(data='x', q=4, c=0.06, weighting='edm2', mapping='constant', lr=2e-4,
+                                            ema_beta=0.999, precision='bf16', lr_decay_batches=2000))
+    assert o.loss_kwargs['mapping'] == dict(class_name='training.loss.ConstantMapping', q=4)
+    assert o.loss_kwargs['weighting']['class_name'] == 'training.loss.InverseSquareWeighting'
+    assert o.optimizer_kwargs['lr'] == 2e-4 and o.ema_kwargs['beta'] == 0.999 and o.precision == 'bf16'
+    loss = dnnlib.util.construct_class_by_name(**o.loss_kwargs)
+    assert loss.c == 0.06 and loss.mapping.q == 4
+    schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)
+    assert schedule(8000 * 128, 128) == pytest.approx(1 / math.sqrt(4))
+
+
+@pytest.mark.parametrize('overrides, flag', [
+    (dict(batch=-1), '--batch'), (dict(dropout=1.5), '--dropout'), (dict(precision='fp8'), '--precision'),
+    (dict(weighting='bogus'), '--weighting'), (dict(mid_t=[100.0]), '--mid-t'), (dict(arch='unet'), '--arch'),
+    (dict(metrics=['fid50k_full']), '--metrics'), (dict(nonsense=1), 'nonsense'),
+])
+def test_bad_overrides(overrides, flag):
+    with pytest.raises(dnnlib.UserError, match=flag):
+        presets.resolve('cifar10-ecm', dict(data='x', **overrides))
+
+
+def test_unknown_preset():
+    with pytest.raises(dnnlib.UserError, match='--preset'):
+        presets.resolve('imagenet64-ecm-xxl', {})

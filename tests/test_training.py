@@ -1,0 +1,363 @@
+"""The training loop and train.py: gradient accumulation, DDP, exact resume, pre-emption, CLI validation.
+
+Tiny SongUNet (16 channels, one level, no attention) at 8x8 on tiny synthetic EDM-format datasets.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import train
+from configs import presets
+from torch_utils import distributed as dist
+from training import checkpoint
+from training import training_loop as tl
+from training.loss import ECTLoss
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_NET = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+TICK_KIMG = 0.008   # 8 images: two steps of batch 4 per tick
+
+
+def write_dataset(root, num_images=16, resolution=8, labels=False, seed=0):
+    """An EDM-format folder of random RGB PNGs (with dataset.json labels if asked)."""
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(num_images):
+        name = f'{i // 1000:05d}/img{i:08d}.png'
+        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+        PIL.Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(os.path.join(root, name))
+        names.append([name, i % 3])
+    if labels:
+        with open(os.path.join(root, 'dataset.json'), 'w') as f:
+            json.dump(dict(labels=names), f)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp('data'))
+
+
+def tiny_options(data, **overrides):
+    flat = dict(data=data, batch=4, tick_kimg=TICK_KIMG, duration_mimg=3 * TICK_KIMG / 1000, double_ticks=1,
+                transfer='none', network_kwargs=TINY_NET, workers=0, snap_ticks=0, dump_ticks=0, sample_ticks=0)
+    flat.update(overrides)
+    return presets.resolve('cifar10-ecm', flat)
+
+
+class FixedNoiseLoss:
+    """A deterministic per-sample loss in the EDM calling convention: sigma fixed per image from its pixels."""
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        sigma = (images.mean(dim=[1, 2, 3], keepdim=True).abs() + 0.5)
+        out = net(images + sigma * torch.cos(images * 7), sigma, labels, boundary=False)
+        return (out - images).square().flatten(1).sum(1)
+
+
+class SignallingLoss(ECTLoss):
+    """ECTLoss that sends this process SIGUSR1 during its `signal_at`-th call (a cluster pre-emption)."""
+
+    def __init__(self, signal_at=3, **kwargs):
+        super().__init__(**kwargs)
+        self.signal_at = signal_at
+        self.calls = 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().__call__(**kwargs)
+
+
+def build_net(data, seed=0):
+    options = tiny_options(data)
+    dataset = tl.build_dataset(options.dataset_kwargs)
+    return dataset, tl.build_network(dict(options.network_kwargs, dropout=0.0), dataset, None, torch.device('cpu'), seed)
+
+
+def grads_after(net, dataset, batch_size, batch_gpu):
+    net.zero_grad(set_to_none=True)
+    batch_gpu, rounds = tl.check_batch(batch_size, batch_gpu, dist.get_world_size())
+    iterator = tl.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
+    tl.accumulate_gradients(net, FixedNoiseLoss(), iterator, rounds, batch_size, torch.device('cpu'))
+    return [p.grad.detach().clone() for p in net.parameters()]
+
+
+def test_gradient_accumulation_is_invariant(data_dir):
+    dataset, net = build_net(data_dir)
+    whole = grads_after(net, dataset, 8, None)
+    split = grads_after(net, dataset, 8, 2)   # 4 rounds of 2
+    assert sum(float(g.abs().sum()) for g in whole) > 0
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # And equals the float64 gradient of mean(per-sample losses) over the batch, computed independently.
+    net64 = net.double()
+    net64.zero_grad(set_to_none=True)
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))]).double() / 127.5 - 1
+    order = tl.InfiniteSampler(len(dataset), seed=0)
+    idx = [next(it) for it in [iter(order)] for _ in range(8)]
+    FixedNoiseLoss()(net64, images[idx]).mean().backward()
+    for a, p in zip(whole, net64.parameters()):
+        torch.testing.assert_close(a.double(), p.grad, rtol=1e-3, atol=1e-5)
+
+
+def _ddp_worker(rank, port, data, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init()
+    dataset, net = build_net(data)
+    ddp = tl.wrap_ddp(net, torch.device('cpu'), False)
+    batch_gpu, rounds = tl.check_batch(8, 2, dist.get_world_size())
+    iterator = tl.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
+    tl.accumulate_gradients(ddp, FixedNoiseLoss(), iterator, rounds, 8, torch.device('cpu'))
+    torch.save([p.grad for p in net.parameters()], os.path.join(out_dir, f'grads{rank}.pt'))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_single_process(data_dir, tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), data_dir, str(tmp_path)), nprocs=2, join=True)
+    dataset, net = build_net(data_dir)
+    single = grads_after(net, dataset, 8, None)
+    for rank in range(2):
+        for a, b in zip(single, torch.load(tmp_path / f'grads{rank}.pt')):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def run_loop(run_dir, data, **kwargs):
+    os.makedirs(run_dir, exist_ok=True)
+    options = tiny_options(data, dropout=0.2)
+    options.update(kwargs)
+    return tl.training_loop(run_dir=str(run_dir), **options)
+
+
+def final_weights(run_dir):
+    state = tl.load_state(os.path.join(run_dir, 'training-state-latest.pt'))
+    return state, {**{f'net.{k}': v for k, v in state['net'].items()},
+                   **{f'ema.{k}': v for k, v in state['ema'][''].items()}}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp('run_a')
+    assert run_loop(run_dir, data_dir, sample_ticks=3, snapshot_ticks=3) == 'done'
+    return run_dir
+
+
+def assert_same_weights(run_a, run_b):
+    state_a, weights_a = final_weights(run_a)
+    state_b, weights_b = final_weights(run_b)
+    assert state_a['progress']['cur_nimg'] == state_b['progress']['cur_nimg'] == 24
+    assert state_a['progress']['cur_tick'] == state_b['progress']['cur_tick'] == 3
+    assert state_a['progress']['stage'] == state_b['progress']['stage'] == 2   # double_ticks=1: one stage per tick
+    for name, value in weights_a.items():
+        torch.testing.assert_close(weights_b[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_uninterrupted_run_outputs(uninterrupted):
+    files = os.listdir(uninterrupted)
+    assert {'network-snapshot-000000.pt', 'network-snapshot-latest.pt', 'training-state-latest.pt',
+            'grid-000000-1step.png', 'grid-000000-2step.png', 'stats.jsonl'} <= set(files)
+    net, meta = checkpoint.load_network_snapshot(os.path.join(uninterrupted, 'network-snapshot-latest.pt'))
+    assert not net.training and meta['stage'] == 2 and meta['ema'] == '' and meta['mid_t'] == [0.821]
+    with PIL.Image.open(os.path.join(uninterrupted, 'grid-000000-1step.png')) as grid:
+        assert grid.size == (64, 64)   # 64 images of 8x8 in an 8x8 grid
+    lines = pathlib.Path(uninterrupted, 'stats.jsonl').read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)['Loss/loss']['num'] == 8 for line in lines)
+
+
+def test_resume_at_tick_boundary_is_exact(uninterrupted, data_dir, tmp_path, capsys):
+    first = tmp_path / 'first'
+    assert run_loop(first, data_dir, total_kimg=TICK_KIMG) == 'done'
+    second = tmp_path / 'second'
+    capsys.readouterr()
+    assert run_loop(second, data_dir, resume_state=str(first / 'training-state-latest.pt')) == 'done'
+    assert_same_weights(uninterrupted, second)
+    out = capsys.readouterr().out
+    # The stage is a function of progress: the resumed run starts in stage 1 and logs the change to 2.
+    assert 'Curriculum stage 1 at 0.0 kimg' in out and 'Curriculum stage 2 at 0.0 kimg' in out
+    assert 'Curriculum stage 0' not in out
+    status = [line for line in out.splitlines() if line.startswith('tick ')]
+    assert len(status) == 2 and all(f in status[0] for f in ('kimg', 'loss', 'sec/tick', 'sec/kimg', 'img/s',
+                                                              'maintenance', 'cpumem', 'gpumem', 'stage 1'))
+
+
+def test_preemption_signal_writes_state_and_resume_is_exact(uninterrupted, data_dir, tmp_path):
+    first = tmp_path / 'first'
+    loss = dict(tiny_options(data_dir).loss_kwargs, class_name='test_training.SignallingLoss', signal_at=3)
+    assert run_loop(first, data_dir, loss_kwargs=loss) == 'preempted'
+    state = tl.load_state(first / 'training-state-latest.pt')
+    assert state['progress']['cur_nimg'] == 12 and state['progress']['tick_start_nimg'] == 8   # mid-tick
+    assert not isinstance(signal.getsignal(signal.SIGUSR1), tl.PreemptionHandler)   # handler uninstalled
+    second = tmp_path / 'second'
+    assert run_loop(second, data_dir, resume_state=str(first / 'training-state-latest.pt')) == 'done'
+    assert_same_weights(uninterrupted, second)
+
+
+def test_corrupt_state_is_a_clear_error(uninterrupted, tmp_path):
+    data = (pathlib.Path(uninterrupted) / 'training-state-latest.pt').read_bytes()
+    truncated = tmp_path / 'training-state-000001.pt'
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(dnnlib.UserError, match='training-state-000001.pt'):
+        tl.load_state(truncated)
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a state at all')
+    with pytest.raises(dnnlib.UserError, match='garbage.pt'):
+        tl.load_state(garbage)
+
+
+def test_fp16_scaler_skips_step_with_inf_gradients():
+    net = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    scaler.scale(net(torch.ones(1, 3)).sum()).backward()
+    net.weight.grad[0, 0] = float('inf')
+    tl.optimizer_step(net, optimizer, 0.1, scaler)
+    for a, b in zip(before, net.parameters()):
+        assert torch.equal(a, b)                     # step skipped, not applied with a zeroed entry
+    assert scaler.get_scale() == 512.0               # and the scale backed off
+    # Without a scaler a non-finite entry is replaced (nan -> 0, inf -> 1e5) and the step is taken.
+    optimizer.zero_grad()
+    net(torch.ones(1, 3)).sum().backward()
+    net.weight.grad[0, 0] = float('nan')
+    net.weight.grad[0, 1] = float('inf')
+    tl.optimizer_step(net, optimizer, 0.1)
+    net.requires_grad_(False)
+    assert torch.all(torch.isfinite(net.weight))
+    assert float(net.weight[0, 0]) == pytest.approx(float(before[0][0, 0]))
+    assert float(net.weight[0, 1]) == pytest.approx(float(before[0][0, 1]) - 0.1 * 1e5)
+
+
+def test_learning_rate_schedule():
+    schedule = tl.LearningRateSchedule(decay_batches=2000, rampup_kimg=0)
+    assert schedule(0, 128) == 1.0
+    assert schedule(2000 * 128, 128) == 1.0
+    assert schedule(8000 * 128, 128) == pytest.approx(0.5)          # 1/sqrt(8000/2000)
+    rampup = tl.LearningRateSchedule(decay_batches=0, rampup_kimg=10)
+    assert rampup(5000, 128) == pytest.approx(0.5) and rampup(20000, 128) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py
+
+
+def invoke(args):
+    result = CliRunner().invoke(train.main, args)
+    return result.exit_code, result.output
+
+
+def base_args(data, outdir):
+    return ['--preset=cifar10-ecm', f'--data={data}', f'--outdir={outdir}', '--transfer=none', '--dry-run']
+
+
+def test_dry_run_writes_options(data_dir, tmp_path):
+    code, output = invoke(base_args(data_dir, tmp_path) + ['--mid_t=0.5,1.0', '--P_mean=-1.0', '--double=never'])
+    assert code == 0, output
+    (run_dir,) = list(tmp_path.iterdir())
+    assert re.fullmatch(r'00000-data\d*-uncond-ecm-gpus1-batch128-fp32', run_dir.name)
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['network_kwargs']['class_name'] == 'training.networks.ECMPrecond'
+    assert options['loss_kwargs']['class_name'] == 'training.loss.ECTLoss'
+    assert options['loss_kwargs']['mapping']['class_name'] == 'training.loss.SigmoidMapping'
+    assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
+    assert options['ema_kwargs'] == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
+    assert options['mid_t'] == [0.5, 1.0] and options['loss_kwargs']['P_mean'] == -1.0
+    assert options['double_ticks'] is None
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--batch=-4'], '--batch'),
+    (['--batch=10', '--batch-gpu=4'], '--batch'),
+    (['--preset=nope'], '--preset'),
+    (['--data=/definitely/not/here'], '--data'),
+    (['--cond=1'], '--cond'),
+    (['--transfer=/definitely/not/here.pkl'], '--transfer'),
+    (['--double=often'], '--double'),
+    (['--metrics=nope', '--eval-every=1'], '--metrics'),
+    (['--resume=/definitely/not/here.pt'], '--resume'),
+    (['--arch-kwargs=[1]'], '--arch-kwargs'),
+])
+def test_bad_values_give_one_line_errors(data_dir, tmp_path, extra, message):
+    code, output = invoke(base_args(data_dir, tmp_path) + extra)
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: ') and message in lines[0], output
+    assert not any(tmp_path.iterdir())   # nothing written before validation passed
+
+
+def test_transfer_resolution_mismatch(data_dir, tmp_path):
+    src = tl.build_network(dict(tiny_options(data_dir).network_kwargs), type('D', (), dict(
+        resolution=16, num_channels=3, label_dim=0))(), None, torch.device('cpu'))
+    path = tmp_path / 'net16.pt'
+    checkpoint.save_network_snapshot(path, src)
+    code, output = invoke(base_args(data_dir, tmp_path / 'out')[:-2] + [f'--transfer={path}', '--dry-run'])
+    assert code == 2 and '--transfer' in output and "'img_resolution': 16" in output, output
+
+
+def test_transfer_copies_weights(data_dir, tmp_path):
+    dataset, src = build_net(data_dir, seed=1)
+    path = tmp_path / 'net8.pt'
+    checkpoint.save_network_snapshot(path, src)
+    net = tl.build_network(dict(tiny_options(data_dir).network_kwargs), dataset, str(path), torch.device('cpu'), seed=2)
+    fresh = tl.build_network(dict(tiny_options(data_dir).network_kwargs), dataset, None, torch.device('cpu'), seed=2)
+    assert net.training
+    for (name, a), b, c in zip(net.state_dict().items(), src.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(b, c) for b, c in zip(src.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_resume_from_corrupt_state_cli(data_dir, tmp_path):
+    bad = tmp_path / 'training-state-000000.pt'
+    bad.write_bytes(b'PK\x03\x04 truncated')
+    code, output = invoke(base_args(data_dir, tmp_path / 'out')[:-1] + [f'--resume={bad}', '--duration=0.000004',
+                                                                         '--batch=4', '--arch-kwargs=' + json.dumps(TINY_NET)])
+    assert code == 2 and 'training-state-000000.pt' in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_resume_auto_continues_same_run_dir(data_dir, tmp_path):
+    args = base_args(data_dir, tmp_path)[:-1] + ['--batch=4', '--tick=0.004', '--duration=0.000004', '--workers=0',
+                                                  '--sample-every=0', '--arch-kwargs=' + json.dumps(TINY_NET)]
+    code, output = invoke(args + ['--resume=auto'])
+    assert code == 0, output
+    (run_dir,) = list(tmp_path.iterdir())
+    assert (run_dir / 'training-state-latest.pt').is_file() and 'Training done.' in (run_dir / 'log.txt').read_text()
+    code, output = invoke(args + ['--resume=auto', '--duration=0.000008'])
+    assert code == 0, output
+    assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]   # continued in place, no new directory
+    state = tl.load_state(run_dir / 'training-state-latest.pt')
+    assert state['progress']['cur_nimg'] == 8
+    assert 'Resumed from' in (run_dir / 'log.txt').read_text()
+
+
+def test_tensorboard_flag(data_dir, tmp_path):
+    code, output = invoke(base_args(data_dir, tmp_path) + ['--tensorboard'])
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert code == 2 and 'pip install tensorboard' in output and len(output.strip().splitlines()) == 1, output
+    else:
+        assert code == 0, output
+
+
+def test_run_ecm_usage():
+    result = subprocess.run(['bash', str(REPO_ROOT / 'run_ecm.sh')], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith('usage: bash run_ecm.sh <NGPUs> <PORT>')
+    assert b'\r' not in (REPO_ROOT / 'run_ecm.sh').read_bytes()

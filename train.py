@@ -1,0 +1,325 @@
+"""Train a consistency model with Easy Consistency Tuning (ECT), or pretrain an EDM diffusion model.
+
+    python train.py --preset=cifar10-ecm --data=datasets/cifar10-32x32.zip --outdir=training-runs
+    torchrun --nproc_per_node=8 train.py --preset=cifar10-ecm --data=... (or: bash run_ecm.sh 8 29500 --data=...)
+
+Options come from the preset (configs/presets.py) and are overridden by the flags given. Everything is
+checked before any work starts; a mistake is reported as one line (exit code 2). The resolved options are
+printed and saved as training_options.json in the run directory {id:05d}-{desc} (also under --dry-run).
+
+Resuming: --resume=<training-state-*.pt> or --resume=<run dir> (its newest state) continue in a NEW run
+directory; --resume=auto continues IN the newest run directory of --outdir with the same description (so
+re-running the same command after a pre-emption picks up where it stopped) and starts fresh if there is none.
+SIGTERM/SIGUSR1 make the run write a training state at the next step and exit with code 0.
+
+Flag aliases: --mid_t = --mid-t, --P_mean = --p-mean, --P_std = --p-std, --fp16=1 = --precision=fp16,
+--tf32=1 = --precision=tf32, --duration is in Mimg, --tick in kimg, --snap/--dump/--sample-every/--eval-every
+in ticks.
+"""
+
+import json
+import os
+import re
+import sys
+
+import click
+import torch.distributed
+
+import dnnlib
+from configs import presets
+from torch_utils import distributed as dist
+
+EXIT_USER_ERROR = 2
+
+
+class CliError(click.ClickException):
+    """A user mistake: one line on stderr, exit code 2."""
+    exit_code = EXIT_USER_ERROR
+
+
+class Tee:
+    """Copies everything written to a stream into log.txt as well (append mode; a streaming log)."""
+
+    def __init__(self,
+                 stream,   # the original sys.stdout / sys.stderr
+                 file,     # the open log file shared by both streams
+                 ):
+        self.stream = stream
+        self.file = file
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+        self.file.flush()
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self):
+        return False
+
+
+def parse_float_list(text, flag):
+    """'0.821,1.2' -> [0.821, 1.2]."""
+    try:
+        return [float(v) for v in str(text).split(',') if v.strip()]
+    except ValueError:
+        raise dnnlib.UserError(f'{flag}: expected numbers separated by commas, got "{text}"') from None
+
+
+def parse_double(text):
+    """--double: ticks per stage, or 'inf'/'never' (inf: the stage never grows)."""
+    if text is None:
+        return None
+    if str(text).lower() in ('inf', 'never', 'none'):
+        return float('inf')
+    try:
+        return float(text)
+    except ValueError:
+        raise dnnlib.UserError(f'--double: expected a number of ticks or "never", got "{text}"') from None
+
+
+def parse_json_dict(text, flag):
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise dnnlib.UserError(f'{flag}: not valid JSON ({e.msg}): {text}') from None
+    if not isinstance(value, dict):
+        raise dnnlib.UserError(f'{flag}: expected a JSON object, got {text}')
+    return value
+
+
+def cli_overrides(kw):
+    """Flat option overrides (configs.presets keys) from the parsed flags; None = not given."""
+    precision = kw['precision'] or ('fp16' if kw['fp16'] else 'tf32' if kw['tf32'] else None)
+    mid_t = [t for text in kw['mid_t'] for t in parse_float_list(text, '--mid-t')] or None
+    metrics = [m for m in (kw['metrics'] or '').split(',') if m.strip()] or None
+    return dict(
+        data=kw['data'], cond=kw['cond'], arch=kw['arch'], precond=kw['precond'],
+        network_kwargs=parse_json_dict(kw['arch_kwargs'], '--arch-kwargs'), dropout=kw['dropout'],
+        duration_mimg=kw['duration'], batch=kw['batch'], batch_gpu=kw['batch_gpu'], tick_kimg=kw['tick'],
+        double_ticks=parse_double(kw['double']), snap_ticks=kw['snap'], dump_ticks=kw['dump'],
+        sample_ticks=kw['sample_every'], eval_ticks=kw['eval_every'], metrics=metrics, metrics_ref=kw['ref'],
+        max_hours=kw['max_hours'], seed=kw['seed'], precision=precision, transfer=kw['transfer'], loss=kw['loss'],
+        q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
+        P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
+        lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
+        xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], tensorboard=kw['tensorboard'] or None,
+    )
+
+
+def check_data(options):
+    """--data / --cond / batch split / --transfer compatibility, checked by building the dataset."""
+    from training import training_loop
+    path = options.dataset_kwargs['path']
+    if path is None:
+        raise dnnlib.UserError('--data: required (a dataset folder or zip in EDM format)')
+    if not os.path.exists(path):
+        raise dnnlib.UserError(f'--data: no such file or directory: {path}')
+    training_loop.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
+    dataset = training_loop.build_dataset(options.dataset_kwargs)
+    if options.transfer is not None:
+        from training import checkpoint
+        if '://' not in options.transfer and not os.path.isfile(options.transfer):
+            raise dnnlib.UserError(f'--transfer: no such file: {options.transfer}')
+        training_loop.check_transfer_compatible(checkpoint.load_network(options.transfer), dataset, options.transfer)
+    return dataset
+
+
+def check_extras(options):
+    """Metrics names/reference and the TensorBoard package."""
+    if options.metrics:
+        from metrics import metric_main
+        for metric in options.metrics:
+            metric_main.check_metric(metric)
+            metric_main.check_ref(metric, options.metrics_ref)
+    if options.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 (availability check only)
+        except ImportError:
+            raise dnnlib.UserError('--tensorboard: the tensorboard package is not installed (pip install '
+                                   'tensorboard); it is not a core dependency of this project') from None
+
+
+def describe(options, dataset_name, user_desc):
+    """EDM-style run description: dataset-cond-arch-precond-gpusN-batchB-precision[-desc]."""
+    net = options.network_kwargs['class_name'].rsplit('.', 1)[-1].replace('Precond', '').lower() or 'edm2'
+    cond = 'cond' if options.dataset_kwargs['use_labels'] else 'uncond'
+    desc = f'{dataset_name}-{cond}-{net}-gpus{dist.get_world_size()}-batch{options.batch_size}-{options.precision}'
+    return f'{desc}-{user_desc}' if user_desc else desc
+
+
+def _run_dirs(outdir):
+    """(id, name) of the EDM-style run directories in outdir."""
+    if not os.path.isdir(outdir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(outdir)
+             if (m := re.fullmatch(r'(\d+)-(.*)', name)) and os.path.isdir(os.path.join(outdir, name))]
+    return sorted(found)
+
+
+def newest_state(run_dir):
+    """The newest training-state file in run_dir (training-state-latest.pt first), or None."""
+    latest = os.path.join(run_dir, 'training-state-latest.pt')
+    if os.path.isfile(latest):
+        return latest
+    states = sorted(f for f in os.listdir(run_dir) if re.fullmatch(r'training-state-\d+\.pt', f))
+    return os.path.join(run_dir, states[-1]) if states else None
+
+
+def resolve_resume(resume, outdir, desc, nosubdir):
+    """(state file or None, run dir to continue in or None) for --resume."""
+    if resume is None:
+        return None, None
+    if resume == 'auto':
+        candidates = [outdir] if nosubdir else [os.path.join(outdir, name) for _, name in _run_dirs(outdir)
+                                                if name.split('-', 1)[1] == desc]
+        for run_dir in reversed(candidates):
+            state = newest_state(run_dir) if os.path.isdir(run_dir) else None
+            if state is not None:
+                return state, run_dir
+        return None, None
+    if os.path.isdir(resume):
+        state = newest_state(resume)
+        if state is None:
+            raise dnnlib.UserError(f'--resume: {resume} holds no training-state-*.pt file')
+        return state, None
+    if not os.path.isfile(resume):
+        raise dnnlib.UserError(f'--resume: no such file or directory: {resume} (give a state file, a run dir or "auto")')
+    return resume, None
+
+
+def check_resume(state_path):
+    """Read the state once up front so a truncated or foreign file is reported before any work."""
+    if state_path is not None:
+        from training import training_loop
+        training_loop.load_state(state_path)
+
+
+def make_run_dir(outdir, desc, nosubdir, dry_run):
+    """outdir/{id:05d}-{desc} with the next free id (or outdir itself with --nosubdir)."""
+    if nosubdir:
+        return outdir
+    ids = [run_id for run_id, _ in _run_dirs(outdir)]
+    run_dir = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+    if os.path.exists(run_dir) and not dry_run:
+        raise dnnlib.UserError(f'--outdir: {run_dir} already exists')
+    return run_dir
+
+
+def save_options(run_dir, options):
+    os.makedirs(run_dir, exist_ok=True)
+    with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+        json.dump(options, f, indent=2)
+
+
+def _broadcast(value):
+    """Rank 0's value on every rank (run directory decisions must agree)."""
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare(kw):
+    """Resolve, validate and record the run; returns (options, run_dir). Raises UserError on bad input."""
+    dist.init()
+    options = presets.resolve(kw['preset'], cli_overrides(kw))
+    dataset = check_data(options)
+    check_extras(options)
+    desc = describe(options, dataset.name, kw['desc'])
+    resume_state, resume_dir = resolve_resume(kw['resume'], kw['outdir'], desc, kw['nosubdir'])
+    check_resume(resume_state)
+    run_dir = None
+    if dist.get_rank() == 0:
+        run_dir = resume_dir or make_run_dir(kw['outdir'], desc, kw['nosubdir'], kw['dry_run'])
+    run_dir, options.resume_state = _broadcast((run_dir, resume_state))
+    dist.print0(json.dumps(options, indent=2))
+    dist.print0(f'Run directory: {run_dir}' + (f'\nResuming from: {resume_state}' if resume_state else ''))
+    if dist.get_rank() == 0:
+        save_options(run_dir, options)
+    return options, run_dir
+
+
+def launch(options, run_dir):
+    """Tee stdout/stderr into log.txt (rank 0) and run the training loop; returns its outcome."""
+    from training import training_loop
+    if dist.get_rank() != 0:
+        return training_loop.training_loop(run_dir=run_dir, **options)
+    streams = sys.stdout, sys.stderr
+    with open(os.path.join(run_dir, 'log.txt'), 'a', encoding='utf-8') as log:
+        sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+        try:
+            outcome = training_loop.training_loop(run_dir=run_dir, **options)
+            print(f'Training {outcome}.')
+            return outcome
+        finally:
+            sys.stdout, sys.stderr = streams
+
+
+@click.command(help=__doc__.split('\n\n')[0], epilog='\n\n'.join(__doc__.split('\n\n')[3:]))
+@click.option('--outdir', help='Where to make run directories', metavar='DIR', type=str, default='training-runs', show_default=True)
+@click.option('--data', help='Training data: folder or zip in EDM format', metavar='ZIP|DIR', type=str)
+@click.option('--preset', help=f'Named recipe ({", ".join(presets.PRESETS)}); flags override it', metavar='NAME', type=str)
+@click.option('--cond', help='Class-conditional (needs dataset.json labels)', metavar='BOOL', type=bool)
+@click.option('--arch', help='Network architecture', type=click.Choice(list(presets.ARCHS)))
+@click.option('--arch-kwargs', help='Extra network constructor kwargs as JSON, e.g. \'{"model_channels":64}\'', metavar='JSON', type=str)
+@click.option('--precond', help='Preconditioning', type=click.Choice(list(presets.PRECONDS)))
+@click.option('--loss', help='ect (consistency tuning) or edm (diffusion pretraining)', type=click.Choice(list(presets.LOSSES)))
+@click.option('--duration', help='Training length in Mimg', metavar='MIMG', type=float)
+@click.option('--batch', help='Global batch size', metavar='INT', type=int)
+@click.option('--batch-gpu', help='Micro-batch per GPU and round (gradient accumulation)', metavar='INT', type=int)
+@click.option('--lr', help='Base learning rate', metavar='FLOAT', type=float)
+@click.option('--lr-decay-batches', help='Inverse-sqrt lr decay after this many steps (0 = none)', metavar='INT', type=float)
+@click.option('--lr-rampup', help='Linear lr warm-up in kimg (0 = none)', metavar='KIMG', type=float)
+@click.option('--ema', help='EMA half-life in Mimg (EDM meaning; HalfLifeEMA)', metavar='MIMG', type=float)
+@click.option('--ema-beta', help='Constant EMA decay per step (ECT: 0.9999)', metavar='FLOAT', type=float)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=float)
+@click.option('--precision', help='fp32 | tf32 | bf16 (autocast) | fp16 (autocast + GradScaler)', type=click.Choice(list(presets.PRECISIONS)))
+@click.option('--fp16', help='Alias of --precision=fp16', metavar='BOOL', type=bool)
+@click.option('--tf32', help='Alias of --precision=tf32', metavar='BOOL', type=bool)
+@click.option('--q', 'q', help='Curriculum base q: t-r shrinks by q per stage', metavar='FLOAT', type=float)
+@click.option('--k', 'k', help='Sigmoid mapping k: extra gap 1+k*sigmoid(-b*t)', metavar='FLOAT', type=float)
+@click.option('--b', 'b', help='Sigmoid mapping sharpness b', metavar='FLOAT', type=float)
+@click.option('--c', 'c', help='Pseudo-Huber c: L = sqrt(d + c^2) - c', metavar='FLOAT', type=float)
+@click.option('--double', help='Ticks per curriculum stage ("never" = stage stays 0)', metavar='TICKS', type=str)
+@click.option('--mapping', help='r = mapping(t, stage)', type=click.Choice(list(presets.MAPPINGS)))
+@click.option('--weighting', help='ict: 1/(t-r) | edm2: 1/t^2+1/sigma_d^2 | none', type=click.Choice(list(presets.WEIGHTINGS)))
+@click.option('--p-mean', '--P_mean', 'p_mean', help='P_mean: mean of ln t', metavar='FLOAT', type=float)
+@click.option('--p-std', '--P_std', 'p_std', help='P_std: std of ln t', metavar='FLOAT', type=float)
+@click.option('--mid-t', '--mid_t', 'mid_t', help='Intermediate t of multi-step sample grids (repeatable or comma list)', metavar='LIST', type=str, multiple=True)
+@click.option('--tick', help='Tick length in kimg', metavar='KIMG', type=float)
+@click.option('--snap', help='Network snapshot every N ticks', metavar='TICKS', type=int)
+@click.option('--dump', help='Training state every N ticks', metavar='TICKS', type=int)
+@click.option('--sample-every', help='Sample grids every N ticks (0 = none)', metavar='TICKS', type=int)
+@click.option('--metrics', help='Comma list of metrics (e.g. fid50k_full,two_step_fid50k_full)', metavar='LIST', type=str)
+@click.option('--ref', help='Reference statistics/dataset for --metrics', metavar='NPZ|DIR', type=str)
+@click.option('--eval-every', help='Evaluate --metrics every N ticks', metavar='TICKS', type=int)
+@click.option('--max-hours', help='Stop (with a state) after this many hours of training', metavar='HOURS', type=float)
+@click.option('--seed', help='Random seed', metavar='INT', type=int)
+@click.option('--transfer', help='Initial weights: EDM/ECT pickle, URL or snapshot ("none" = random init)', metavar='PKL|URL', type=str)
+@click.option('--resume', help='Continue: training-state file, run dir, or "auto"', metavar='PT|DIR|auto', type=str)
+@click.option('--xflip', help='Add x-flipped copies of the data', metavar='BOOL', type=bool)
+@click.option('--cache', help='Cache the dataset in RAM', metavar='BOOL', type=bool)
+@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
+@click.option('--tensorboard', help='Also write TensorBoard events (needs the tensorboard package)', is_flag=True)
+@click.option('--desc', help='String to append to the run directory name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Use --outdir itself as the run directory', is_flag=True)
+@click.option('--dry-run', help='Resolve, validate and save training_options.json, then exit', is_flag=True)
+def main(**kw):
+    try:
+        options, run_dir = prepare(kw)
+        if kw['dry_run']:
+            dist.print0('Dry run; exiting.')
+            return
+        launch(options, run_dir)
+    except dnnlib.UserError as e:
+        raise CliError(str(e)) from None
+
+
+if __name__ == '__main__':
+    main()
