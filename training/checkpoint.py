@@ -258,10 +258,21 @@ def _build_from_record(record, name):
         if not isinstance(init_kwargs, dict):
             raise UserError(f'{name}: {record.class_name} has malformed recorded constructor arguments')
         return PersistentRecord(record.class_name, dict(init_kwargs))
-    net = _instantiate(_network_class(record.class_name), state.get('_init_args', ()),
-                       state.get('_init_kwargs', {}), name)
-    _load_state_strict(net, _record_tensors(record, name), name)
+    tensors = _record_tensors(record, name)
+    init_kwargs = _edm2_logvar_kwargs(record.class_name, state.get('_init_kwargs', {}), tensors)
+    net = _instantiate(_network_class(record.class_name), state.get('_init_args', ()), init_kwargs, name)
+    _load_state_strict(net, tensors, name)
     return net.eval()
+
+
+def _edm2_logvar_kwargs(class_name, init_kwargs, tensors):
+    """EDM2's Precond builds its uncertainty head by default (logvar_channels=128), so official EDM2 pickles hold
+    logvar_* tensors without naming logvar_channels; this project's default is no head. Name it from the tensors."""
+    head = tensors.get('logvar_linear.weight')
+    if class_name != 'Precond' or not isinstance(init_kwargs, dict) or 'logvar_channels' in init_kwargs \
+            or not isinstance(head, torch.Tensor) or head.ndim != 2:
+        return init_kwargs
+    return dict(init_kwargs, logvar_channels=int(head.shape[1]))
 
 
 def _convert_records(value, name):
