@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT.parent / 'shared' / 'fixtures'
@@ -36,3 +37,13 @@ def edm2_forward(fixtures_dir):
 def edm_layouts(fixtures_dir):
     with open(fixtures_dir / 'edm_layouts.json') as f:
         return json.load(f)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def single_thread():
+    """One intra-op thread for the whole suite: the networks are tiny, and on a shared 2-core machine extra
+    threads mostly spin-wait (a tiny forward pass went from 0.2 s to several seconds)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -41,15 +41,6 @@ class _Crafted:
         return self.fn, self.args
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread():
-    """Tiny convolutions run fastest on one thread, and much slower with intra-op threads on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _params(npz, prefix):
     return {k[len(prefix):]: torch.from_numpy(npz[k]) for k in npz.files if k.startswith(prefix)}
 

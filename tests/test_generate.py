@@ -9,7 +9,7 @@ import torch
 
 import dnnlib
 import generate
-from test_samplers import assert_uint8_matches_fixture, build_fixture_net, ecm_net, one_thread  # noqa: F401 (fixtures; one_thread is autouse)
+from test_samplers import assert_uint8_matches_fixture, build_fixture_net, ecm_net  # noqa: F401 (ecm_net is a fixture)
 from training import checkpoint, networks, networks_edm2, samplers
 
 TWO_STEP = dict(t_steps=(80.0, 0.821, 0.0))

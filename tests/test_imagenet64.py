@@ -48,14 +48,6 @@ TICK_KIMG = 1.024   # 32 steps of 32 images: every tick crosses a kimg boundary,
 EMA_SUFFIXES = ['-0.010', '-0.050', '-0.100', '-b0.9999']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Helpers: a labelled dataset and an official-format EDM2 pickle.
 

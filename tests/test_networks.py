@@ -16,15 +16,6 @@ OUTPUTS = ['EDMPrecond', 'VPPrecond', 'VEPrecond', 'ECMPrecond_train', 'ECMPreco
 #----------------------------------------------------------------------------
 # Helpers.
 
-@pytest.fixture(scope='module', autouse=True)
-def _single_thread():
-    # These networks are tiny; on a shared 2-core machine, multi-threaded kernels spin-wait for seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(precond, m, **kwargs):
     """The preconditioner `precond` for the fixture case with meta `m`, on CPU, in eval mode."""
     kwargs = dict(m['network_kwargs'], **kwargs)

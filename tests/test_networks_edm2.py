@@ -16,15 +16,6 @@ IMG64_S = dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels
                num_blocks=3, attn_resolutions=[16, 8])
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Tiny networks run fastest on one thread; extra threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fixture_kwargs(edm2_forward):
     meta = load_npz_meta(edm2_forward)
     return dict(img_resolution=meta['img_resolution'], img_channels=meta['img_channels'],

@@ -14,15 +14,6 @@ CASE = 'ddpmpp_cond'
 SEEDS = [0, 1, 2, 3]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: the machine's cores are shared, and oversubscription makes tiny nets crawl."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def build_fixture_net(edm_forward, cls):
     """The fixture's ddpmpp_cond weights in preconditioner `cls` (EDMPrecond or ECMPrecond), in eval mode."""
     meta = load_npz_meta(edm_forward)[CASE]

@@ -16,7 +16,6 @@ import math
 import os
 
 import click
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
