@@ -81,7 +81,7 @@ def _common_options(fn):
 
 def _setup(kind, detector, allow_unsafe_pickle, device):
     dist.init()
-    device = generate.pick_device(device)
+    device = dist.resolve_device(device)
     return detectors.get_detector(kind, detector, allow_unsafe_pickle, device=device), device
 
 

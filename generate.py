@@ -190,19 +190,6 @@ def parse_float_list(values, flag):
         raise dnnlib.UserError(f'{flag}={",".join(values)}: expected numbers such as 0.821 or 1.5,0.4') from None
 
 
-def pick_device(name):
-    """The torch.device for --device (default: this process's CUDA device under torchrun, else cuda/cpu)."""
-    if name is None:
-        return dist.device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise dnnlib.UserError(f'--device={name}: not a device name such as cpu, cuda or cuda:1') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise dnnlib.UserError(f'--device={name}: CUDA is not available on this machine')
-    return device
-
-
 def load_network(network, allow_unsafe_pickle):
     """The network (eval mode, CPU) and its snapshot metadata (empty for official pickles, which have none)."""
     from training import checkpoint  # Deferred: keeps `generate_images` importable without the loaders.
@@ -269,7 +256,7 @@ def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num
     try:
         dist.init()
         seeds = parse_int_list(seeds)
-        device = pick_device(device)
+        device = dist.resolve_device(device)
         mid_t = parse_float_list(mid_t, '--mid_t')
         check_outdir(outdir)
         net, metadata = load_network(network, allow_unsafe_pickle)

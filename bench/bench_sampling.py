@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from training import samplers  # noqa: E402
 
@@ -58,15 +59,6 @@ def time_sampling(net, batch_size, t_steps, iters, warmup, device, autocast):
     return seconds
 
 
-def pick_device(name):
-    if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise click.BadParameter('CUDA is not available on this machine', param_hint='--device')
-    return device
-
-
 @click.command()
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @click.option('--batch', 'batch_size', help='Batch size of the throughput run', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
@@ -76,7 +68,10 @@ def pick_device(name):
 @click.option('--steps', 'num_steps', help='Consistency steps (2 uses mid_t 0.821)', type=click.IntRange(min=1, max=2), default=1, show_default=True)
 def main(device, batch_size, iters, warmup, precision, num_steps):
     """Time 1-step (or 2-step) consistency sampling with a DDPM++ CIFAR-10 sized ECM network."""
-    device = pick_device(device)
+    try:
+        device = dist.resolve_device(device)
+    except dnnlib.UserError as e:
+        raise click.UsageError(str(e)) from None
     torch.manual_seed(0)
     net = dnnlib.util.construct_class_by_name(**DDPMPP_CIFAR10).eval().requires_grad_(False).to(device)
     num_params = sum(p.numel() for p in net.parameters())

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 
@@ -74,15 +75,6 @@ def time_steps(options, data, precision, device, iters, warmup):
     return seconds, peak, sum(p.numel() for p in net.parameters())
 
 
-def pick_device(name):
-    if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise click.BadParameter('CUDA is not available on this machine', param_hint='--device')
-    return device
-
-
 def parse_precisions(text):
     values = [p for p in text.split(',') if p]
     bad = [p for p in values if p not in presets.PRECISIONS]
@@ -103,7 +95,10 @@ def parse_precisions(text):
 @click.option('--warmup', help='Untimed steps first', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text, iters, warmup):
     """Time the ECT training step of a preset's network and loss."""
-    device = pick_device(device)
+    try:
+        device = dist.resolve_device(device)
+    except dnnlib.UserError as e:
+        raise click.UsageError(str(e)) from None
     precisions = parse_precisions(precision_text)
     try:
         options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none'))

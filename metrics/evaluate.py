@@ -142,7 +142,7 @@ def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, 
     """Score network snapshots with the named metrics (1- and 2-step FID by default)."""
     try:
         dist.init()
-        device = generate.pick_device(device)
+        device = dist.resolve_device(device)
         metrics = parse_metrics(metrics)
         mid_t = generate.parse_float_list(mid_t, '--mid_t')
         run_dir, snapshots = find_snapshots(resume)

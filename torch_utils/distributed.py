@@ -103,3 +103,16 @@ def print0(*args, **kwargs):
     """print() on rank 0 only."""
     if get_rank() == 0:
         print(*args, **kwargs)
+
+
+def resolve_device(name=None):
+    """The torch.device for a --device flag: None = this process's device (see device()); else the named one."""
+    if name is None:
+        return device()
+    try:
+        result = torch.device(name)
+    except RuntimeError:
+        raise dnnlib.UserError(f'--device={name}: not a device name such as cpu, cuda or cuda:1') from None
+    if result.type == 'cuda' and not torch.cuda.is_available():
+        raise dnnlib.UserError(f'--device={name}: CUDA is not available on this machine')
+    return result
