@@ -3,6 +3,11 @@
     python bench/bench_sampling.py                                   # CUDA if present, batch 512
     python bench/bench_sampling.py --device=cpu --batch=16 --iters=3 # a quick CPU run
     python bench/bench_sampling.py --precision=bf16 --steps=2
+    python bench/bench_sampling.py --score=5000 --ref=fid-refs/cifar10-32x32.npz   # + fid50k_full end to end
+
+With --score=N the script also times `fid50k_full` end to end through metrics.metric_main.calc_metric (sampling
+N images in memory, Inception features, float64 statistics, Fréchet distance against --ref) and extrapolates
+linearly to 50,000 images; the detector is loaded once beforehand and not counted.
 
 The network is ECMPrecond around the DDPM++ CIFAR-10 U-Net (model_channels 128, channel_mult [2,2,2],
 randomly initialised: the speed does not depend on the weights). On CUDA every timing is bracketed by
@@ -22,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
+from metrics import metric_main  # noqa: E402
 from training import samplers  # noqa: E402
 
 # The CIFAR-10 ECM network: DDPM++ (model_channels 128, channel_mult [2,2,2]) in ECMPrecond, unconditional.
@@ -59,6 +65,17 @@ def time_sampling(net, batch_size, t_steps, iters, warmup, device, autocast):
     return seconds
 
 
+def time_scoring(net, num_images, ref, detector_path, batch_size, device):
+    """Seconds for fid50k_full on `num_images` generated images, end to end (detector loaded beforehand)."""
+    detector = metric_main.load_metric_detector('fid50k_full', detector_path, device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    metric_main.calc_metric('fid50k_full', net, ref=ref, detector=detector, num_samples=num_images,
+                            batch_size=batch_size, device=device, rank=0, num_gpus=1)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 @click.command()
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @click.option('--batch', 'batch_size', help='Batch size of the throughput run', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
@@ -66,7 +83,10 @@ def time_sampling(net, batch_size, t_steps, iters, warmup, device, autocast):
 @click.option('--warmup', help='Untimed calls first', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--precision', help='Arithmetic', type=click.Choice(['fp32', 'tf32', 'bf16']), default='fp32', show_default=True)
 @click.option('--steps', 'num_steps', help='Consistency steps (2 uses mid_t 0.821)', type=click.IntRange(min=1, max=2), default=1, show_default=True)
-def main(device, batch_size, iters, warmup, precision, num_steps):
+@click.option('--score', 'score_images', help='Also time fid50k_full end to end on N images (0 = skip)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--ref', help='Reference statistics for --score', metavar='NPZ|URL', type=str, default='https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz', show_default=True)
+@click.option('--detector', 'detector_path', help='Inception detector for --score  [default: official]', metavar='PATH|URL', type=str, default=None)
+def main(device, batch_size, iters, warmup, precision, num_steps, score_images, ref, detector_path):
     """Time 1-step (or 2-step) consistency sampling with a DDPM++ CIFAR-10 sized ECM network."""
     try:
         device = dist.resolve_device(device)
@@ -91,6 +111,13 @@ def main(device, batch_size, iters, warmup, precision, num_steps):
         print(f'{label:<12}{batch:>8}{ms:>12.2f}{rate:>12.1f}')
     if device.type == 'cuda':
         print(f'peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB')
+    if score_images:
+        try:
+            seconds = time_scoring(net, score_images, ref, detector_path, batch_size, device)
+        except dnnlib.UserError as e:
+            raise click.ClickException(str(e)) from None
+        print(f'fid50k_full end to end: {score_images} images in {seconds:.1f} s '
+              f'-> {seconds * 50000 / score_images / 60:.1f} min for 50k ({name}, 1 process)')
 
 
 if __name__ == '__main__':
