@@ -11,6 +11,11 @@ Sources:
   - a folder of images, searched recursively: every file with an image extension known to PIL, in sorted()
     order of the full paths (compared as pathlib paths, as EDM does).
   - a zip of images: the same rules applied to the member names (sorted as strings).
+  - procedural:shapes: a synthetic image set that needs no download (the quickstart's data): image `idx` is a
+    smooth two-colour gradient background with one or two anti-aliased coloured discs or squares, drawn from a
+    random generator seeded with `idx` alone, so every image is identical on every machine. 50,000 images
+    (--max-images keeps the first N), rendered at --resolution (default 16x16; square); label = the kind of the
+    first shape (0 disc, 1 square).
   For folders and zips the labels come from `dataset.json` in the source when it is there
   ({"labels": [[relative name, label], ...]}), otherwise from the top-level folder names: each image gets the
   index of its top-level folder in the sorted set of those names ('' for files at the root), provided there is
@@ -36,6 +41,7 @@ unreadable or truncated images, images of different shapes without --resolution)
 naming the file or flag, and exit code 2.
 """
 
+import collections.abc
 import contextlib
 import io
 import json
@@ -61,6 +67,7 @@ CIFAR10_BATCHES = tuple(f'cifar-10-batches-py/data_batch_{batch}' for batch in r
 GREY_MODES = ('L', '1')
 RGB_MODES = ('RGB', 'P', 'CMYK', 'YCbCr')
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
+PROCEDURAL_PREFIX = 'procedural:'
 PIL_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # What PIL raises on bad files.
 
 #----------------------------------------------------------------------------
@@ -247,6 +254,79 @@ class ImageFilesSource:
             return image_header(f, self.names[i])
 
 
+class _LazyList(collections.abc.Sequence):
+    """A read-only list whose item i is fn(i), computed when asked for (labels of the images actually written)."""
+
+    def __init__(self, length, fn):
+        self.length = length    # Number of items.
+        self.fn = fn            # i -> item.
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.fn(i)
+
+
+class ShapesSource:
+    """procedural:shapes -- image `idx` drawn from its own seeded generator (see the module docstring)."""
+
+    num_images = 50000
+    supersample = 4     # Sub-pixels per pixel and axis (anti-aliased shape edges).
+
+    def __init__(self, resolution):
+        self.resolution = resolution        # Output width = height in pixels.
+        self.names = [f'procedural:shapes[{i}]' for i in range(self.num_images)]
+        self.labels = _LazyList(self.num_images, lambda i: int(self._kinds(self._rng(i))[0]))
+
+    @staticmethod
+    def _rng(idx):
+        return np.random.Generator(np.random.PCG64([0x5ec7, idx]))
+
+    @staticmethod
+    def _kinds(rng):
+        """The kinds (0 disc, 1 square) of the one or two shapes; drawn first so labels are cheap."""
+        return rng.integers(0, 2, size=rng.integers(1, 3))
+
+    def read(self, i):
+        rng = self._rng(i)
+        kinds = self._kinds(rng)
+        n = self.resolution * self.supersample
+        y, x = (np.mgrid[0:n, 0:n] + 0.5) / n                      # Sub-pixel centres in [0, 1].
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5)) / np.sqrt(2) + 0.5
+        top, bottom = rng.uniform(0.1, 0.9, size=[2, 3])
+        img = top + (bottom - top) * ramp[..., np.newaxis]
+        for kind in kinds:
+            cx, cy = rng.uniform(0.25, 0.75, size=2)
+            size = rng.uniform(0.12, 0.25)
+            colour = rng.uniform(0, 1, size=3)
+            colour[rng.integers(0, 3)] = rng.choice([0.0, 1.0])   # One saturated channel: vivid colours.
+            inside = np.hypot(x - cx, y - cy) <= size if kind == 0 else np.maximum(abs(x - cx), abs(y - cy)) <= size
+            img[inside] = colour
+        img = img.reshape(self.resolution, self.supersample, self.resolution, self.supersample, 3).mean(axis=(1, 3))
+        return np.rint(img * 255).clip(0, 255).astype(np.uint8)
+
+    def header(self, i):
+        return self.resolution, self.resolution, 3
+
+
+PROCEDURAL_SOURCES = {'shapes': ShapesSource}
+
+
+def open_procedural(spec, resolution):
+    """`procedural:NAME` at `resolution` ((W, H) or None = 16x16)."""
+    name = spec[len(PROCEDURAL_PREFIX):]
+    if name not in PROCEDURAL_SOURCES:
+        raise dnnlib.UserError(f'--source: unknown procedural source "{spec}" (known: '
+                               f'{", ".join(PROCEDURAL_PREFIX + k for k in PROCEDURAL_SOURCES)})')
+    width, height = resolution if resolution is not None else (16, 16)
+    check_output_shape(width, height, 3, '--resolution')
+    return PROCEDURAL_SOURCES[name](width)
+
+
 def open_folder(path, force_rgb):
     paths = sorted(p for p in pathlib.Path(path).rglob('*') if is_image_name(p) and p.is_file())
     rel_names = [p.relative_to(path).as_posix() for p in paths]
@@ -266,8 +346,10 @@ def open_zip(path, stack, force_rgb):
     return ImageFilesSource(path, rel_names, zf.open, labels_json, force_rgb)
 
 
-def open_source(path, stack, force_rgb):
+def open_source(path, stack, force_rgb, resolution=None):
     """Pick the reader from what `path` is; zips are closed by `stack`. CIFAR-10 is RGB anyway."""
+    if path.startswith(PROCEDURAL_PREFIX):
+        return open_procedural(path, resolution)
     if os.path.isdir(path):
         return open_folder(path, force_rgb)
     if not os.path.isfile(path):
@@ -492,7 +574,7 @@ def run(source_path, dest, max_images, resolution_text, transform):
     check_transform_args(transform, resolution)
     check_dest(dest)
     with contextlib.ExitStack() as stack:
-        source = open_source(source_path, stack, force_rgb=transform is not None)
+        source = open_source(source_path, stack, force_rgb=transform is not None, resolution=resolution)
         count = len(source.names) if max_images is None else min(max_images, len(source.names))
         if count == 0:
             raise dnnlib.UserError(f'--source: no images found in {source_path}')
@@ -509,7 +591,7 @@ class CliError(click.ClickException):
 
 
 @click.command()
-@click.option('--source', help='CIFAR-10 tarball, image folder or zip', metavar='PATH', type=str, required=True)
+@click.option('--source', help='CIFAR-10 tarball, image folder or zip, or procedural:shapes', metavar='PATH', type=str, required=True)
 @click.option('--dest', help='Output folder or .zip', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Keep only the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--resolution', help='Output resolution, e.g. 32x32', metavar='WxH', type=str, default=None)

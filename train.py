@@ -1,6 +1,7 @@
 """Train a consistency model with Easy Consistency Tuning (ECT), or pretrain an EDM diffusion model.
 
     python train.py --preset=cifar10-ecm --data=datasets/cifar10-32x32.zip --outdir=training-runs
+    python train.py --preset=quickstart    (minutes on a CPU: procedural data, the shipped checkpoint, a score table)
     torchrun --nproc_per_node=8 train.py --preset=cifar10-ecm --data=... (or: bash run_ecm.sh 8 29500 --data=...)
 
 Options come from the preset (configs/presets.py) and are overridden by the flags given. Everything is
@@ -97,12 +98,14 @@ def cli_overrides(kw):
     precision = kw['precision'] or ('fp16' if kw['fp16'] else 'tf32' if kw['tf32'] else None)
     mid_t = [t for text in kw['mid_t'] for t in parse_float_list(text, '--mid-t')] or None
     metrics = [m for m in (kw['metrics'] or '').split(',') if m.strip()] or None
+    eval_init = [m for m in (kw['eval_init'] or '').split(',') if m.strip()] or None
     return dict(
         data=kw['data'], cond=kw['cond'], arch=kw['arch'], precond=kw['precond'],
         network_kwargs=parse_json_dict(kw['arch_kwargs'], '--arch-kwargs'), dropout=kw['dropout'],
         duration_mimg=kw['duration'], batch=kw['batch'], batch_gpu=kw['batch_gpu'], tick_kimg=kw['tick'],
         double_ticks=parse_double(kw['double']), snap_ticks=kw['snap'], dump_ticks=kw['dump'],
         sample_ticks=kw['sample_every'], eval_ticks=kw['eval_every'], metrics=metrics, metrics_ref=kw['ref'],
+        eval_init_metrics=eval_init, metric_samples=kw['metric_samples'],
         max_hours=kw['max_hours'], seed=kw['seed'], precision=precision, transfer=kw['transfer'], loss=kw['loss'],
         q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
         P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
@@ -111,31 +114,69 @@ def cli_overrides(kw):
     )
 
 
-def check_data(options):
-    """--data / --cond / batch split / --transfer compatibility, checked by building the dataset."""
+def check_transfer_file(transfer):
+    if transfer is not None and '://' not in transfer and not os.path.isfile(transfer):
+        raise dnnlib.UserError(f'--transfer: no such file: {transfer}')
+
+
+def ensure_data(flat, options, dry_run):
+    """Build --data from the preset's dataset_tool source when it does not exist yet (not under --dry-run)."""
+    path = flat.data
+    if flat.data_source is None or path is None or os.path.exists(path) or dry_run:
+        return
+    check_transfer_file(options.transfer)   # before the build: a typo must not cost the build first
+    import dataset_tool
+    dist.print0(f'Building {path} from {flat.data_source} (first run only)')
+    if dist.get_rank() == 0:
+        dataset_tool.run(flat.data_source, path, flat.data_max_images, None, None)
+    dist.barrier()
+
+
+def check_transfer(options, dataset):
+    """--transfer exists and (when the data is there) fits it."""
+    if options.transfer is None:
+        return
+    from training import checkpoint, training_loop
+    check_transfer_file(options.transfer)
+    src = checkpoint.load_network(options.transfer)
+    if dataset is not None:
+        training_loop.check_transfer_compatible(src, dataset, options.transfer)
+
+
+def check_data(options, data_source=None):
+    """--data / --cond / batch split / --transfer compatibility, checked by building the dataset; returns the
+    dataset name. A missing --data that `data_source` would build (a dry run) is reported and not opened."""
     from training import training_loop
     path = options.dataset_kwargs['path']
     if path is None:
         raise dnnlib.UserError('--data: required (a dataset folder or zip in EDM format)')
+    training_loop.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
+    if not os.path.exists(path) and data_source is not None:
+        dist.print0(f'--data: {path} does not exist yet; a real run builds it from {data_source}')
+        check_transfer(options, None)
+        return os.path.splitext(os.path.basename(path))[0]
     if not os.path.exists(path):
         raise dnnlib.UserError(f'--data: no such file or directory: {path}')
-    training_loop.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
     dataset = training_loop.build_dataset(options.dataset_kwargs)
-    if options.transfer is not None:
-        from training import checkpoint
-        if '://' not in options.transfer and not os.path.isfile(options.transfer):
-            raise dnnlib.UserError(f'--transfer: no such file: {options.transfer}')
-        training_loop.check_transfer_compatible(checkpoint.load_network(options.transfer), dataset, options.transfer)
-    return dataset
+    check_transfer(options, dataset)
+    return dataset.name
 
 
 def check_extras(options):
-    """Metrics names/reference and the TensorBoard package."""
-    if options.metrics:
+    """Metrics names/reference (a reference that is the not yet built --data is checked once built) and the
+    TensorBoard package."""
+    metrics = list(options.metrics) + list(options.eval_init_metrics)
+    if metrics:
         from metrics import metric_main
-        for metric in options.metrics:
+        pending = options.metrics_ref == options.dataset_kwargs['path'] and not os.path.exists(options.metrics_ref)
+        for metric in options.eval_init_metrics:
+            if not metric_main.is_valid_metric(metric):
+                raise dnnlib.UserError(f'--eval-init: unknown metric "{metric}" (choose from '
+                                       f'{", ".join(metric_main.list_metrics())})')
+        for metric in metrics:
             metric_main.check_metric(metric)
-            metric_main.check_ref(metric, options.metrics_ref)
+            if not pending:
+                metric_main.check_ref(metric, options.metrics_ref)
     if options.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401 (availability check only)
@@ -228,10 +269,12 @@ def _broadcast(value):
 def prepare(kw):
     """Resolve, validate and record the run; returns (options, run_dir). Raises UserError on bad input."""
     dist.init()
-    options = presets.resolve(kw['preset'], cli_overrides(kw))
-    dataset = check_data(options)
+    flat = presets.merge(kw['preset'], cli_overrides(kw))
+    options = presets.build_options(flat)
     check_extras(options)
-    desc = describe(options, dataset.name, kw['desc'])
+    ensure_data(flat, options, kw['dry_run'])
+    dataset_name = check_data(options, flat.data_source)
+    desc = describe(options, dataset_name, kw['desc'])
     resume_state, resume_dir = resolve_resume(kw['resume'], kw['outdir'], desc, kw['nosubdir'])
     check_resume(resume_state)
     run_dir = None
@@ -299,6 +342,8 @@ def launch(options, run_dir):
 @click.option('--metrics', help='Comma list of metrics (e.g. fid50k_full,two_step_fid50k_full)', metavar='LIST', type=str)
 @click.option('--ref', help='Reference statistics/dataset for --metrics', metavar='NPZ|DIR', type=str)
 @click.option('--eval-every', help='Evaluate --metrics every N ticks', metavar='TICKS', type=int)
+@click.option('--eval-init', help='Comma list of metrics of the initial (e.g. transferred) network, before training', metavar='LIST', type=str)
+@click.option('--metric-samples', help='Generated images per metric evaluation (default: the metric\'s own count)', metavar='INT', type=int)
 @click.option('--max-hours', help='Stop (with a state) after this many hours of training', metavar='HOURS', type=float)
 @click.option('--seed', help='Random seed', metavar='INT', type=int)
 @click.option('--transfer', help='Initial weights: EDM/ECT pickle, URL or snapshot ("none" = random init)', metavar='PKL|URL', type=str)

@@ -14,15 +14,22 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
-  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard.
+  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard,
+  data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
+  source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
+  metric_samples (generated images per metric; None = the metric's published count).
 """
 
 import copy
 import math
+import os
 
 import dnnlib
 
 CIFAR10_VP_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART_DATA = os.path.join(REPO_ROOT, 'datasets', 'quickstart-shapes-16x16.zip')   # built on first use
+QUICKSTART_CHECKPOINT = os.path.join(REPO_ROOT, 'checkpoints', 'quickstart-edm-shapes16.pt')
 
 # Network architectures (EDM's --arch) -> constructor kwargs of the inner network.
 ARCHS = {
@@ -62,7 +69,8 @@ DEFAULTS = dict(
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[0.821], grid_sampler='consistency', xflip=False, cache=True, workers=2,
-    find_unused_parameters=False, metrics_ref=None, tensorboard=False,
+    find_unused_parameters=False, metrics_ref=None, tensorboard=False, data_source=None, data_max_images=None,
+    eval_init_metrics=[], metric_samples=None,
 )
 
 # ECT CIFAR-10 recipe (spec §6, official run_ecm.sh): 200k iterations at batch 128.
@@ -74,6 +82,43 @@ _CIFAR10_ECM = dict(
     lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     mid_t=[0.821], grid_sampler='consistency',
 )
+
+# ECT ImageNet-64 recipe (spec §6, column 3; ECT paper §4.2): class-conditional EDM2 img64 networks tuned for
+# 100k iterations at batch 128. Per size: EDM2 model_channels, base lr, dropout, and the official EDM2 post-hoc
+# reconstruction used as init (the FID-optimal sigma_rel of EDM2's generate_images.py presets).
+EDM2_IMG64_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img64-{}.pkl'
+IMAGENET64_SIZES = {
+    's': dict(model_channels=192, lr=1e-3, dropout=0.40, init='s-1073741-0.075'),
+    'm': dict(model_channels=256, lr=9e-4, dropout=0.50, init='m-2147483-0.060'),
+    'l': dict(model_channels=320, lr=8e-4, dropout=0.50, init='l-1073741-0.040'),
+    'xl': dict(model_channels=384, lr=7e-4, dropout=0.50, init='xl-0671088-0.040'),
+}
+ECM_SIGMA_MIN = 0.003   # spec §2: ECM's sigma_min (the official ECMPrecond default)
+
+
+def _imagenet64_ecm(size):
+    """The ImageNet-64 preset of one EDM2 size (S/M/L/XL): spec §6, data only."""
+    cfg = IMAGENET64_SIZES[size]
+    return dict(
+        arch='edm2', cond=True, dropout=cfg['dropout'], dropout_res=16, transfer=EDM2_IMG64_URL.format(cfg['init']),
+        network_kwargs=dict(model_channels=cfg['model_channels'], channel_mult=[1, 2, 3, 4], num_blocks=3,
+                            attn_resolutions=[16, 8], ecm_sigma_min=ECM_SIGMA_MIN),
+        duration_mimg=12.8, batch=128, tick_kimg=6.4, double_ticks=500,
+        loss='ect', q=4, k=8, b=1, c=0.06, mapping='sigmoid', weighting='edm2', P_mean=-0.8, P_std=1.6,
+        optimizer=dict(class_name='torch.optim.Adam', lr=cfg['lr'], betas=[0.9, 0.99], eps=1e-8),
+        lr_decay_batches=2000, lr_rampup_kimg=0,
+        ema=dict(class_name='training.ema.CombinedEMA', trackers=[
+            dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
+            dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]),
+        mid_t=[1.526], grid_sampler='consistency', xflip=False,
+    )
+
+
+# The quickstart's data and network: procedural 16x16 shapes (dataset_tool.py --source=procedural:shapes) and a
+# DDPM++ U-Net small enough to train on a laptop CPU (1.3M parameters).
+_QUICKSTART_DATA = dict(data=QUICKSTART_DATA, data_source='procedural:shapes', data_max_images=10000, cond=False,
+                        workers=0)
+_QUICKSTART_NET = dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8])
 
 PRESETS = {
     'cifar10-ecm': _CIFAR10_ECM,
@@ -89,15 +134,29 @@ PRESETS = {
         optimizer=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
         lr_decay_batches=0, lr_rampup_kimg=10000, ema=None, ema_mimg=0.5, grid_sampler='edm',
     ),
-    # HOOK (ImageNet-64): 'imagenet64-ecm-s', 'imagenet64-ecm-m', 'imagenet64-ecm-l', 'imagenet64-ecm-xl'
-    # are added here as data only (spec §6 column 3): arch='edm2', network_kwargs=dict(model_channels=192/256/
-    # 320/384, ...), dropout=0.40/0.50, dropout_res=16, cond=True, tick_kimg=6.4, double_ticks=500, q=4, c=0.06,
-    # P_mean=-0.8, P_std=1.6, weighting='edm2', optimizer=dict(class_name='torch.optim.Adam', lr=..., betas=[0.9,
-    # 0.99], eps=1e-8), lr_decay_batches=2000, ema=dict(class_name='training.ema.CombinedEMA', trackers=[
-    # dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
-    # dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]), mid_t=[1.526],
-    # network_kwargs should also carry ecm_sigma_min (the ECT boundary form of the EDM2 Precond);
-    # find_unused_parameters=True if the EDM2 net has parameters the ECT loss never uses.
+    **{f'imagenet64-ecm-{size}': _imagenet64_ecm(size) for size in IMAGENET64_SIZES},
+    # EDM diffusion pretraining of the quickstart's checkpoint: checkpoints/quickstart-edm-shapes16.pt is the final
+    # network-snapshot of `python train.py --preset=quickstart-pretrain` (made as `--duration=1 --max-hours=0.6`, which
+    # stopped after 36 minutes on 2 shared CPU cores at 283,136 images = 4,424 steps: the duration below).
+    'quickstart-pretrain': dict(
+        _QUICKSTART_DATA, arch='ddpmpp', precond='edm', network_kwargs=_QUICKSTART_NET, dropout=0.0, transfer=None,
+        duration_mimg=0.283136, batch=64, tick_kimg=10.0, double_ticks=None, snap_ticks=1, dump_ticks=5,
+        sample_ticks=10, loss='edm', P_mean=-1.2, P_std=1.2,
+        optimizer=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
+        lr_decay_batches=0, lr_rampup_kimg=10, ema=None, ema_mimg=0.04, grid_sampler='edm',
+    ),
+    # The quickstart (`python train.py --preset=quickstart`, minutes on a laptop CPU): the CIFAR-10 ECT recipe (loss,
+    # sigmoid curriculum, RAdam, constant EMA, snapshots, states, grids) sized for 750 steps on the shipped
+    # checkpoint: batch 32, lr 1e-3, EMA 0.98 and a stage every 2 ticks (6 stages), because a run this short needs
+    # fast steps. The transferred diffusion model is scored first (EDM Heun 35 NFE, 1 and 2 NFE) and the tuned
+    # model at the end (1 and 2 NFE), with fd_randnet against the dataset.
+    'quickstart': dict(
+        _CIFAR10_ECM, **_QUICKSTART_DATA, network_kwargs=_QUICKSTART_NET, dropout=0.0, transfer=QUICKSTART_CHECKPOINT,
+        duration_mimg=0.024, batch=32, tick_kimg=2.0, double_ticks=2, snap_ticks=4, dump_ticks=4, sample_ticks=4,
+        optimizer=dict(_CIFAR10_ECM['optimizer'], lr=1e-3), ema=dict(class_name='training.ema.ConstantEMA', beta=0.98),
+        metrics=['fd_randnet', 'two_step_fd_randnet'], eval_init_metrics=['fd_randnet_heun', 'fd_randnet',
+        'two_step_fd_randnet'], metrics_ref=QUICKSTART_DATA, eval_ticks=1000, metric_samples=500,
+    ),
 }
 
 
@@ -108,7 +167,8 @@ def _choice(flag, value, choices):
 
 
 def merge(preset_name, overrides):
-    """The flat options: DEFAULTS, then the preset, then the non-None overrides (command line)."""
+    """The flat options: DEFAULTS, then the preset, then the non-None overrides (command line).
+    A network_kwargs override is merged into the preset's (--arch-kwargs changes only the keys it names)."""
     if preset_name is not None and preset_name not in PRESETS:
         raise dnnlib.UserError(f'--preset: unknown preset "{preset_name}"; known: {", ".join(sorted(PRESETS))}')
     flat = copy.deepcopy(DEFAULTS)
@@ -116,7 +176,10 @@ def merge(preset_name, overrides):
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise dnnlib.UserError(f'unknown option(s) {unknown}; known: {sorted(DEFAULTS)}')
-    flat.update({key: copy.deepcopy(value) for key, value in overrides.items() if value is not None})
+    given = {key: copy.deepcopy(value) for key, value in overrides.items() if value is not None}
+    if isinstance(given.get('network_kwargs'), dict):
+        given['network_kwargs'] = dict(flat['network_kwargs'], **given['network_kwargs'])
+    flat.update(given)
     return dnnlib.EasyDict(flat)
 
 
@@ -177,6 +240,8 @@ def _check_numbers(o):
         raise dnnlib.UserError(f'--max-hours: must be positive, got {o.max_hours}')
     if any(not 0 < t < 80 for t in o.mid_t):
         raise dnnlib.UserError(f'--mid-t: every value must be in (0, 80), got {list(o.mid_t)}')
+    if o.metric_samples is not None and not o.metric_samples > 1:
+        raise dnnlib.UserError(f'--metric-samples: must be at least 2, got {o.metric_samples}')
     if o.metrics and not o.eval_ticks:
         raise dnnlib.UserError('--metrics: needs --eval-every=N (ticks between evaluations)')
     _choice('--precision', o.precision, PRECISIONS)
@@ -205,7 +270,8 @@ def build_options(o):
         batch_gpu=None if o.batch_gpu is None else int(o.batch_gpu),
         tick_kimg=float(o.tick_kimg), double_ticks=_double_ticks(o.double_ticks),
         snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,
-        eval_ticks=o.eval_ticks, metrics=list(o.metrics), max_hours=o.max_hours, seed=int(o.seed),
+        eval_ticks=o.eval_ticks, metrics=list(o.metrics), eval_init_metrics=list(o.eval_init_metrics),
+        metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours, seed=int(o.seed),
         precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer, mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
         find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref, tensorboard=bool(o.tensorboard),
     )

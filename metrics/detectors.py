@@ -1,4 +1,5 @@
-"""Feature detectors for the metrics: Inception-v3 (FID, KID, IS), VGG16 (precision/recall), DINOv2 (FD_DINOv2).
+"""Feature detectors for the metrics: Inception-v3 (FID, KID, IS), VGG16 (precision/recall), DINOv2 (FD_DINOv2),
+and a fixed seeded random convolutional network (fd_randnet: needs no download).
 
 Every detector is called as `detector(images)` with uint8 images N,C,H,W (3 channels) and returns float32
 features N,D. The official Inception and VGG16 files are TorchScript networks called as
@@ -309,12 +310,58 @@ def _build_vit(state, source, **vit_kwargs):
     return model.eval()
 
 
+class RandomConvDetector:
+    """Features of a fixed random convolutional network, identical on every machine (no download, no training).
+
+    Random-feature Frechet distance (a stand-in for FID when no pretrained detector is available, cf. Naeem et
+    al. 2020 "Reliable fidelity and diversity metrics", random-embedding evaluation): images in [-1, 1] pass
+    through 3x3 convolutions of widths `widths`, each followed by leaky ReLU (0.2) and 2x2 average pooling;
+    the features are the spatial means of every layer's activations (sum(widths) of them).
+    The weights are He-normal draws (float64) from a CPU torch.Generator seeded with `seed`; the network runs in
+    float32, so features agree across machines up to float32 rounding.
+    """
+
+    def __init__(self,
+                 seed=0,                 # seed of the weights: part of the metric's definition
+                 widths=(32, 64, 128),   # output channels of the convolutions
+                 ):
+        self.name = f'randnet-seed{seed}-' + 'x'.join(str(w) for w in widths)
+        generator = torch.Generator(device='cpu').manual_seed(seed)
+        self.weights = []
+        in_channels = 3
+        for width in widths:
+            fan_in = in_channels * 9
+            self.weights.append((torch.randn([width, in_channels, 3, 3], generator=generator, dtype=torch.float64)
+                                 * np.sqrt(2 / fan_in)).to(torch.float32))
+            in_channels = width
+
+    def to(self, device):
+        self.weights = [w.to(device) for w in self.weights]
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = _as_rgb(images).to(self.weights[0].device, torch.float32) / 127.5 - 1
+        features = []
+        for weight in self.weights:
+            x = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, weight, padding=1), 0.2)
+            features.append(x.mean(dim=[2, 3]))
+            x = torch.nn.functional.avg_pool2d(x, 2) if min(x.shape[2:]) >= 2 else x
+        return torch.cat(features, dim=1).to(torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Named detectors.
 
 
 def get_detector(kind, url_or_path=None, allow_unsafe_pickle=False, cache_dir=None, device='cpu'):
-    """Detector for `kind` ('inception', 'inception_probs', 'vgg16', 'dinov2') from a URL/path or the default."""
+    """Detector for `kind` ('inception', 'inception_probs', 'vgg16', 'dinov2', 'randnet') from a URL/path or the
+    default; 'randnet' takes no file (`url_or_path` is refused)."""
+    if kind == 'randnet':
+        if url_or_path is not None:
+            raise dnnlib.UserError(f'--detector={url_or_path}: the random-network metrics build their detector from a '
+                                   f'fixed seed and take no file')
+        return RandomConvDetector().to(device)
     if kind == 'dinov2':
         model = load_dinov2_model(url_or_path or DINOV2_URL, allow_unsafe_pickle, cache_dir)
         return DINOv2Detector(model).to(device)
@@ -322,7 +369,8 @@ def get_detector(kind, url_or_path=None, allow_unsafe_pickle=False, cache_dir=No
                     inception_probs=(INCEPTION_URL, dict(no_output_bias=True)),
                     vgg16=(VGG16_URL, dict(return_features=True)))
     if kind not in defaults:
-        raise dnnlib.UserError(f'unknown detector kind "{kind}" (expected one of {sorted(defaults) + ["dinov2"]})')
+        known = sorted(defaults) + ['dinov2', 'randnet']
+        raise dnnlib.UserError(f'unknown detector kind "{kind}" (expected one of {known})')
     default_url, call_kwargs = defaults[kind]
     url_or_path = url_or_path or default_url
     module = load_detector_module(url_or_path, allow_unsafe_pickle, cache_dir)

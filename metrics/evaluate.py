@@ -72,7 +72,7 @@ def load_detectors(metrics, detector, dinov2, allow_unsafe_pickle, device, vgg16
     for metric in metrics:
         kind = metric_main.detector_kind(metric)
         if kind not in loaded:
-            url = dict(dinov2=dinov2, vgg16=vgg16).get(kind, detector)
+            url = dict(dinov2=dinov2, vgg16=vgg16, randnet=None).get(kind, detector)   # randnet: seeded, no file
             try:
                 loaded[kind] = metric_main.load_metric_detector(metric, url, allow_unsafe_pickle, device)
             except dnnlib.UserError:

@@ -9,6 +9,7 @@ Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by 
 """
 
 import collections
+import hashlib
 import json
 import os
 import time
@@ -22,8 +23,10 @@ from metrics import metric_utils
 from torch_utils import distributed as dist
 
 # detector: kind for metrics.detectors.get_detector; ref: 'stats' (mu/sigma), 'features' or None;
-# num_samples: generated images of the published metric; steps: consistency sampling steps.
-_MetricSpec = collections.namedtuple('_MetricSpec', ['detector', 'ref', 'num_samples', 'steps'])
+# num_samples: generated images of the published metric; steps: sampling steps; sampler: 'consistency' or 'heun'
+# (EDM's Heun sampler, NFE = 2 * steps - 1, for diffusion networks).
+_MetricSpec = collections.namedtuple('_MetricSpec', ['detector', 'ref', 'num_samples', 'steps', 'sampler'],
+                                     defaults=['consistency'])
 _METRICS = types.MappingProxyType(dict(
     fid50k_full=_MetricSpec('inception', 'stats', 50000, 1),
     two_step_fid50k_full=_MetricSpec('inception', 'stats', 50000, 2),
@@ -31,6 +34,11 @@ _METRICS = types.MappingProxyType(dict(
     pr50k3_full=_MetricSpec('vgg16', 'features', 50000, 1),
     is50k=_MetricSpec('inception_probs', None, 50000, 1),
     fd_dinov2=_MetricSpec('dinov2', 'stats', 50000, 1),
+    # Frechet distance on features of a fixed seeded random network (metrics.detectors.RandomConvDetector): needs no
+    # download; NOT comparable with FID. 1-step and 2-step consistency sampling, and EDM Heun with 18 steps (35 NFE).
+    fd_randnet=_MetricSpec('randnet', 'stats', 10000, 1),
+    two_step_fd_randnet=_MetricSpec('randnet', 'stats', 10000, 2),
+    fd_randnet_heun=_MetricSpec('randnet', 'stats', 10000, 18, 'heun'),
 ))
 KID_MAX_REAL = 1000000          # StyleGAN3's kid50k_full: up to 1M reference images.
 PR_MAX_REAL = 200000            # StyleGAN3's pr50k3_full: up to 200k reference images.
@@ -94,9 +102,11 @@ def _generated_stats(net, detector, num_samples, capture_all, sampling, batch_si
 
 
 def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, metadata=None):
-    """dict(sampler, sampler_kwargs, nfe) for `metric`: 1- or 2-step consistency unless a sampler is given."""
+    """dict(sampler, sampler_kwargs, nfe) for `metric`: the metric's own sampling unless a sampler is given."""
     import generate
     steps = check_metric(metric).steps
+    if sampler is None and check_metric(metric).sampler == 'heun':
+        sampler, sampler_kwargs = 'heun', dict(num_steps=steps)
     if sampler is None:
         if mid_t is not None and steps == 2:
             mid_t = [float(t) for t in (mid_t if isinstance(mid_t, (list, tuple)) else [mid_t])]
@@ -115,7 +125,7 @@ def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, devi
     kind = ref_kind(metric)
     args = (batch_size, device, rank, num_gpus)
     if kind == 'stats':
-        mu_ref, sigma_ref = _load_stats(ref)
+        mu_ref, sigma_ref = _load_stats(ref, detector, *args)
         mu, sigma = _generated_stats(net, detector, num_samples, False, sampling, *args).get_mean_cov()
         return {metric: metric_utils.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
     gen = _generated_stats(net, detector, num_samples, True, sampling, *args).get_all()
@@ -130,7 +140,34 @@ def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, devi
     return dict(pr50k3_full_precision=precision, pr50k3_full_recall=recall)
 
 
-def _load_stats(ref):
+def _stats_cache_path(ref, detector):
+    """Where the statistics of dataset zip `ref` under `detector` are cached (keyed by path, size, mtime and the
+    detector's name, as StyleGAN's metrics cache dataset statistics), or None: folders and unnamed detectors are
+    not cached."""
+    name = getattr(detector, 'name', None)
+    if name is None or not os.path.isfile(ref):
+        return None
+    key = json.dumps([os.path.abspath(ref), os.path.getsize(ref), os.stat(ref).st_mtime_ns, name])
+    base = os.path.splitext(os.path.basename(ref))[0]
+    return dnnlib.util.make_cache_dir_path('dataset-stats', f'{base}-{hashlib.md5(key.encode()).hexdigest()}.npz')
+
+
+def _load_stats(ref, detector, batch_size, device, rank, num_gpus):
+    """(mu, sigma) of the reference: from an .npz, or computed from every image of a dataset folder/zip (zips:
+    once, then from the cache)."""
+    if _is_dataset(ref):
+        cache = _stats_cache_path(ref, detector)
+        if cache is not None and os.path.isfile(cache):
+            ref = cache
+        else:
+            from training.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.
+            stats = metric_utils.FeatureStats(capture_all=False, capture_mean_cov=True)
+            dataset = ImageFolderDataset(path=ref, use_labels=False, max_size=None)
+            metric_utils.compute_dataset_stats(dataset, detector, stats, batch_size, device, rank, num_gpus)
+            if cache is not None and rank == 0:
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                metric_utils.save_ref(cache, stats)
+            return stats.get_mean_cov()
     arrays = metric_utils.load_ref(ref)
     return arrays['mu'], arrays['sigma']
 
@@ -141,9 +178,9 @@ def check_ref(metric, ref):
     if kind is None:
         return
     if ref is None:
-        need = 'a reference .npz with mu/sigma' if kind == 'stats' else 'a dataset folder/zip or an .npz with features'
-        raise dnnlib.UserError(f'--ref: metric {metric} needs {need}')
-    if kind == 'features' and _is_dataset(ref):
+        need = 'a reference .npz with mu/sigma' if kind == 'stats' else 'an .npz with features'
+        raise dnnlib.UserError(f'--ref: metric {metric} needs {need} or a dataset folder/zip')
+    if _is_dataset(ref):
         if not os.path.exists(ref):
             raise dnnlib.UserError(f'--ref={ref}: no such dataset folder or zip')
         return
@@ -176,7 +213,7 @@ def calc_metric(metric, net, run_dir=None, snapshot_name=None, ref=None, detecto
     num_samples = check_metric(metric).num_samples if num_samples is None else int(num_samples)
     if not callable(detector):
         detector = load_metric_detector(metric, detector, allow_unsafe_pickle, device)
-    if ref_kind(metric) == 'stats':
+    if ref_kind(metric) == 'stats' and not _is_dataset(ref):
         image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
         check_ref_width(metric_utils.load_ref(ref), detector, image_shape, device)
     sampling = sampling_for(metric, net, sampler, sampler_kwargs, mid_t, metadata)
@@ -247,3 +284,24 @@ def format_result(result):
     """One human-readable line, e.g. 'fid50k_full 3.8512 (50000 samples, nfe 1, 612.3 s)'."""
     values = ' '.join(f'{k} {v:.4f}' for k, v in result.results.items())
     return f'{values} ({result.num_samples} samples, nfe {result.nfe}, {result.total_time:.1f} s)'
+
+
+def all_records(run_dir):
+    """Every metric record in `run_dir` (all metric-*.jsonl files), in file-name then line order."""
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith('metric-') and n.endswith('.jsonl'))
+    return [r for name in names for r in read_records(run_dir, name[len('metric-'):-len('.jsonl')])]
+
+
+def summary_table(run_dir, snapshot_names=None):
+    """Lines of a table (network, metric, sampler, NFE, samples, value) of the records of `snapshot_names`
+    (every record when None), in the order given."""
+    records = all_records(run_dir)
+    order = {name: i for i, name in enumerate(snapshot_names or [])}
+    if snapshot_names is not None:
+        records = [r for r in records if r.get('snapshot_pkl') in order]
+    records.sort(key=lambda r: (order.get(r.get('snapshot_pkl'), 0), r.get('nfe', 0), r['metric']))
+    rows = [(str(r.get('snapshot_pkl')), r['metric'], str(r.get('sampler')), str(r.get('nfe')),
+             str(r.get('num_samples')), ' '.join(f'{v:.4f}' for v in r['results'].values())) for r in records]
+    header = ('network', 'metric', 'sampler', 'NFE', 'samples', 'value')
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return [' | '.join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -63,7 +63,7 @@ class LearningRateSchedule:
             factor /= np.sqrt(max(cur_nimg / (self.decay_batches * batch_size), 1))
         if self.rampup_kimg > 0:
             factor *= min(cur_nimg / (self.rampup_kimg * 1000), 1)
-        return factor
+        return float(factor)   # a python float: numpy scalars in the optimiser state break weights_only loads
 
 
 class PreemptionHandler:
@@ -173,6 +173,10 @@ def build_network(network_kwargs, dataset, transfer, device, seed=0):
         check_transfer_compatible(src, dataset, transfer)
         report = checkpoint.transfer_weights(src, net)
         dist.print0(f'Transfer from {transfer}: {report.summary()}')
+    if hasattr(net, 'normalize_weights_'):
+        # EDM2 forced weight normalisation precedes every training forward in EDM2; once here and then after
+        # every optimiser step (optimizer_step) gives each step the same weights EDM2's would see.
+        net.normalize_weights_()
     return net.train().requires_grad_(True).to(device)
 
 
@@ -361,18 +365,23 @@ def grid_runs(grid_sampler, mid_t):
     return [(f'{len(t_steps) - 1}step', samplers.consistency_sampler, dict(t_steps=t_steps)) for t_steps in steps]
 
 
+def save_grids(net, run_dir, prefix, runs, device, num_images=64):
+    """{prefix}-{tag}.png for every (tag, sampler, kwargs) of `runs`, from fixed per-seed latents."""
+    paths = []
+    for tag, sampler, kwargs in runs:
+        latents, labels, rnd = grid_inputs(net, num_images, device)
+        x = sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
+        paths.append(os.path.join(run_dir, f'{prefix}-{tag}.png'))
+        _grid_png(samplers.to_uint8(x), paths[-1])
+    return paths
+
+
 @torch.no_grad()
 def save_sample_grids(ema, run_dir, kimg, mid_t, grid_sampler, device, num_images=64):
     """grid-{kimg:06d}{suffix}-{tag}.png for every EMA net (always in eval mode), from fixed per-seed latents."""
-    paths = []
-    for suffix, net in ema.get():
-        for tag, sampler, kwargs in grid_runs(grid_sampler, mid_t):
-            latents, labels, rnd = grid_inputs(net, num_images, device)
-            x = sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
-            path = os.path.join(run_dir, f'grid-{kimg:06d}{suffix}-{tag}.png')
-            _grid_png(samplers.to_uint8(x), path)
-            paths.append(path)
-    return paths
+    runs = grid_runs(grid_sampler, mid_t)
+    return [path for suffix, net in ema.get()
+            for path in save_grids(net, run_dir, f'grid-{kimg:06d}{suffix}', runs, device, num_images)]
 
 
 def save_snapshots(ema, run_dir, kimg, metadata):
@@ -440,14 +449,33 @@ def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, devic
         f'maintenance {maintenance_sec:<6.1f}', f'cpumem {cpumem:<6.2f}', f'gpumem {gpumem:<6.2f}', f'stage {stage}'])
 
 
-def evaluate_metrics(metrics, ema, metrics_ref, mid_t, run_dir, kimg, device):
-    """Every metric on every EMA net with metrics.metric_main.calc_metric (all ranks take part; rank 0 records)."""
+def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix, device, num_samples=None):
+    """Every metric on every (suffix, net) with metrics.metric_main.calc_metric (all ranks take part; rank 0
+    records it under the snapshot name `{snapshot_prefix}{suffix}.pt`); `num_samples` None = the metric's own."""
     from metrics import metric_main
-    for suffix, net in ema.get():
+    for suffix, net in nets:
         for metric in metrics:
-            result = metric_main.calc_metric(metric, net, ref=metrics_ref, device=device, mid_t=list(mid_t))
-            metric_main.report_metric(result, run_dir, snapshot_name=f'network-snapshot-{kimg:06d}{suffix}.pt')
+            result = metric_main.calc_metric(metric, net, ref=metrics_ref, device=device, mid_t=list(mid_t),
+                                             num_samples=num_samples)
+            metric_main.report_metric(result, run_dir, snapshot_name=f'{snapshot_prefix}{suffix}.pt')
             dist.print0(f'{metric}{suffix}: {metric_main.format_result(result)}')
+
+
+@torch.no_grad()
+def evaluate_initial(cfg, parts):
+    """Before training (not on resume): `eval_init_metrics` of the initial network (e.g. the transferred diffusion
+    model), recorded under the snapshot name 'initial-network.pt', and its grids grid-initial-{tag}.png with both
+    the EDM Heun and the consistency samplers, so 'before' and 'after' come from the same code."""
+    was_training = parts.net.training
+    net = parts.net.eval()
+    try:
+        if cfg.sample_ticks and dist.get_rank() == 0:
+            runs = grid_runs('edm', cfg.mid_t) + grid_runs('consistency', cfg.mid_t)
+            save_grids(net, cfg.run_dir, 'grid-initial', runs, parts.device)
+        evaluate_metrics(cfg.eval_init_metrics, [('', net)], cfg.metrics_ref, cfg.mid_t, cfg.run_dir,
+                         'initial-network', parts.device, cfg.metric_samples)
+    finally:
+        net.train(was_training)
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop.
@@ -478,6 +506,8 @@ def training_loop(
     eval_ticks              = None,     # ticks between metric evaluations
     metrics                 = (),       # metric names (metrics.metric_main)
     metrics_ref             = None,     # reference statistics/dataset of the metrics
+    eval_init_metrics       = (),       # metrics of the initial network, before the first step (not on resume)
+    metric_samples          = None,     # generated images per metric evaluation; None = the metric's own count
     max_hours               = None,     # stop (with a state) after this much training time
     seed                    = 0,        # global seed
     precision               = 'fp32',   # fp32 | tf32 | bf16 | fp16
@@ -542,9 +572,21 @@ def _maintenance(cfg, parts, progress, stop):
         metadata = dict(nimg=progress['cur_nimg'], stage=progress['stage'], mid_t=list(cfg.mid_t), training_options=cfg)
         save_snapshots(parts.ema, cfg.run_dir, kimg, metadata)
     if cfg.metrics and (stop or _due(cfg.eval_ticks, tick)):
-        evaluate_metrics(cfg.metrics, parts.ema, cfg.metrics_ref, cfg.mid_t, cfg.run_dir, kimg, parts.device)
+        evaluate_metrics(cfg.metrics, parts.ema.get(), cfg.metrics_ref, cfg.mid_t, cfg.run_dir,
+                         f'network-snapshot-{kimg:06d}', parts.device, cfg.metric_samples)
     if stop or _due(cfg.state_dump_ticks, tick):
         _write_state(cfg, parts, progress)
+
+
+def print_summary(cfg, parts, progress):
+    """The metric records of the initial network and of the final snapshots, as a table (rank 0)."""
+    if dist.get_rank() != 0 or not (cfg.metrics or cfg.eval_init_metrics):
+        return
+    from metrics import metric_main
+    kimg = progress['cur_nimg'] // 1000
+    names = ['initial-network.pt'] + [f'network-snapshot-{kimg:06d}{suffix}.pt' for suffix, _ in parts.ema.get()]
+    table = metric_main.summary_table(cfg.run_dir, names)
+    print('\n'.join(['Summary of the metric records (metric-*.jsonl):'] + table))
 
 
 def _train(cfg, parts, progress, handler):
@@ -552,6 +594,8 @@ def _train(cfg, parts, progress, handler):
     total_nimg = int(round(cfg.total_kimg * 1000))
     start_time = time.time()
     elapsed_before = progress['elapsed_sec']
+    if progress['cur_nimg'] == 0 and cfg.eval_init_metrics:
+        evaluate_initial(cfg, parts)
     if cfg.sample_ticks and dist.get_rank() == 0:
         save_sample_grids(parts.ema, cfg.run_dir, progress['cur_nimg'] // 1000, cfg.mid_t, cfg.grid_sampler, parts.device)
     collector = training_stats.Collector(regex='.*')
@@ -584,7 +628,9 @@ def _train(cfg, parts, progress, handler):
         dist.barrier()
         if out_of_time:
             dist.print0(f'Stopping after {progress["elapsed_sec"] / 3600:.2f} hours (--max-hours)')
+            print_summary(cfg, parts, progress)
             return 'timeout'
         tick_start_time = time.time()
         maintenance_sec = tick_start_time - tick_end_time
+    print_summary(cfg, parts, progress)
     return 'done'

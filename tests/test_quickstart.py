@@ -1,0 +1,225 @@
+"""The quickstart: procedural data, the random-network Frechet distance, the presets, and a shortened run of
+`python train.py --preset=quickstart` through the same code path."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+import dataset_tool
+import dnnlib
+import generate
+import train
+from configs import presets
+from metrics import detectors
+from metrics import metric_main
+from training import checkpoint
+from training.dataset import ImageFolderDataset
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Dataset statistics are cached under dnnlib's cache dir: keep the tests' own."""
+    monkeypatch.setenv('ECT_CACHE_DIR', str(tmp_path / 'cache'))
+
+
+@pytest.fixture(scope='module')
+def shapes_zip(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
+    dataset_tool.run('procedural:shapes', path, 96, None, None)
+    return path
+
+
+def _zip_images(path):
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+# ----------------------------------------------------------------------------------------------------------
+# The procedural source.
+
+
+def test_procedural_shapes_is_deterministic_in_edm_layout(shapes_zip, tmp_path):
+    again = str(tmp_path / 'again.zip')
+    dataset_tool.run('procedural:shapes', again, 20, None, None)
+    first, second = _zip_images(shapes_zip), _zip_images(again)
+    names = sorted(n for n in second if n.endswith('.png'))
+    assert names == [f'00000/img{i:08d}.png' for i in range(20)]
+    assert all(first[n] == second[n] for n in names)          # image i depends on i only, not on the count
+    labels = json.loads(second['dataset.json'])['labels']
+    assert [name for name, _ in labels] == names and {label for _, label in labels} <= {0, 1}
+    dataset = ImageFolderDataset(shapes_zip)
+    assert (len(dataset), dataset.resolution, dataset.num_channels) == (96, 16, 3)
+    images = np.stack([dataset[i][0] for i in range(len(dataset))]).astype(np.float64)
+    assert images.std(axis=(1, 2, 3)).min() > 5                 # every image has structure, none is flat
+    assert np.abs(images[1:] - images[:-1]).mean() > 10          # and the images differ from each other
+
+
+def test_procedural_shapes_resolution_and_errors(tmp_path):
+    dest = str(tmp_path / 'big')
+    dataset_tool.run('procedural:shapes', dest, 3, '32x32', None)
+    assert ImageFolderDataset(dest).resolution == 32
+    with pytest.raises(dnnlib.UserError, match='unknown procedural source'):
+        dataset_tool.run('procedural:nope', str(tmp_path / 'x.zip'), 3, None, None)
+    with pytest.raises(dnnlib.UserError, match='--resolution'):
+        dataset_tool.run('procedural:shapes', str(tmp_path / 'y.zip'), 3, '24x24', None)
+
+# ----------------------------------------------------------------------------------------------------------
+# fd_randnet.
+
+
+def _numpy_randnet_features(images_uint8, seed=0, widths=(32, 64, 128)):
+    """Independent float64 numpy implementation of the random network's features (same weight draws)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = images_uint8.astype(np.float64) / 127.5 - 1
+    feats, cin = [], 3
+    for width in widths:
+        w = (torch.randn([width, cin, 3, 3], generator=generator, dtype=torch.float64) * np.sqrt(2 / (cin * 9)))
+        w = w.to(torch.float32).to(torch.float64).numpy()
+        padded = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)])
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))   # N,C,H,W,3,3
+        n, _, h, wd = x.shape
+        cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * wd, cin * 9)
+        x = (cols @ w.reshape(width, cin * 9).T).reshape(n, h, wd, width).transpose(0, 3, 1, 2)
+        x = np.where(x > 0, x, 0.2 * x)
+        feats.append(x.mean(axis=(2, 3)))
+        n, c, h, wd = x.shape
+        x = x.reshape(n, c, h // 2, 2, wd // 2, 2).mean(axis=(3, 5))
+        cin = width
+    return np.concatenate(feats, axis=1)
+
+
+def _frechet(a, b):
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_randnet_detector_matches_numpy_reference():
+    images = np.random.default_rng(1).integers(0, 256, size=[5, 3, 16, 16], dtype=np.uint8)
+    ours = detectors.get_detector('randnet')(torch.from_numpy(images)).numpy()
+    assert ours.shape == (5, 32 + 64 + 128)
+    np.testing.assert_allclose(ours, _numpy_randnet_features(images), rtol=1e-4, atol=1e-5)
+    with pytest.raises(dnnlib.UserError, match='take no file'):
+        detectors.get_detector('randnet', 'some.pkl')
+
+
+@pytest.fixture(scope='module')
+def tiny_diffusion_net():
+    torch.manual_seed(0)
+    return presets_net('training.networks.EDMPrecond').eval()
+
+
+def presets_net(class_name):
+    kwargs = dict(presets.ARCHS['ddpmpp'], model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[])
+    return dnnlib.util.construct_class_by_name(class_name=class_name, img_resolution=16, img_channels=3, label_dim=0,
+                                               **kwargs)
+
+
+def test_fd_randnet_against_independent_computation(shapes_zip, tiny_diffusion_net, tmp_path):
+    net = tiny_diffusion_net
+    result = metric_main.calc_metric('two_step_fd_randnet', net, run_dir=str(tmp_path), snapshot_name='a.pt',
+                                     ref=shapes_zip, num_samples=40, batch_size=16, mid_t=[0.821])
+    images = np.concatenate([img.numpy() for _, img in generate.generate_images(
+        net, list(range(40)), sampler='consistency', sampler_kwargs=dict(t_steps=(80.0, 0.821, 0.0)))])
+    dataset = ImageFolderDataset(shapes_zip)
+    real = np.stack([dataset[i][0] for i in range(len(dataset))])
+    expected = _frechet(_numpy_randnet_features(images.transpose(0, 3, 1, 2)), _numpy_randnet_features(real))
+    assert result.results.two_step_fd_randnet == pytest.approx(expected, rel=1e-3)
+    cached = os.listdir(tmp_path / 'cache' / 'dataset-stats')   # the reference statistics were cached once
+    assert len(cached) == 1 and cached[0].startswith('shapes-')
+    again = metric_main.calc_metric('two_step_fd_randnet', net, ref=shapes_zip, num_samples=40, mid_t=[0.821])
+    assert again.results.two_step_fd_randnet == pytest.approx(expected, rel=1e-3)
+    record = metric_main.read_records(str(tmp_path), 'two_step_fd_randnet')[0]
+    assert (record['sampler'], record['nfe'], record['num_samples']) == ('consistency', 2, 40)
+    real_vs_real = _frechet(_numpy_randnet_features(real[:48]), _numpy_randnet_features(real[48:]))
+    assert expected > 3 * real_vs_real                           # an untrained net is far from the data
+
+
+def test_fd_randnet_heun_samples_with_edm_heun(shapes_zip, tiny_diffusion_net):
+    sampling = metric_main.sampling_for('fd_randnet_heun', tiny_diffusion_net)
+    assert (sampling['sampler'], sampling['nfe'], sampling['sampler_kwargs']) == ('heun', 35, dict(num_steps=18))
+    assert metric_main.sampling_for('fd_randnet', tiny_diffusion_net)['nfe'] == 1
+    with pytest.raises(dnnlib.UserError, match='--ref'):
+        metric_main.check_ref('fd_randnet', os.path.join(os.path.dirname(shapes_zip), 'missing.zip'))
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets and the run.
+
+
+def test_quickstart_preset_resolves_as_claimed(tmp_path):
+    result = CliRunner().invoke(train.main, ['--preset=quickstart', f'--outdir={tmp_path / "runs"}', '--dry-run'])
+    assert result.exit_code == 0, result.output
+    run_dir, = [d for d in (tmp_path / 'runs').iterdir() if d.is_dir()]
+    with open(run_dir / 'training_options.json') as f:
+        options = json.load(f)
+    assert options['transfer'] == presets.QUICKSTART_CHECKPOINT
+    assert options['dataset_kwargs']['path'] == presets.QUICKSTART_DATA == options['metrics_ref']
+    assert options['loss_kwargs']['class_name'] == 'training.loss.ECTLoss'
+    assert options['loss_kwargs']['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2.0, k=8.0, b=1.0)
+    assert options['loss_kwargs']['weighting']['class_name'] == 'training.loss.InverseGapWeighting'
+    assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
+    assert options['ema_kwargs']['class_name'] == 'training.ema.ConstantEMA'
+    assert options['network_kwargs']['class_name'] == 'training.networks.ECMPrecond'
+    assert options['metrics'] == ['fd_randnet', 'two_step_fd_randnet']
+    assert options['eval_init_metrics'] == ['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet']
+    assert options['total_kimg'] / options['tick_kimg'] / options['double_ticks'] >= 2   # the curriculum advances
+    net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)                          # safe snapshot loader
+    assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
+    ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
+                                              label_dim=0)
+    assert not checkpoint.transfer_weights(net, ecm).not_in_source                         # every weight transfers
+    pretrain = presets.resolve('quickstart-pretrain', {})
+    assert pretrain.loss_kwargs['class_name'] == 'training.loss.EDMLoss'
+    assert {k: v for k, v in pretrain.network_kwargs.items() if k != 'class_name'} == \
+        {k: v for k, v in options['network_kwargs'].items() if k != 'class_name'}
+
+
+def test_missing_preset_data_is_built(tmp_path):
+    flat = presets.merge('quickstart', dict(data=str(tmp_path / 'built.zip')))
+    flat.data_max_images = 7
+    train.ensure_data(flat, presets.build_options(flat), dry_run=False)
+    assert len(ImageFolderDataset(flat.data)) == 7
+    flat.update(data=str(tmp_path / 'never.zip'), transfer=str(tmp_path / 'missing.pt'))
+    with pytest.raises(dnnlib.UserError, match='--transfer: no such file'):
+        train.ensure_data(flat, presets.build_options(flat), dry_run=False)
+    assert not os.path.exists(flat.data)                        # refused before any work
+
+
+def test_short_quickstart_run(shapes_zip, tmp_path):
+    args = ['--preset=quickstart', f'--outdir={tmp_path / "runs"}', f'--data={shapes_zip}', f'--ref={shapes_zip}',
+            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=24',
+            '--snap=1', '--dump=2', '--sample-every=3']
+    result = CliRunner().invoke(train.main, args)
+    assert result.exit_code == 0, result.output
+    run_dir, = [d for d in (tmp_path / 'runs').iterdir() if d.is_dir()]
+    files = set(os.listdir(run_dir))
+    assert {'grid-initial-heun.png', 'grid-initial-1step.png', 'grid-initial-2step.png', 'grid-000000-1step.png',
+            'grid-000000-2step.png', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pt',
+            'training-state-latest.pt', 'metric-fd_randnet.jsonl', 'metric-two_step_fd_randnet.jsonl',
+            'metric-fd_randnet_heun.jsonl'} <= files
+    records = metric_main.all_records(str(run_dir))
+    found = {(r['snapshot_pkl'], r['metric'], r['sampler'], r['nfe']) for r in records}
+    assert found == {('initial-network.pt', 'fd_randnet_heun', 'heun', 35),
+                     ('initial-network.pt', 'fd_randnet', 'consistency', 1),
+                     ('initial-network.pt', 'two_step_fd_randnet', 'consistency', 2),
+                     ('network-snapshot-000000.pt', 'fd_randnet', 'consistency', 1),
+                     ('network-snapshot-000000.pt', 'two_step_fd_randnet', 'consistency', 2)}
+    assert all(r['num_samples'] == 24 and np.isfinite(list(r['results'].values())).all() for r in records)
+    assert 'Curriculum stage 2' in result.output                 # 3 ticks, doubling every tick
+    log = (run_dir / 'log.txt').read_text()
+    table = log[log.index('Summary of the metric records'):]
+    assert len([line for line in table.splitlines() if 'fd_randnet' in line]) == 5
+    assert checkpoint.load_network(str(run_dir / 'network-snapshot-000000.pt')).sigma_min == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize('flag, message', [('--eval-init=bogus', '--eval-init: unknown metric "bogus"'),
+                                           ('--metric-samples=1', '--metric-samples: must be at least 2')])
+def test_quickstart_flag_errors_are_one_line(tmp_path, flag, message):
+    result = CliRunner().invoke(train.main, ['--preset=quickstart', f'--outdir={tmp_path}', '--dry-run', flag])
+    assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output
