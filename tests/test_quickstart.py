@@ -169,6 +169,9 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
     assert options['metrics'] == ['fd_randnet', 'two_step_fd_randnet']
     assert options['eval_init_metrics'] == ['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet']
     assert options['total_kimg'] / options['tick_kimg'] / options['double_ticks'] >= 2   # the curriculum advances
+    # The sizes the README and the preset's comment state: 48 kimg at batch 32, a stage every 4 ticks, EMA 0.99.
+    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], options['double_ticks']) == (48, 32, 2, 4)
+    assert options['ema_kwargs']['beta'] == 0.99 and options['optimizer_kwargs']['lr'] == 1e-3
     net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)                          # safe snapshot loader
     assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
     ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
