@@ -1,9 +1,13 @@
-"""Shared test helpers: the location of the reference fixtures (never copied into the repository)."""
+"""Shared test helpers: the location of the reference fixtures (never copied into the repository) and small
+synthetic EDM-format datasets."""
 
 import json
+import os
 import pathlib
+import zipfile
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -47,3 +51,29 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def write_random_dataset(root, num_images=16, resolution=8, num_classes=None, seed=0):
+    """An EDM-format folder of random RGB PNGs; with num_classes, dataset.json labels image i as i % num_classes."""
+    rng = np.random.default_rng(seed)
+    labels = []
+    for i in range(num_images):
+        name = f'{i // 1000:05d}/img{i:08d}.png'
+        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+        image = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        PIL.Image.fromarray(image).save(os.path.join(root, name))
+        labels.append([name, i % num_classes] if num_classes else None)
+    if num_classes:
+        with open(os.path.join(root, 'dataset.json'), 'w') as f:
+            json.dump(dict(labels=labels), f)
+    return str(root)
+
+
+def zip_folder(root, dest):
+    """Store every file under `root` in an uncompressed zip (EDM's archive layout); returns the zip's path."""
+    with zipfile.ZipFile(dest, 'w', compression=zipfile.ZIP_STORED) as zf:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                zf.write(path, os.path.relpath(path, root).replace(os.sep, '/'))
+    return str(dest)

@@ -4,7 +4,6 @@ import itertools
 import json
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import PIL.Image
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import dnnlib
+from tests.conftest import zip_folder
 from training.dataset import ImageFolderDataset, InfiniteSampler
 
 
@@ -32,13 +32,6 @@ def write_edm_folder(root, images, labels=None, write_json=True):
     return root
 
 
-def zip_folder(root, dest):
-    with zipfile.ZipFile(dest, 'w', compression=zipfile.ZIP_STORED) as zf:
-        for dirpath, _dirs, files in os.walk(root):
-            for f in files:
-                path = os.path.join(dirpath, f)
-                zf.write(path, os.path.relpath(path, root).replace(os.sep, '/'))
-    return dest
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import PIL.Image
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 
 import fid
 from metrics import evaluate
+from tests.conftest import zip_folder
 from tests.test_metrics import TinyDetector, reference_frechet, save_torchscript
 from training import checkpoint, networks
 
@@ -33,13 +33,6 @@ def write_dataset(root, images):
     return str(root)
 
 
-def zip_dataset(folder, zip_path):
-    with zipfile.ZipFile(zip_path, 'w', compression=zipfile.ZIP_STORED) as z:
-        for dirpath, _dirs, files in os.walk(folder):
-            for name in files:
-                full = os.path.join(dirpath, name)
-                z.write(full, os.path.relpath(full, folder).replace(os.sep, '/'))
-    return str(zip_path)
 
 
 def independent_stats(images, det_path):
@@ -57,7 +50,7 @@ def setup(tmp_path_factory):
     images_b = [np.clip(im.astype(int) // 2 + 60, 0, 255).astype(np.uint8) for im in images_a]
     data_a = write_dataset(root / 'a', images_a)
     return dict(root=root, images_a=images_a, images_b=images_b, data_a=data_a,
-                zip_a=zip_dataset(data_a, root / 'a.zip'), data_b=write_dataset(root / 'b', images_b),
+                zip_a=zip_folder(data_a, root / 'a.zip'), data_b=write_dataset(root / 'b', images_b),
                 det=save_torchscript(root / 'det.pt', TinyDetector()))
 
 

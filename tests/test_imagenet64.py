@@ -7,7 +7,6 @@ Networks are tiny EDM2 U-Nets (16 channels, 8x8 images, 3 classes) standing in f
 
 import json
 import math
-import os
 import pickle
 
 import numpy as np
@@ -21,7 +20,7 @@ import generate
 import train
 from configs import presets
 from metrics import metric_main
-from tests.conftest import load_npz_meta
+from tests.conftest import load_npz_meta, write_random_dataset
 from torch_utils import persistence
 from training import checkpoint, phema, samplers
 from training import training_loop as tl
@@ -67,18 +66,6 @@ class StandardRGBEncoder:
         pass
 
 
-def write_labelled_dataset(root, num_images=64, seed=0):
-    """EDM-format folder of random 8x8 RGB PNGs with dataset.json class labels 0..NUM_CLASSES-1."""
-    rng = np.random.default_rng(seed)
-    labels = []
-    for i in range(num_images):
-        name = f'{i // 1000:05d}/img{i:08d}.png'
-        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
-        PIL.Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(os.path.join(root, name))
-        labels.append([name, i % NUM_CLASSES])
-    with open(os.path.join(root, 'dataset.json'), 'w') as f:
-        json.dump(dict(labels=labels), f)
-    return str(root)
 
 
 def official_edm2_net(seed=1):
@@ -114,7 +101,7 @@ def tiny_imagenet_options(data, transfer, **overrides):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return write_labelled_dataset(tmp_path_factory.mktemp('img'))
+    return write_random_dataset(tmp_path_factory.mktemp('img'), num_images=64, resolution=RES, num_classes=NUM_CLASSES)
 
 
 @pytest.fixture(scope='module')

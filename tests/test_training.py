@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from configs import presets
+from tests.conftest import write_random_dataset
 from torch_utils import distributed as dist
 from training import checkpoint
 from training import training_loop as tl
@@ -30,24 +30,11 @@ TINY_NET = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resoluti
 TICK_KIMG = 0.008   # 8 images: two steps of batch 4 per tick
 
 
-def write_dataset(root, num_images=16, resolution=8, labels=False, seed=0):
-    """An EDM-format folder of random RGB PNGs (with dataset.json labels if asked)."""
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(num_images):
-        name = f'{i // 1000:05d}/img{i:08d}.png'
-        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
-        PIL.Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(os.path.join(root, name))
-        names.append([name, i % 3])
-    if labels:
-        with open(os.path.join(root, 'dataset.json'), 'w') as f:
-            json.dump(dict(labels=names), f)
-    return str(root)
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp('data'))
+    return write_random_dataset(tmp_path_factory.mktemp('data'))
 
 
 def tiny_options(data, **overrides):
