@@ -348,3 +348,18 @@ def test_run_ecm_usage():
     result = subprocess.run(['bash', str(REPO_ROOT / 'run_ecm.sh')], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith('usage: bash run_ecm.sh <NGPUs> <PORT>')
     assert b'\r' not in (REPO_ROOT / 'run_ecm.sh').read_bytes()
+
+
+def test_metric_detectors_are_loaded_once_per_run(monkeypatch, tmp_path):
+    from metrics import metric_main
+    loads, used = [], []
+    monkeypatch.setattr(metric_main, 'load_metric_detector', lambda metric, device='cpu': loads.append(metric) or object())
+    monkeypatch.setattr(metric_main, 'calc_metric', lambda metric, net, detector=None, **kw: used.append(detector) or kw)
+    monkeypatch.setattr(metric_main, 'report_metric', lambda *args, **kw: None)
+    monkeypatch.setattr(metric_main, 'format_result', lambda result: '')
+    cache = {}
+    nets = [('', torch.nn.Identity()), ('-b0.99', torch.nn.Identity())]
+    for kimg in (8, 16):   # two evaluations of two EMA nets with two metrics sharing the Inception detector
+        tl.evaluate_metrics(['fid50k_full', 'two_step_fid50k_full'], nets, 'ref.npz', [0.821], str(tmp_path),
+                            f'network-snapshot-{kimg:06d}', 'cpu', detectors=cache)
+    assert len(loads) == 1 and len(used) == 8 and all(d is used[0] for d in used)

@@ -449,14 +449,20 @@ def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, devic
         f'maintenance {maintenance_sec:<6.1f}', f'cpumem {cpumem:<6.2f}', f'gpumem {gpumem:<6.2f}', f'stage {stage}'])
 
 
-def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix, device, num_samples=None):
+def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix, device, num_samples=None,
+                     detectors=None):
     """Every metric on every (suffix, net) with metrics.metric_main.calc_metric (all ranks take part; rank 0
-    records it under the snapshot name `{snapshot_prefix}{suffix}.pt`); `num_samples` None = the metric's own."""
+    records it under the snapshot name `{snapshot_prefix}{suffix}.pt`); `num_samples` None = the metric's own.
+    `detectors` caches the loaded feature networks by kind across calls (a run evaluates many times)."""
     from metrics import metric_main
+    detectors = {} if detectors is None else detectors
     for suffix, net in nets:
         for metric in metrics:
-            result = metric_main.calc_metric(metric, net, ref=metrics_ref, device=device, mid_t=list(mid_t),
-                                             num_samples=num_samples)
+            kind = metric_main.detector_kind(metric)
+            if kind not in detectors:
+                detectors[kind] = metric_main.load_metric_detector(metric, device=device)
+            result = metric_main.calc_metric(metric, net, ref=metrics_ref, detector=detectors[kind], device=device,
+                                             mid_t=list(mid_t), num_samples=num_samples)
             metric_main.report_metric(result, run_dir, snapshot_name=f'{snapshot_prefix}{suffix}.pt')
             dist.print0(f'{metric}{suffix}: {metric_main.format_result(result)}')
 
@@ -473,7 +479,7 @@ def evaluate_initial(cfg, parts):
             runs = grid_runs('edm', cfg.mid_t) + grid_runs('consistency', cfg.mid_t)
             save_grids(net, cfg.run_dir, 'grid-initial', runs, parts.device)
         evaluate_metrics(cfg.eval_init_metrics, [('', net)], cfg.metrics_ref, cfg.mid_t, cfg.run_dir,
-                         'initial-network', parts.device, cfg.metric_samples)
+                         'initial-network', parts.device, cfg.metric_samples, parts.detectors)
     finally:
         net.train(was_training)
 
@@ -536,7 +542,7 @@ def training_loop(
         device=device, num_rounds=num_rounds, net=net, ddp=wrap_ddp(net, device, find_unused_parameters),
         loss_fn=loss_fn, optimizer=optimizer, base_lr=base_lr, lr_schedule=lr_schedule, ema=ema, scaler=scaler,
         data_iterator=build_data_iterator(dataset, data_loader_kwargs, batch_gpu, seed, progress['cur_nimg'], device),
-        stats=StatsWriter(run_dir, tensorboard) if dist.get_rank() == 0 else None, current_stage=None)
+        stats=StatsWriter(run_dir, tensorboard) if dist.get_rank() == 0 else None, current_stage=None, detectors={})
     if state is not None:
         restore_rng(state, seed)
     with (preemption or PreemptionHandler()).installed() as handler:
@@ -573,7 +579,7 @@ def _maintenance(cfg, parts, progress, stop):
         save_snapshots(parts.ema, cfg.run_dir, kimg, metadata)
     if cfg.metrics and (stop or _due(cfg.eval_ticks, tick)):
         evaluate_metrics(cfg.metrics, parts.ema.get(), cfg.metrics_ref, cfg.mid_t, cfg.run_dir,
-                         f'network-snapshot-{kimg:06d}', parts.device, cfg.metric_samples)
+                         f'network-snapshot-{kimg:06d}', parts.device, cfg.metric_samples, parts.detectors)
     if stop or _due(cfg.state_dump_ticks, tick):
         _write_state(cfg, parts, progress)
 
