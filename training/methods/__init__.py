@@ -1,0 +1,1 @@
+"""Training methods as plug-ins: one class per method over `training.methods.base.Method`."""
