@@ -1,4 +1,4 @@
-"""Convert an image dataset into EDM's format (spec §8): a folder or uncompressed zip of PNGs.
+"""Convert an image dataset into EDM's format (docs/ECT.md §8): a folder or uncompressed zip of PNGs.
 
     python dataset_tool.py --source=PATH --dest=PATH [--max-images=N] [--resolution=WxH]
                            [--transform=center-crop|center-crop-wide|center-crop-dhariwal]
@@ -29,7 +29,7 @@ before --max-images truncation and before center-crop-wide skips) is stored as
 everything is written under a temporary name next to it and renamed at the end, so a failed run leaves
 nothing under the destination name.
 
-Transforms (spec §8; EDM's and ADM's conventions, reproduced exactly):
+Transforms (docs/ECT.md §8; EDM's and ADM's conventions, reproduced exactly):
   - none: resize to --resolution with LANCZOS when given;
   - center-crop: centred square of side min(H, W), then LANCZOS to the resolution (grey images become RGB);
   - center-crop-wide: centred band of height round(W_out*H/W), LANCZOS to W_out x H_out, pasted centred on a
@@ -361,7 +361,7 @@ def open_source(path, stack, force_rgb, resolution=None):
     raise dnnlib.UserError(f'--source: {path} is not a folder, a .zip or the CIFAR-10 .tar.gz')
 
 #----------------------------------------------------------------------------
-# Transforms (spec §8). Each maps uint8 HxW or HxWx3 to the output image, or None to skip it.
+# Transforms (docs/ECT.md §8). Each maps uint8 HxW or HxWx3 to the output image, or None to skip it.
 
 
 def resize(img, width, height, resample):
@@ -380,14 +380,14 @@ def as_rgb(img):
 
 
 def transform_center_crop(img, width, height):
-    """EDM center-crop (spec §8): centred min(H, W) square, grey replicated to RGB, LANCZOS resize."""
+    """EDM center-crop (docs/ECT.md §8): centred min(H, W) square, grey replicated to RGB, LANCZOS resize."""
     s = min(img.shape[:2])
     top, left = (img.shape[0] - s) // 2, (img.shape[1] - s) // 2
     return resize(as_rgb(img[top:top + s, left:left + s]), width, height, PIL.Image.Resampling.LANCZOS)
 
 
 def transform_center_crop_wide(img, width, height):
-    """EDM center-crop-wide (spec §8): centred band of height round(W_out*H/W), LANCZOS, on a black square."""
+    """EDM center-crop-wide (docs/ECT.md §8): centred band of height round(W_out*H/W), LANCZOS, on a black square."""
     band = int(np.round(width * img.shape[0] / img.shape[1]))
     if img.shape[1] < width or band < height:
         return None
@@ -398,7 +398,7 @@ def transform_center_crop_wide(img, width, height):
 
 
 def transform_center_crop_dhariwal(img, width, height):
-    """ADM / EDM2 ImageNet preprocessing (spec §8): BOX halvings, BICUBIC to short side = res, centred crop."""
+    """ADM / EDM2 ImageNet preprocessing (docs/ECT.md §8): BOX halvings, BICUBIC to short side = res, centred crop."""
     res = width
     pil = PIL.Image.fromarray(as_rgb(img))
     while min(pil.size) >= 2 * res:

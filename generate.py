@@ -26,8 +26,8 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import samplers
 
-CIFAR_MID_T = 0.821     # ECT's CIFAR-10 2-step intermediate time (spec §5).
-IMAGENET_MID_T = 1.526  # ECT's ImageNet-64 (EDM2 network) 2-step intermediate time (spec §5).
+CIFAR_MID_T = 0.821     # ECT's CIFAR-10 2-step intermediate time (docs/ECT.md §5).
+IMAGENET_MID_T = 1.526  # ECT's ImageNet-64 (EDM2 network) 2-step intermediate time (docs/ECT.md §5).
 
 # ----------------------------------------------------------------------------------------------------------
 # Choosing the sampler.

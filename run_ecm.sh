@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ECT on CIFAR-10 (spec section 6): bash run_ecm.sh <NGPUs> <PORT> [train.py options]
+# ECT on CIFAR-10 (docs/ECT.md §6): bash run_ecm.sh <NGPUs> <PORT> [train.py options]
 # Multi-node: set NNODES, NODE_RANK and MASTER_ADDR in the environment (same command on every node).
 set -euo pipefail
 

@@ -1,4 +1,4 @@
-"""Named training presets (the recipes of spec §6) and their resolution into training options.
+"""Named training presets (the recipes of docs/ECT.md §6) and their resolution into training options.
 
 A preset is a flat dict of option values, the same keys the command line sets (`train.py --preset=NAME`
 fills them, explicit flags override them). Components are named by dotted class name, so a new recipe is
@@ -73,7 +73,7 @@ DEFAULTS = dict(
     eval_init_metrics=[], metric_samples=None,
 )
 
-# ECT CIFAR-10 recipe (spec §6, official run_ecm.sh): 200k iterations at batch 128.
+# ECT CIFAR-10 recipe (docs/ECT.md §6, official run_ecm.sh): 200k iterations at batch 128.
 _CIFAR10_ECM = dict(
     arch='ddpmpp', precond='ecm', cond=False, dropout=0.2, transfer=CIFAR10_VP_URL,
     duration_mimg=25.6, batch=128, tick_kimg=12.8, double_ticks=250,
@@ -83,7 +83,7 @@ _CIFAR10_ECM = dict(
     mid_t=[0.821], grid_sampler='consistency',
 )
 
-# ECT ImageNet-64 recipe (spec §6, column 3; ECT paper §4.2): class-conditional EDM2 img64 networks tuned for
+# ECT ImageNet-64 recipe (docs/ECT.md §6, column 3; ECT paper §4.2): class-conditional EDM2 img64 networks tuned for
 # 100k iterations at batch 128. Per size: EDM2 model_channels, base lr, dropout, and the official EDM2 post-hoc
 # reconstruction used as init (the FID-optimal sigma_rel of EDM2's generate_images.py presets).
 EDM2_IMG64_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img64-{}.pkl'
@@ -93,11 +93,11 @@ IMAGENET64_SIZES = {
     'l': dict(model_channels=320, lr=8e-4, dropout=0.50, init='l-1073741-0.040'),
     'xl': dict(model_channels=384, lr=7e-4, dropout=0.50, init='xl-0671088-0.040'),
 }
-ECM_SIGMA_MIN = 0.003   # spec §2: ECM's sigma_min (the official ECMPrecond default)
+ECM_SIGMA_MIN = 0.003   # docs/ECT.md §2: ECM's sigma_min (the official ECMPrecond default)
 
 
 def _imagenet64_ecm(size):
-    """The ImageNet-64 preset of one EDM2 size (S/M/L/XL): spec §6, data only."""
+    """The ImageNet-64 preset of one EDM2 size (S/M/L/XL): docs/ECT.md §6, data only."""
     cfg = IMAGENET64_SIZES[size]
     return dict(
         arch='edm2', cond=True, dropout=cfg['dropout'], dropout_res=16, transfer=EDM2_IMG64_URL.format(cfg['init']),
@@ -122,7 +122,7 @@ _QUICKSTART_NET = dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, 
 
 PRESETS = {
     'cifar10-ecm': _CIFAR10_ECM,
-    # ECT CIFAR-10 in one A100-hour (spec §6): q = 256, the stage never doubles, EMA 0.9993, stop after an hour.
+    # ECT CIFAR-10 in one A100-hour (docs/ECT.md §6): q = 256, the stage never doubles, EMA 0.9993, stop after an hour.
     'cifar10-ecm-1gpu-hour': dict(_CIFAR10_ECM, q=256, double_ticks=None, max_hours=1.0,
                                   ema=dict(class_name='training.ema.ConstantEMA', beta=0.9993)),
     # EDM diffusion pretraining of DDPM++ (EDM's CIFAR-10 recipe, Karras et al. 2022 Table 7), for users without

@@ -115,7 +115,7 @@ def _all_gather_rows(rows, width):
 # Distances.
 
 
-# Fréchet distance between Gaussians (Heusel et al. 2017, Eq. 6; spec §9):
+# Fréchet distance between Gaussians (Heusel et al. 2017, Eq. 6; docs/ECT.md §9):
 # ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), the imaginary part of the matrix square root discarded.
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)

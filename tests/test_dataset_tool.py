@@ -1,4 +1,4 @@
-"""dataset_tool.py against spec §8: member names, pixels (independent numpy/PIL references), labels, errors."""
+"""dataset_tool.py against docs/ECT.md §8: member names, pixels (independent numpy/PIL references), labels, errors."""
 
 import io
 import json

@@ -1,4 +1,4 @@
-"""The ImageNet-64 recipe (spec §6, column 3): the imagenet64-ecm-{s,m,l,xl} presets, --transfer from official
+"""The ImageNet-64 recipe (docs/ECT.md §6, column 3): the imagenet64-ecm-{s,m,l,xl} presets, --transfer from official
 EDM2 img64 pickles, weight-normalisation and dropout consistency of the two ECT passes, EMA networks in eval
 mode, power-function EMA snapshots and their post-hoc reconstruction, class-conditional generation.
 
@@ -26,7 +26,7 @@ from training import checkpoint, phema, samplers
 from training import training_loop as tl
 from training.networks_edm2 import MPConv, Precond, normalize
 
-# Spec §6 ImageNet-64 column and §5 / §7, typed here from the spec, not read from the code.
+# docs/ECT.md §6 ImageNet-64 column and §5 / §7, typed here from docs/ECT.md, not read from the code.
 SPEC = dict(batch=128, total_mimg=12.8, iters=100_000, tick_kimg=6.4, double=500, stages=4, q=4, k=8, b=1, c=0.06,
             P_mean=-0.8, P_std=1.6, betas=(0.9, 0.99), decay_batches=2000, ema_stds=(0.010, 0.050, 0.100),
             ema_beta=0.9999, mid_t=1.526, sigma_data=0.5, dropout_res=16, label_dim=1000)
@@ -136,7 +136,7 @@ def test_preset_matches_spec(size):
     assert (net['model_channels'], net['channel_mult'], net['num_blocks'], net['attn_resolutions']) == \
         (want['channels'], [1, 2, 3, 4], 3, [16, 8])
     assert net['dropout'] == want['dropout'] and net['dropout_res'] == SPEC['dropout_res']
-    assert net['ecm_sigma_min'] == 0.003   # spec §2: ECM's sigma_min
+    assert net['ecm_sigma_min'] == 0.003   # docs/ECT.md §2: ECM's sigma_min
     assert o.dataset_kwargs['use_labels'] is True and o.dataset_kwargs['xflip'] is False
     opt = o.optimizer_kwargs
     assert opt['class_name'] == 'torch.optim.Adam' and opt['lr'] == want['lr'] and tuple(opt['betas']) == SPEC['betas']
@@ -367,7 +367,7 @@ def test_phema_cli_reconstructs_stored_profile(run_dir, tmp_path):
 
 
 def _reference_images(net, seeds, class_idx, mid_t):
-    """2-step consistency sampling (spec §5) written out: per-seed generator draws latent, class, then noise."""
+    """2-step consistency sampling (docs/ECT.md §5) written out: per-seed generator draws latent, class, then noise."""
     images = []
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""ECT and EDM losses against independent float64 recomputations (spec §3-4)."""
+"""ECT and EDM losses against independent float64 recomputations (docs/ECT.md §3-4)."""
 
 import math
 

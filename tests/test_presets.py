@@ -1,4 +1,4 @@
-"""Presets resolve to the recipes of spec §6 (numbers transcribed here from the spec table, not from the code)."""
+"""Presets resolve to the recipes of docs/ECT.md §6 (numbers transcribed here from that table, not from the code)."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import dnnlib
 from configs import presets
 
-# Spec §6, CIFAR-10 column (official run_ecm.sh).
+# docs/ECT.md §6, CIFAR-10 column (official run_ecm.sh).
 SPEC_CIFAR10 = dict(batch=128, total_mimg=25.6, iters=200_000, tick_kimg=12.8, double=250, q=2, k=8, b=1, c=0.0,
                     P_mean=-1.1, P_std=2.0, dropout=0.20, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, ema=0.9999,
                     mid_t=0.821, url='https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl')
@@ -51,7 +51,7 @@ def test_cifar10_one_gpu_hour_matches_spec():
 
 def test_edm_pretrain_preset():
     o = presets.resolve('cifar10-edm-pretrain', dict(data='x'))
-    # Spec §3: diffusion pretraining uses the EDM loss with P_mean -1.2, P_std 1.2.
+    # docs/ECT.md §3: diffusion pretraining uses the EDM loss with P_mean -1.2, P_std 1.2.
     assert o.loss_kwargs == dict(class_name='training.loss.EDMLoss', P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     assert o.transfer is None and o.grid_sampler == 'edm'
     assert o.ema_kwargs['class_name'] == 'training.ema.HalfLifeEMA' and o.ema_kwargs['halflife_kimg'] == 500

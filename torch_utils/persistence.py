@@ -2,7 +2,7 @@
 
 A class decorated with `persistent_class` records the positional and keyword arguments it was built with
 (`obj.init_args`, `obj.init_kwargs`); this project's safe snapshots store those next to the tensors.
-Pickling such an object writes EDM's persistent-object record (spec §7): a call of
+Pickling such an object writes EDM's persistent-object record (docs/ECT.md §7): a call of
 `torch_utils.persistence._reconstruct_persistent_obj(meta)` with `meta = {type: 'class', version: 6,
 module_src, class_name, state}`, so official tools can read what we export.
 

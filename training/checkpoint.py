@@ -1,5 +1,5 @@
 """Checkpoint I/O: safe loading of official EDM/EDM2/ECT network pickles, this project's own network
-snapshots, weight transfer between networks, and training-state files (spec §2 and §7).
+snapshots, weight transfer between networks, and training-state files (docs/ECT.md §2 and §7).
 
 Official pickles rebuild their networks by executing Python source embedded in the file. Here they are
 read by a restricted unpickler that never executes or imports that source: every persistent record becomes
@@ -435,7 +435,7 @@ def load_network_snapshot(path, *, name=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Weight transfer (spec §2: the inner U-Net of an EDM VP checkpoint into the ECM preconditioner).
+# Weight transfer (docs/ECT.md §2: the inner U-Net of an EDM VP checkpoint into the ECM preconditioner).
 
 @dataclasses.dataclass
 class TransferReport:

@@ -1,4 +1,4 @@
-"""Reading EDM-format datasets (spec §8), and the resumable infinite sampler that feeds the training loop."""
+"""Reading EDM-format datasets (docs/ECT.md §8), and the resumable infinite sampler that feeds the training loop."""
 
 import io
 import json

@@ -102,7 +102,7 @@ MAX_STD = 0.3002831   # the largest sigma_rel any exponent gamma > -1 reaches (a
 
 
 def exp_to_std(gamma):
-    """Karras et al. 2024 (EDM2), Eq. 3 / spec §6: sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))."""
+    """Karras et al. 2024 (EDM2), Eq. 3 / docs/ECT.md §6: sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))."""
     gamma = np.asarray(gamma, dtype=np.float64)
     return np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 

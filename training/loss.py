@@ -20,7 +20,7 @@ import dnnlib
 #----------------------------------------------------------------------------
 # Curriculum.
 
-# Discretisation curriculum, spec §4: stage = floor(tick / double), tick = floor(cur_nimg / (tick_kimg·1000)).
+# Discretisation curriculum, docs/ECT.md §4: stage = floor(tick / double), tick = floor(cur_nimg / (tick_kimg·1000)).
 def curriculum_stage(cur_nimg, tick_kimg, double_ticks):
     """The curriculum stage for `cur_nimg` images seen; double_ticks None or inf = the stage never grows."""
     if not tick_kimg > 0:
@@ -58,21 +58,21 @@ def _clamp_r(r, t):
 
 
 class ConstantMapping:
-    """Constant mapping, ECT paper §3 / spec §4: r = t·(1 − q^−(stage+1))."""
+    """Constant mapping, ECT paper §3 / docs/ECT.md §4: r = t·(1 − q^−(stage+1))."""
 
     def __init__(self,
         q = 2,  # Base of the geometric decay of (t − r)/t per stage.
     ):
         self.q = _positive('ConstantMapping', 'q', q)
 
-    # ECT spec §4, constant mapping.
+    # docs/ECT.md §4, constant mapping.
     def __call__(self, t, stage):
         decay = self.q ** -(_check_stage(stage) + 1)
         return _clamp_r(t * (1 - decay), t)
 
 
 class SigmoidMapping:
-    """Sigmoid mapping (ECT default), ECT paper §3 / spec §4."""
+    """Sigmoid mapping (ECT default), ECT paper §3 / docs/ECT.md §4."""
 
     def __init__(self,
         q = 2,  # Base of the geometric decay of (t − r)/t per stage.
@@ -83,7 +83,7 @@ class SigmoidMapping:
         self.k = float(k)
         self.b = float(b)
 
-    # ECT spec §4, sigmoid mapping: r = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))), clamped at 0.
+    # docs/ECT.md §4, sigmoid mapping: r = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))), clamped at 0.
     def __call__(self, t, stage):
         decay = self.q ** -(_check_stage(stage) + 1)
         return _clamp_r(t * (1 - decay * (1 + self.k * torch.sigmoid(-self.b * t))), t)
@@ -92,22 +92,22 @@ class SigmoidMapping:
 # Regular weightings w = weighting(t, r).
 
 class InverseGapWeighting:
-    """CIFAR-10 recipe, spec §3 step 8: w = 1/(t − r)."""
+    """CIFAR-10 recipe, docs/ECT.md §3 step 8: w = 1/(t − r)."""
 
-    # ECT spec §3 step 8 (CIFAR-10).
+    # docs/ECT.md §3 step 8 (CIFAR-10).
     def __call__(self, t, r):
         return 1 / (t - r)
 
 
 class InverseSquareWeighting:
-    """ImageNet-64 recipe, spec §3 step 8: w = 1/t² + 1/σd²."""
+    """ImageNet-64 recipe, docs/ECT.md §3 step 8: w = 1/t² + 1/σd²."""
 
     def __init__(self,
         sigma_data = 0.5,   # Standard deviation of the data; ECTLoss fills in its own when not given.
     ):
         self.sigma_data = _positive('InverseSquareWeighting', 'sigma_data', sigma_data)
 
-    # ECT spec §3 step 8 (ImageNet-64).
+    # docs/ECT.md §3 step 8 (ImageNet-64).
     def __call__(self, t, r):
         return 1 / t.square() + 1 / self.sigma_data ** 2
 
@@ -185,7 +185,7 @@ def _check_lognormal(owner, P_mean, P_std, sigma_data):
 # ECT loss.
 
 class ECTLoss(_NoiseLoss):
-    """Easy Consistency Tuning loss, ECT paper §3 / spec §3 (per sample)."""
+    """Easy Consistency Tuning loss, ECT paper §3 / docs/ECT.md §3 (per sample)."""
 
     def __init__(self,
         P_mean      = -1.1,     # Mean of ln(t), t ~ lognormal.
@@ -210,12 +210,12 @@ class ECTLoss(_NoiseLoss):
         self.stage = _check_stage(stage)
 
     def times(self, rnd_normal):
-        """(t, r): t = exp(P_mean + P_std·n) and r = mapping(t, stage), 0 <= r <= t (spec §3 steps 1-2)."""
+        """(t, r): t = exp(P_mean + P_std·n) and r = mapping(t, stage), 0 <= r <= t (docs/ECT.md §3 steps 1-2)."""
         t = (rnd_normal * self.P_std + self.P_mean).exp()
         return t, _clamp_r(self.mapping(t, self.stage), t)
 
     def prediction_and_target(self, net, x0, t, r, eps, labels=None, augment_labels=None, shared_dropout=True):
-        """(f_t, f_r) of spec §3 steps 3-5: f_t with gradients, f_r without, same dropout masks.
+        """(f_t, f_r) of docs/ECT.md §3 steps 3-5: f_t with gradients, f_r without, same dropout masks.
 
         The global CPU RNG state (and the CUDA RNG state of x0's device) is saved before the prediction and
         restored for the target pass inside fork_rng, so both passes draw identical dropout masks and the
@@ -238,7 +238,7 @@ class ECTLoss(_NoiseLoss):
             f_r = net(x0 + r * eps, r, labels, **kwargs).to(f_t.dtype).nan_to_num()
         return f_t, torch.where(target_needed, f_r, x0.to(f_t.dtype))
 
-    # ECT spec §3 steps 6-8: L = w(t, r)·(sqrt(‖f_t − f_r‖² + c²) − c).
+    # docs/ECT.md §3 steps 6-8: L = w(t, r)·(sqrt(‖f_t − f_r‖² + c²) − c).
     def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, augment_labels=None):
         """Per-sample ECT losses [N] for given noise (images already augmented)."""
         t, r = self.times(rnd_normal)
@@ -251,7 +251,7 @@ class ECTLoss(_NoiseLoss):
 # EDM loss (diffusion pretraining).
 
 class EDMLoss(_NoiseLoss):
-    """EDM training loss, Karras et al. 2022 eq. 2 and §5 / spec §3 (the r = 0 special case)."""
+    """EDM training loss, Karras et al. 2022 eq. 2 and §5 / docs/ECT.md §3 (the r = 0 special case)."""
 
     def __init__(self,
         P_mean      = -1.2,     # Mean of ln(σ), σ ~ lognormal.

@@ -588,7 +588,7 @@ class VPPrecond(_Precond):
     def sigma_inv(self, sigma):
         return _vp_sigma_inv(sigma, self.beta_d, self.beta_min)
 
-    # VP coefficients (spec section 2): c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise (M-1) sigma^-1(sigma).
+    # VP coefficients (docs/ECT.md §2): c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise (M-1) sigma^-1(sigma).
     def coefficients(self, sigma):
         return 1, -sigma, 1 / _sqrt(sigma ** 2 + 1), (self.M - 1) * self.sigma_inv(sigma)
 
@@ -597,7 +597,7 @@ def _as_cpu_tensor(value):
     return value if torch.is_tensor(value) else torch.as_tensor(value, device='cpu')
 
 
-# VP noise schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1; spec section 2).
+# VP noise schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1; docs/ECT.md §2).
 def _vp_sigma(t, beta_d, beta_min):
     t = _as_cpu_tensor(t)
     return _sqrt((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1)
@@ -626,7 +626,7 @@ class VEPrecond(_Precond):
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, sigma_min, sigma_max, sigma_data, model_type, model_kwargs)
 
-    # VE coefficients (spec section 2): c_skip 1, c_out sigma, c_in 1, c_noise ln(sigma / 2).
+    # VE coefficients (docs/ECT.md §2): c_skip 1, c_out sigma, c_in 1, c_noise ln(sigma / 2).
     def coefficients(self, sigma):
         return 1, sigma, 1, (0.5 * sigma).log()
 
@@ -652,7 +652,7 @@ class EDMPrecond(_Precond):
         return _edm_coefficients(sigma, self.sigma_data)
 
 
-# EDM coefficients (EDM Table 1; spec section 2): c_skip sd^2/(s^2+sd^2), c_out s sd/sqrt(s^2+sd^2),
+# EDM coefficients (EDM Table 1; docs/ECT.md §2): c_skip sd^2/(s^2+sd^2), c_out s sd/sqrt(s^2+sd^2),
 # c_in 1/sqrt(s^2+sd^2), c_noise ln(s)/4.
 def _edm_coefficients(sigma, sigma_data):
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
@@ -662,7 +662,7 @@ def _edm_coefficients(sigma, sigma_data):
     return c_skip, c_out, c_in, c_noise
 
 #----------------------------------------------------------------------------
-# ECM preconditioning (Geng et al. 2024, "Consistency Models Made Easy"; spec section 2). boundary=True is the
+# ECM preconditioning (Geng et al. 2024, "Consistency Models Made Easy"; docs/ECT.md §2). boundary=True is the
 # evaluation form with f(x, sigma_min) = x (c_skip sd^2/((s-s_min)^2+sd^2), c_out (s-s_min) sd/sqrt(s^2+sd^2));
 # boundary=False is the tuning-pass form, identical to EDM's. The form is chosen by the caller, never by
 # module.training.

@@ -301,7 +301,7 @@ def _check_unet_config(img_resolution, img_channels, label_dim, model_channels, 
 @persistence.persistent_class
 class Precond(torch.nn.Module):
     """EDM2 preconditioner: EDM's c_skip, c_out, c_in (EDM Table 1) and c_noise = ln(σ)/4; optionally
-    ECT's boundary-condition form (ECT spec §2) and EDM2's uncertainty (log-variance) head."""
+    ECT's boundary-condition form (docs/ECT.md §2) and EDM2's uncertainty (log-variance) head."""
 
     def __init__(self,
         img_resolution,             # Image resolution.
@@ -331,7 +331,7 @@ class Precond(torch.nn.Module):
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
-    # EDM Table 1 / ECT spec §2: (c_skip, c_out) of the plain form, or of the boundary form
+    # EDM Table 1 / docs/ECT.md §2: (c_skip, c_out) of the plain form, or of the boundary form
     # c_skip = σd²/((σ−σmin)²+σd²), c_out = (σ−σmin)·σd/√(σ²+σd²), which gives D(x, σmin) = x.
     def skip_out_scalings(self, sigma, boundary):
         sd = self.sigma_data

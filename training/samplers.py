@@ -83,7 +83,7 @@ def _denoise(net, x, t, class_labels):
     return net(x, sigma, class_labels).to(torch.float64)
 
 
-# Consistency sampling (ECT paper, Sec. 3 / spec §5; Song et al. 2023, Algorithm 1):
+# Consistency sampling (ECT paper, Sec. 3 / docs/ECT.md §5; Song et al. 2023, Algorithm 1):
 # x = z·t_0; for each step x = f(x, t_i), then re-noise to t_{i+1} unless it is 0. NFE = len(t_steps) − 1.
 def consistency_sampler(net, latents, class_labels=None, t_steps=(80.0, 0.821, 0.0), randn_like=torch.randn_like):
     t_steps = _check_consistency_steps(t_steps)

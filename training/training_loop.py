@@ -38,7 +38,7 @@ from training.loss import curriculum_stage, reduce_loss
 STATE_FORMAT = 'ect-training-state'
 STATE_VERSION = 1
 AUTOCAST_DTYPES = types.MappingProxyType(dict(fp32=None, tf32=None, bf16=torch.bfloat16, fp16=torch.float16))
-GRID_T_MAX = 80.0   # spec §5: consistency sampling starts at t_max = 80
+GRID_T_MAX = 80.0   # docs/ECT.md §5: consistency sampling starts at t_max = 80
 
 # ----------------------------------------------------------------------------------------------------------
 # Small components.
@@ -159,7 +159,7 @@ def check_transfer_compatible(src_net, dataset, name):
 
 
 def build_network(network_kwargs, dataset, transfer, device, seed=0):
-    """The trained network (train mode), initialised from `transfer` (spec §2) when given.
+    """The trained network (train mode), initialised from `transfer` (docs/ECT.md §2) when given.
 
     The random initialisation uses its own seed, identical on every rank (so the EMA copies made before DDP
     broadcasts rank 0's weights agree too), without touching the per-rank RNG streams.
@@ -213,7 +213,7 @@ def _autocast(device, dtype):
 def accumulate_gradients(ddp, loss_fn, data_iterator, num_rounds, batch_size, device, autocast_dtype=None, scaler=None):
     """Forward and backward of one batch in `num_rounds` micro-batches; gradients synced on the last round only.
 
-    Each round adds sum(per-sample losses) / batch_size (the GLOBAL batch size, spec §3 step 9), times the
+    Each round adds sum(per-sample losses) / batch_size (the GLOBAL batch size, docs/ECT.md §3 step 9), times the
     world size because DDP averages gradients over ranks: the gradient equals the unsplit batch's.
     """
     world_size = dist.get_world_size()
@@ -231,7 +231,7 @@ def accumulate_gradients(ddp, loss_fn, data_iterator, num_rounds, batch_size, de
 
 
 def optimizer_step(net, optimizer, lr, scaler=None):
-    """Set the learning rate, unscale (fp16), replace non-finite gradient entries (spec §6 'grads'), step.
+    """Set the learning rate, unscale (fp16), replace non-finite gradient entries (docs/ECT.md §6 'grads'), step.
 
     With a GradScaler, unscale_ runs BEFORE nan_to_num, so the scaler has already seen any overflow and skips
     that step; nan_to_num only protects the fp32/bf16 paths and keeps the unscaled gradients finite.
