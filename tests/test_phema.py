@@ -99,6 +99,55 @@ def test_coefficients_do_not_depend_on_time_unit():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Equal to EDM2's post-hoc EMA (Karras et al. 2024): the reference below is written from the paper's formulas
+# (Eq. 126 by the cubic's largest real root, Eq. 151 / Algorithm 3 for the inner products, a direct solve, and
+# columns normalised to sum to 1 as EDM2's reconstruct_phema does), independently of training/phema.py.
+
+def _edm2_exponent(std):
+    return np.array([np.roots([1.0, 7.0, 16.0 - s ** -2, 12.0 - s ** -2]).real.max() for s in np.ravel(std)])
+
+
+def _edm2_inner_products(a_t, a_std, b_t, b_std):
+    a_g, b_g = _edm2_exponent(a_std)[:, None], _edm2_exponent(b_std)[None, :]
+    a_t, b_t = np.asarray(a_t, np.float64)[:, None], np.asarray(b_t, np.float64)[None, :]
+    ratio_exp = np.where(a_t < b_t, b_g, -a_g)
+    return (a_g + 1) * (b_g + 1) * (a_t / b_t) ** ratio_exp / ((a_g + b_g + 1) * np.maximum(a_t, b_t))
+
+
+def _edm2_coefficients(in_t, in_std, out_t, out_std):
+    out_t, out_std = np.broadcast_arrays(np.float64(out_t), np.float64(out_std))
+    x = np.linalg.solve(_edm2_inner_products(in_t, in_std, in_t, in_std),
+                        _edm2_inner_products(in_t, in_std, out_t.ravel(), out_std.ravel()))
+    return x / x.sum(axis=0)
+
+
+# EDM2: a snapshot every 8 Mi images, sigma_rel 0.05 and 0.10, times in images as reconstruct_phema's
+# kimg_to_nimg gives them; ImageNet-64 recipe (configs/presets.py): a snapshot every 50 ticks of 6.4 kimg,
+# sigma_rel 0.010/0.050/0.100, over 12.8 Mimg.
+@pytest.mark.parametrize('snapshot_nimg, num_snapshots, stds', [
+    (8 << 20, 128, (0.05, 0.10)), (8 << 20, 6, (0.05, 0.10)), (320000, 40, (0.01, 0.05, 0.10)),
+    (320000, 3, (0.01, 0.05, 0.10))])
+def test_coefficients_equal_edm2(snapshot_nimg, num_snapshots, stds):
+    in_t = np.repeat(np.arange(1, num_snapshots + 1) * snapshot_nimg, len(stds))
+    in_s = np.tile(stds, num_snapshots)
+    out_stds = [0.02, 0.05, 0.075, 0.12, 0.15]
+    for out_t in (in_t[-1], in_t[len(in_t) // 2 - 1]):
+        usable = in_t <= out_t
+        got = phema.solve_posthoc_coefficients(in_t[usable], in_s[usable], out_t, out_stds)
+        expected = _edm2_coefficients(in_t[usable], in_s[usable], out_t, out_stds)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(got.sum(axis=0), 1, rtol=0, atol=1e-12)
+
+
+def test_reconstruction_keeps_weight_scale():
+    # Few snapshots: the unnormalised least-squares coefficients sum to far from 1 (0.79 here), which would scale
+    # every weight of the reconstructed network; a constant trajectory must come back unchanged.
+    in_t, in_s = np.repeat([1000.0, 2000.0, 3000.0], 2), np.tile(STORED_STDS, 3)
+    coefs = phema.solve_posthoc_coefficients(in_t, in_s, 3000.0, [0.02, 0.15])
+    np.testing.assert_allclose(coefs.T @ np.full(6, 2.5), 2.5, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Recovering a known EMA of a simulated trajectory.
 
 def _trajectory(tau):

@@ -72,15 +72,18 @@ def _profile_lists(times, stds, what):
     return times.ravel(), stds.ravel()
 
 
-# EDM2 Appendix C.2: least-squares coefficients X minimising ||sum_i X[i, j] p_in[i] - p_out[j]||^2 in L2.
+# EDM2 Appendix C.2 and Algorithm 3: least-squares coefficients X minimising ||sum_i X[i, j] p_in[i] - p_out[j]||^2
+# in L2, then each column divided by its sum so the combined weights average (sum to 1) as EDM2's code does.
 def solve_posthoc_coefficients(in_times, in_stds, out_times, out_stds):
     """Float64 matrix [num_in, num_out]: the normal equations A X = B with A = <p_in, p_in>, B = <p_in, p_out>,
-    solved by least squares (A is often ill-conditioned). Times and stds broadcast within each pair."""
+    solved by least squares (A is often ill-conditioned), each column normalised to sum to 1 (a network's
+    weights are not scaled by the reconstruction). Times and stds broadcast within each pair."""
     in_times, in_stds = _profile_lists(in_times, in_stds, 'solve_posthoc_coefficients: input profiles')
     out_times, out_stds = _profile_lists(out_times, out_stds, 'solve_posthoc_coefficients: output profiles')
     gram_in = _gram(in_times, in_stds, in_times, in_stds)
     gram_cross = _gram(in_times, in_stds, out_times, out_stds)
-    return np.linalg.lstsq(gram_in, gram_cross, rcond=None)[0]
+    coefs = np.linalg.lstsq(gram_in, gram_cross, rcond=None)[0]
+    return coefs / np.sum(coefs, axis=0, keepdims=True)
 
 
 def posthoc_fit_error(in_times, in_stds, out_times, out_stds, coefs):
