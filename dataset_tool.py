@@ -50,10 +50,8 @@ import pathlib
 import pickle
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
-import time
 import zipfile
 
 import click
@@ -61,6 +59,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
+from torch_utils import progress
 
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
 CIFAR10_BATCHES = tuple(f'cifar-10-batches-py/data_batch_{batch}' for batch in range(1, 6))
@@ -517,40 +516,15 @@ def encode_png(img):
     return buf.getvalue()
 
 
-class Progress:
-    """One self-overwriting status line on stderr, refreshed at most every `interval_sec`; ended on exit."""
-
-    def __init__(self, total, interval_sec=0.5):
-        self.total = total                  # Number of images to process.
-        self.interval_sec = interval_sec    # Minimum time between refreshes.
-        self.start = time.time()
-        self.last = None
-
-    def update(self, done):
-        now = time.time()
-        if self.last is None or now - self.last >= self.interval_sec or done == self.total:
-            self.last = now
-            sys.stderr.write(f'\r{done}/{self.total} images ({now - self.start:.1f} s)')
-            sys.stderr.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.last is not None:
-            sys.stderr.write('\n')
-            sys.stderr.flush()
-
-
 def convert(source, dest, count, transform, resolution):
     """Transform and write the first `count` images; returns (written, width, channels, num_classes)."""
     width, height = resolution if resolution is not None else (None, None)
     transform_fn = TRANSFORM_FNS[transform]
     labels, shape = [], None
-    with Progress(count) as progress, open_dest(dest) as write:
+    with progress.bar(total=count, desc='images', unit='img') as images_bar, open_dest(dest) as write:
         for idx in range(count):
             img = transform_fn(source.read(idx), width, height)
-            progress.update(idx + 1)
+            images_bar.update(1)
             if img is None:
                 continue
             if shape is None:
@@ -596,10 +570,12 @@ class CliError(click.ClickException):
 @click.option('--max-images', help='Keep only the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--resolution', help='Output resolution, e.g. 32x32', metavar='WxH', type=str, default=None)
 @click.option('--transform', help='Crop before resizing', type=click.Choice(TRANSFORMS), default=None)
-def main(source, dest, max_images, resolution, transform):
+@progress.no_progress_option
+def main(source, dest, max_images, resolution, transform, no_progress):
     """Convert an image dataset into EDM's format (see the module docstring)."""
     try:
-        run(source, dest, max_images, resolution, transform)
+        with progress.disabled_if(no_progress):
+            run(source, dest, max_images, resolution, transform)
     except dnnlib.UserError as e:
         raise CliError(str(e)) from None
 

@@ -2,7 +2,8 @@
 # Score ECM snapshots (1- and 2-step FID by default) with torchrun; already-recorded pairs are skipped.
 #   bash eval_ecm.sh <NGPUs> <PORT> --resume <snapshot | run dir> [--metrics=fid50k_full,two_step_fid50k_full] [--ref=...] [...]
 # Other options are those of `python -m metrics.evaluate --help`. The reference defaults to EDM's CIFAR-10
-# statistics unless --ref is given.
+# statistics unless --ref is given. On a terminal, rank 0 shows progress bars (snapshot x metric, and the
+# sampling/feature extraction of each metric); --no-progress or ECT_NO_PROGRESS=1 turns them off.
 set -euo pipefail
 
 usage() {

@@ -21,6 +21,7 @@ from metrics import detectors
 from metrics import metric_main
 from metrics import metric_utils
 from torch_utils import distributed as dist
+from torch_utils import progress
 
 _KINDS = ['inception', 'dinov2', 'vgg16']
 
@@ -50,7 +51,8 @@ def network_stats(net, detector, seeds, sampler, sampler_kwargs, batch_size, dev
     """Float64 feature statistics of the images `net` generates for `seeds`, in memory, over the ranks."""
     batches = generate.generate_images(net, seeds, None, sampler, sampler_kwargs, batch_size, device,
                                        dist.get_rank(), dist.get_world_size())
-    return metric_utils.compute_generator_stats(batches, detector, metric_utils.FeatureStats(), device)
+    return metric_utils.compute_generator_stats(batches, detector, metric_utils.FeatureStats(), device,
+                                                num_images=len(seeds))
 
 
 def fid_from_stats(stats, ref):
@@ -73,6 +75,7 @@ def _common_options(fn):
         click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
         click.option('--allow-unsafe-pickle', help='Allow detector pickles that execute embedded code', is_flag=True),
         click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None),
+        progress.no_progress_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -95,7 +98,7 @@ def cli():
 @click.option('--dest', help='Where to write the statistics (.npz)', metavar='NPZ', type=str, required=True)
 @click.option('--features', 'save_features', help='Also store every feature vector (for KID, precision/recall)', is_flag=True)
 @_common_options
-def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe_pickle, device):
+def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
     """Reference statistics (mu, sigma) of a dataset."""
     try:
         check_dest(dest)
@@ -104,7 +107,8 @@ def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe
     except dnnlib.UserError as e:
         raise CommandError(str(e)) from None
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{data_path}"...')
-    stats = dataset_stats(dataset, detector, batch_size, device, capture_all=save_features)
+    with progress.disabled_if(no_progress):
+        stats = dataset_stats(dataset, detector, batch_size, device, capture_all=save_features)
     if dist.get_rank() == 0:
         metric_utils.save_ref(dest, stats, detector=np.array(kind))
     dist.barrier()
@@ -117,7 +121,8 @@ def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe
 @click.option('--num', '--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=int, default=0, show_default=True)
 @_common_options
-def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, allow_unsafe_pickle, device):
+def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, allow_unsafe_pickle, device,
+         no_progress):
     """FID (or FD) of a folder/zip of images against reference statistics."""
     try:
         ref_arrays = metric_utils.load_ref(ref_path)
@@ -127,7 +132,8 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
     except dnnlib.UserError as e:
         raise CommandError(str(e)) from None
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{image_path}"...')
-    stats = dataset_stats(dataset, detector, batch_size, device)
+    with progress.disabled_if(no_progress):
+        stats = dataset_stats(dataset, detector, batch_size, device)
     _print_distance(stats, ref_arrays)
 
 
@@ -141,7 +147,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 @click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
 @_common_options
 def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, kind, detector, batch_size,
-        allow_unsafe_pickle, device):
+        allow_unsafe_pickle, device, no_progress):
     """FID (or FD) of a network, sampling in memory (no PNGs written)."""
     try:
         ref_arrays = metric_utils.load_ref(ref_path)
@@ -154,7 +160,7 @@ def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, k
         raise CommandError(str(e)) from None
     seeds = list(range(first_seed, first_seed + num_samples))
     dist.print0(f'Generating {num_samples} images with the {sampler} sampler {sampler_kwargs}...')
-    with torch.no_grad():
+    with torch.no_grad(), progress.disabled_if(no_progress):
         stats = network_stats(model.to(device), detector, seeds, sampler, sampler_kwargs, batch_size, device)
     _print_distance(stats, ref_arrays)
 

@@ -14,7 +14,6 @@ import inspect
 import math
 import os
 import re
-import time
 import zipfile
 
 import click
@@ -24,6 +23,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import progress
 from training import samplers
 
 CIFAR_MID_T = 0.821     # ECT's CIFAR-10 2-step intermediate time (docs/ECT.md §5).
@@ -206,20 +206,18 @@ def check_outdir(outdir):
 
 
 def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
-    """Consume (seeds, uint8 images); write per-seed PNGs or one grid; show progress on rank 0 (which counts
-    its own images times `world_size`, the processes sampling in step with it)."""
-    start, done, collected = time.time(), 0, []
-    for batch_seeds, images in images_iter:
-        images = images.cpu().numpy()
-        if grid:
-            collected.append(images)
-        else:
-            for seed, image in zip(batch_seeds, images):
-                save_png(image_path(outdir, seed, subdirs), image)
-        done += len(batch_seeds) * world_size
-        dist.print0(f'\r{min(done, num_seeds)}/{num_seeds} images, {done / (time.time() - start):.1f} img/s',
-                    end='', flush=True)
-    dist.print0()
+    """Consume (seeds, uint8 images); write per-seed PNGs or one grid; a progress bar (images, img/s) on rank 0,
+    which counts its own images times `world_size`, the processes sampling in step with it."""
+    collected = []
+    with progress.bar(total=num_seeds, desc='generating', unit='img') as images_bar:
+        for batch_seeds, images in images_iter:
+            images = images.cpu().numpy()
+            if grid:
+                collected.append(images)
+            else:
+                for seed, image in zip(batch_seeds, images):
+                    save_png(image_path(outdir, seed, subdirs), image)
+            images_bar.update(min(len(batch_seeds) * world_size, num_seeds - images_bar.n))
     if grid and collected:
         save_png(os.path.join(outdir, 'grid.png'), make_grid(np.concatenate(collected)))
 
@@ -250,8 +248,9 @@ class CommandError(click.ClickException):
 @click.option('--grid', help='Write one grid image (grid.png) instead of a PNG per seed', is_flag=True)
 @click.option('--allow-unsafe-pickle', help='Allow legacy pickles that execute embedded code', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@progress.no_progress_option
 def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num_steps, mid_t, t_max, grid,
-        allow_unsafe_pickle, device, **heun_opts):
+        allow_unsafe_pickle, device, no_progress, **heun_opts):
     """Generate images with a consistency or diffusion model; one PNG per seed, or one grid."""
     try:
         dist.init()
@@ -271,7 +270,8 @@ def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler {sampler_kwargs} to "{outdir}"...')
     net = net.to(device)
     images = generate_images(net, seeds, class_idx, sampler, sampler_kwargs, max_batch_size, device, rank, world_size)
-    write_images(images, outdir, subdirs, grid, len(seeds), world_size)
+    with progress.disabled_if(no_progress):
+        write_images(images, outdir, subdirs, grid, len(seeds), world_size)
     dist.barrier()
     dist.print0('Done.')
 

@@ -19,6 +19,7 @@ import generate
 from generate import CommandError
 from metrics import metric_main
 from torch_utils import distributed as dist
+from torch_utils import progress
 
 SNAPSHOT_PATTERNS = ('network-snapshot-*.pt', 'network-snapshot-*.pkl')
 DINOV2_SKIPPED = 'fd_dinov2: DINOv2 weights not available (URL unreachable and no --dinov2 path): skipped'
@@ -106,20 +107,29 @@ def _snapshot_order(name):
 
 
 def evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device):
-    for path, todo in work:
-        net, metadata = generate.load_network(path, allow_unsafe_pickle)
-        net = net.to(device)
-        for metric in todo:
-            if metric not in detectors_by_metric:
-                continue
-            dist.print0(f'{os.path.basename(path)}: computing {metric}...')
-            with torch.no_grad():
-                result = metric_main.calc_metric(metric, net, run_dir=run_dir, snapshot_name=os.path.basename(path),
-                                                 ref=refs[metric], detector=detectors_by_metric[metric],
-                                                 num_samples=num_samples, batch_size=batch_size, device=device,
-                                                 mid_t=mid_t, metadata=metadata)
-            dist.print0(f'{os.path.basename(path)}: {metric_main.format_result(result)}')
-        dist.barrier()
+    """Compute and record every pending (snapshot, metric) pair; a progress bar over the pairs on rank 0."""
+    with progress.bar(total=sum(len(todo) for _, todo in work), desc='snapshot x metric', unit='metric') as pairs_bar:
+        for path, todo in work:
+            net, metadata = generate.load_network(path, allow_unsafe_pickle)
+            net = net.to(device)
+            for metric in todo:
+                pairs_bar.set_postfix_str(f'{os.path.basename(path)} {metric}')
+                if metric in detectors_by_metric:
+                    _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metric, num_samples,
+                                  batch_size, mid_t, device)
+                pairs_bar.update(1)
+            dist.barrier()
+
+
+def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metric, num_samples, batch_size, mid_t,
+                  device):
+    dist.print0(f'{os.path.basename(path)}: computing {metric}...')
+    with torch.no_grad():
+        result = metric_main.calc_metric(metric, net, run_dir=run_dir, snapshot_name=os.path.basename(path),
+                                         ref=refs[metric], detector=detectors_by_metric[metric],
+                                         num_samples=num_samples, batch_size=batch_size, device=device,
+                                         mid_t=mid_t, metadata=metadata)
+    dist.print0(f'{os.path.basename(path)}: {metric_main.format_result(result)}')
 
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
@@ -137,8 +147,9 @@ def evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, 
 @click.option('--allow-unsafe-pickle', help='Allow pickles that execute embedded code', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @click.option('--dry-run', help='Check the arguments and list the pending work, then exit', is_flag=True)
+@progress.no_progress_option
 def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, detector, vgg16, dinov2,
-        allow_unsafe_pickle, device, dry_run):
+        allow_unsafe_pickle, device, dry_run, no_progress):
     """Score network snapshots with the named metrics (1- and 2-step FID by default)."""
     try:
         dist.init()
@@ -159,7 +170,9 @@ def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, 
             dist.print0(f'to do: {os.path.basename(path)}: {", ".join(todo)}')
         return
     try:
-        evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device)
+        with progress.disabled_if(no_progress):
+            evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle,
+                     device)
     except dnnlib.UserError as e:
         raise CommandError(str(e)) from None
     for line in results_table(run_dir, snapshots, metrics):

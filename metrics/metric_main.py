@@ -98,7 +98,7 @@ def _generated_stats(net, detector, num_samples, capture_all, sampling, batch_si
                                        sampler_kwargs=sampling['sampler_kwargs'], batch_size=batch_size,
                                        device=device, rank=rank, world_size=num_gpus)
     stats = metric_utils.FeatureStats(capture_all=capture_all, capture_mean_cov=not capture_all)
-    return metric_utils.compute_generator_stats(batches, detector, stats, device)
+    return metric_utils.compute_generator_stats(batches, detector, stats, device, num_images=num_samples)
 
 
 def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, metadata=None):

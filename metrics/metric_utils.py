@@ -13,6 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import progress
 
 # ----------------------------------------------------------------------------------------------------------
 # Running statistics.
@@ -195,13 +196,20 @@ def inception_score(probs, num_splits=10):
 
 def compute_dataset_stats(dataset, detector, stats, batch_size=64, device='cpu', rank=0, num_gpus=1, max_items=None):
     """Features of the first `max_items` dataset items (this rank's share: rank, rank + num_gpus, ...) into
-    `stats`, then merged across ranks."""
+    `stats`, then merged across ranks. A progress bar on rank 0 (torch_utils.progress)."""
     num_items = len(dataset) if max_items is None else min(len(dataset), max_items)
     indices = list(range(rank, num_items, num_gpus))
-    for start in range(0, len(indices), batch_size):
-        batch = np.stack([dataset[i][0] for i in indices[start:start + batch_size]])
-        stats.append(detector(torch.from_numpy(batch).to(device)))
+    with progress.bar(total=num_items, desc='dataset features', unit='img', leave=False) as images_bar:
+        for start in range(0, len(indices), batch_size):
+            batch = np.stack([dataset[i][0] for i in indices[start:start + batch_size]])
+            stats.append(detector(torch.from_numpy(batch).to(device)))
+            _advance(images_bar, len(batch) * num_gpus)
     return stats.all_reduce()
+
+
+def _advance(images_bar, count):
+    """Move a bar on by `count` (rank 0's images times the ranks working in step with it), never past its total."""
+    images_bar.update(min(count, images_bar.total - images_bar.n) if images_bar.total is not None else count)
 
 
 def shard_seeds(num_samples, rank=0, num_gpus=1, first_seed=0):
@@ -209,11 +217,14 @@ def shard_seeds(num_samples, rank=0, num_gpus=1, first_seed=0):
     return list(range(first_seed + rank, first_seed + num_samples, num_gpus))
 
 
-def compute_generator_stats(image_batches, detector, stats, device='cpu'):
-    """Features of generated uint8 N,H,W,C batches (an iterator of (seeds, images)), merged across ranks."""
-    for _seeds, images in image_batches:
-        images = torch.as_tensor(images).permute(0, 3, 1, 2)
-        stats.append(detector(images.to(device)))
+def compute_generator_stats(image_batches, detector, stats, device='cpu', num_images=None):
+    """Features of generated uint8 N,H,W,C batches (an iterator of (seeds, images)), merged across ranks; a
+    progress bar of `num_images` (all ranks together) on rank 0 while sampling and extracting."""
+    with progress.bar(total=num_images, desc='sampling + features', unit='img', leave=False) as images_bar:
+        for _seeds, images in image_batches:
+            images = torch.as_tensor(images).permute(0, 3, 1, 2)
+            stats.append(detector(images.to(device)))
+            _advance(images_bar, len(images) * dist.get_world_size())
     return stats.all_reduce()
 
 

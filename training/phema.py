@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import progress
 from training import checkpoint
 from training.ema import MAX_STD, std_to_exp
 
@@ -223,7 +224,8 @@ def combine_snapshots(sources, coefs):
     buffers those of the latest source (EMA trackers copy buffers rather than average them)."""
     latest = max(sources, key=lambda s: s.nimg)
     sums, template = None, None
-    for info, row in zip(sources, np.asarray(coefs, dtype=np.float64)):
+    rows = np.asarray(coefs, dtype=np.float64)
+    for info, row in progress.bar(list(zip(sources, rows)), desc='post-hoc EMA', unit='snapshot'):
         net = checkpoint.load_network_snapshot(info.path)[0]
         params = {name: p.detach().to(torch.float64) for name, p in net.named_parameters()}
         sums = sums or [{name: torch.zeros_like(p) for name, p in params.items()} for _ in row]
@@ -297,10 +299,12 @@ def parse_stds(text):
               type=float, default=None)
 @click.option('--max-error', help='Largest accepted relative L2 error of the fitted profile', metavar='FLOAT',
               type=float, default=0.1, show_default=True)
-def main(indir, outdir, std_text, time_kimg, max_error):
+@progress.no_progress_option
+def main(indir, outdir, std_text, time_kimg, max_error, no_progress):
     """Post-hoc EMA reconstruction (EDM2) of power-function EMA snapshots."""
     try:
-        reconstruct(indir, parse_stds(std_text), outdir, out_time_kimg=time_kimg, max_fit_error=max_error)
+        with progress.disabled_if(no_progress):
+            reconstruct(indir, parse_stds(std_text), outdir, out_time_kimg=time_kimg, max_fit_error=max_error)
     except dnnlib.UserError as e:
         raise CliError(str(e)) from None
 
