@@ -1,4 +1,4 @@
-"""training/networks.py against the official EDM/ECT layouts and reference outputs (../shared/fixtures)."""
+"""training/networks/ against the official EDM/ECT layouts and reference outputs (../shared/fixtures)."""
 
 import json
 import math

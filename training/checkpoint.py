@@ -393,12 +393,19 @@ def _constructor_kwargs(net):
     return net.init_kwargs
 
 
+def _public_class_name(cls):
+    """The dotted name snapshots record for `cls`: the module that exports it (e.g. 'training.networks.ECMPrecond',
+    although the class is defined in training.networks.precond)."""
+    module = _NETWORK_CLASS_MODULE.get(cls.__qualname__)
+    if module is None or _network_class(cls.__qualname__) is not cls:
+        raise TypeError(f'{cls.__module__}.{cls.__qualname__} is not one of the network classes a snapshot may hold')
+    return f'{module}.{cls.__qualname__}'
+
+
 def save_network_snapshot(path, net, **metadata):
     """Write `net` to `path` in this project's safe snapshot format (a weights_only-loadable torch.save file).
     `metadata` (e.g. kimg, stage, ema, mid_t) must be JSON-serialisable; it is stored as its JSON round trip."""
-    class_name = f'{type(net).__module__}.{type(net).__qualname__}'
-    if class_name not in _NETWORK_CLASS_NAMES:
-        raise TypeError(f'{class_name} is not one of the network classes a snapshot may hold')
+    class_name = _public_class_name(type(net))
     try:
         metadata = json.loads(json.dumps(metadata))
     except (TypeError, ValueError) as e:

@@ -20,6 +20,7 @@ import torch
 
 from dnnlib.util import UserError
 from torch_utils import persistence
+from training.networks.precond import label_input, skip_out_scalings
 
 
 # EDM2 Config D/E (Sec. 2): normalise each slice along `dim` to unit RMS; eps keeps zero slices finite.
@@ -331,21 +332,11 @@ class Precond(torch.nn.Module):
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
-    # EDM Table 1 / docs/ECT.md §2: (c_skip, c_out) of the plain form, or of the boundary form
-    # c_skip = σd²/((σ−σmin)²+σd²), c_out = (σ−σmin)·σd/√(σ²+σd²), which gives D(x, σmin) = x.
+    # EDM Table 1 / docs/ECT.md §2: (c_skip, c_out) of the plain form, or of the boundary form (σmin shifted),
+    # which gives D(x, σmin) = x.
     def skip_out_scalings(self, sigma, boundary):
-        sd = self.sigma_data
         shift = self.ecm_sigma_min if boundary and self.ecm_sigma_min is not None else 0
-        c_skip = sd ** 2 / ((sigma - shift) ** 2 + sd ** 2)
-        c_out = (sigma - shift) * sd / (sigma ** 2 + sd ** 2).sqrt()
-        return c_skip, c_out
-
-    def _labels(self, class_labels, x):
-        if self.label_dim == 0:
-            return None
-        if class_labels is None:
-            return torch.zeros([1, self.label_dim], device=x.device)
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return skip_out_scalings(sigma, self.sigma_data, shift)
 
     def _check_input(self, x):
         expected = (self.img_channels, self.img_resolution, self.img_resolution)
@@ -362,7 +353,7 @@ class Precond(torch.nn.Module):
             raise UserError('EDM2 Precond: return_logvar=True needs a network built with logvar_channels set')
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        class_labels = self._labels(class_labels, x)
+        class_labels = label_input(class_labels, self.label_dim, x)
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
 
         c_skip, c_out = self.skip_out_scalings(sigma, boundary)
