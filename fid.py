@@ -138,7 +138,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 
 
 @cli.command()
-@click.option('--network', 'network', help='Network: official pickle or snapshot, path or URL', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network', help='Network: official pickle, snapshot or model.safetensors folder; path, URL or hf://OWNER/REPO[/FILE]', metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', type=str, required=True)
 @click.option('--num', '--num-images', 'num_samples', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', 'first_seed', help='First seed (seeds seed .. seed+num-1)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)

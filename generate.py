@@ -192,7 +192,11 @@ def parse_float_list(values, flag):
 
 def load_network(network, allow_unsafe_pickle):
     """The network (eval mode, CPU) and its snapshot metadata (empty for official pickles, which have none)."""
-    from training import checkpoint  # Deferred: keeps `generate_images` importable without the loaders.
+    from training import checkpoint, export, hub  # Deferred: keeps `generate_images` importable without the loaders.
+    if hub.is_hf_url(network):
+        network = hub.resolve(network)  # Downloaded through the Hub's cache once.
+    if export.is_safetensors_path(network):
+        return export.load_safetensors_network(network)
     path = dnnlib.util.open_url(network, return_filename=True)  # URLs are downloaded to the cache once.
     if zipfile.is_zipfile(path):  # Our snapshots are torch.save zip archives; official pickles are not.
         net, metadata = checkpoint.load_network_snapshot(path)
@@ -228,7 +232,7 @@ class CommandError(click.ClickException):
 
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
-@click.option('--network', 'network', help='Network: official pickle or snapshot, path or URL', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network', help='Network: official pickle, snapshot or model.safetensors folder; path, URL or hf://OWNER/REPO[/FILE]', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Where to save the images', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True)
 @click.option('--subdirs', help='Create a subdirectory for every 1000 seeds', is_flag=True)

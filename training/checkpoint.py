@@ -320,7 +320,13 @@ def _pickled_ema(data, name):
 
 def load_network(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
     """The network of an official pickle (its `ema`) or of one of our snapshots, told apart by content;
-    returned in eval mode on the CPU."""
+    returned in eval mode on the CPU. Exported networks (model.safetensors + config.json, their folder) and
+    hf://OWNER/REPO[/FILE] paths are accepted too (training.export, training.hub)."""
+    from training import export, hub  # Deferred: they import this module.
+    if hub.is_hf_url(path_or_url):
+        path_or_url = hub.resolve(path_or_url)
+    if export.is_safetensors_path(path_or_url):
+        return export.load_safetensors_network(path_or_url)[0]
     name = os.fspath(path_or_url)
     with dnnlib.util.open_url(path_or_url, cache_dir=cache_dir) as f:
         head = f.read(2)
@@ -435,10 +441,36 @@ def load_network_snapshot(path, *, name=None):
     name = name if name is not None else _file_name(path)
     data = _torch_load(path, name, 'network snapshot')
     _check_snapshot(data, name)
-    module_name, _, class_name = data['class_name'].rpartition('.')
-    net = _instantiate(getattr(importlib.import_module(module_name), class_name), (), data['init_kwargs'], name)
-    _load_state_strict(net, data['state_dict'], name)
-    return net.eval(), data['metadata']
+    return build_network(data['class_name'], data['init_kwargs'], data['state_dict'], name), data['metadata']
+
+
+def build_network(class_name, init_kwargs, tensors, name):
+    """The network `class_name` (a dotted name on the allow-list of network classes) built from keyword
+    arguments and loaded with `tensors` under the strict name and shape check; eval mode, CPU. Shared by every
+    safe format (snapshots, model.safetensors)."""
+    if class_name not in _NETWORK_CLASS_NAMES:
+        raise UserError(f'{name}: refusing to build class "{class_name}" (not on the allow-list of network classes)')
+    if not isinstance(init_kwargs, dict):
+        raise UserError(f'{name}: the constructor arguments of {class_name} are not a dict')
+    module_name, _, short_name = class_name.rpartition('.')
+    net = _instantiate(getattr(importlib.import_module(module_name), short_name), (), init_kwargs, name)
+    _load_state_strict(net, tensors, name)
+    return net.eval()
+
+
+def snapshot_class_name(net):
+    """The dotted class name an export records for `net` (the allow-listed name of its class, by the module
+    exporting it); TypeError for any other class."""
+    cls = type(net)
+    module = _NETWORK_CLASS_MODULE.get(cls.__qualname__)
+    if module is None or _network_class(cls.__qualname__) is not cls:
+        raise TypeError(f'{cls.__module__}.{cls.__qualname__} is not one of the network classes that can be exported')
+    return f'{module}.{cls.__qualname__}'
+
+
+def snapshot_init_kwargs(net):
+    """The constructor keyword arguments of `net` as plain data (what a snapshot records to rebuild it)."""
+    return _plain(_constructor_kwargs(net), 'init_kwargs', allow_tensors=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
