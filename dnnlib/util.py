@@ -6,6 +6,7 @@ import importlib
 import io
 import os
 import re
+import shutil
 import tempfile
 import urllib.parse
 
@@ -59,17 +60,55 @@ def _current_umask():
     return mask
 
 
+# Temporary files of atomic writes: .{name}.ect-partial-{pid}-{random}.tmp next to the file they will become.
+_PARTIAL_MARK = '.ect-partial-'
+_PARTIAL_PATTERN = re.compile(r'^\..+\.ect-partial-(\d+)-[A-Za-z0-9_]+\.tmp$')
+
+
+def partial_prefix(path):
+    """Name prefix of the temporary file (or folder) an atomic write of `path` goes through."""
+    return '.' + os.path.basename(os.path.abspath(path)) + _PARTIAL_MARK + f'{os.getpid()}-'
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Another user's live process.
+    return True
+
+
+def remove_stale_partials(directory):
+    """Delete the temporary files and folders left in `directory` by atomic writes of processes that no longer
+    run (killed mid-write); returns their names. Those of running processes are left alone."""
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        match = _PARTIAL_PATTERN.match(name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """Write `path` through a temporary file in the same directory, renamed into place only on success.
 
     A crash (or exception) inside the block leaves any previous file under `path` untouched and never a
-    truncated one; the temporary file is removed.
+    truncated one; the temporary file is removed (after a kill -9, remove_stale_partials finds it).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=partial_prefix(path), suffix='.tmp')
     try:
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions.
         with os.fdopen(fd, mode) as f:
@@ -81,6 +120,42 @@ def atomic_write(path, mode='wb'):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def os_error_message(error, flag=None):
+    """One line for an OSError (read-only location, disk full, a file where a folder should be, ...): the
+    flag and the path it concerns, and the system's reason."""
+    reason = error.strerror or type(error).__name__
+    where = ' '.join(str(x) for x in (flag, error.filename) if x)
+    return f'{where}: {reason}' if where else f'{reason}: {error}'
+
+
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_dir(path, flag):
+    """Refuse, before any work, a folder `path` that cannot be created or written to: a UserError naming
+    `flag`. Nothing is created."""
+    path = os.fspath(path)
+    existing = _nearest_existing(path)
+    if os.path.abspath(path) == existing and not os.path.isdir(existing):
+        raise UserError(f'{flag}={path}: exists and is not a folder')
+    if not os.path.isdir(existing):
+        raise UserError(f'{flag}={path}: {existing} is not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'{flag}={path}: {existing} is not writable')
+
+
+def check_output_file(path, flag):
+    """Refuse, before any work, a file `path` that cannot be written (a folder in its place, or a folder
+    that cannot be created or written to): a UserError naming `flag`. Nothing is created."""
+    if os.path.isdir(path):
+        raise UserError(f'{flag}={path}: is a folder')
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
 
 
 def make_cache_dir_path(*paths):

@@ -316,3 +316,64 @@ def test_mismatched_configs_and_corrupt_files(tmp_path):
     with pytest.raises(dnnlib.UserError, match='not a power-function EMA snapshot'):
         phema.read_snapshot_infos([os.path.join(run_dir, 'network-snapshot-latest-0.050.pt'),
                                    os.path.join(run_dir, 'network-snapshot-000200-b0.9999.pt')])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM2's own raw snapshots (tests/edm2_files.py builds them as EDM2's training loop writes them).
+
+def test_cli_reads_edm2_snapshot_pickles(tmp_path):
+    from edm2_files import write_edm2_snapshot
+    run_dir, out_dir = tmp_path / 'run', tmp_path / 'out'
+    run_dir.mkdir()
+    torch.manual_seed(1)
+    net, weights = _tiny_net(), {}
+    nimgs = [k * (8 << 20) for k in range(1, 7)]   # EDM2's snapshot cadence, 8 Mi images
+    for nimg in nimgs:
+        for std in STORED_STDS:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.copy_(torch.randn_like(p))
+            path = write_edm2_snapshot(str(run_dir), nimg, std, net)
+            weights[path] = {n: p.detach().to(torch.float16).double() for n, p in net.named_parameters()}
+    result = CliRunner().invoke(phema.main, [f'--indir={run_dir}', f'--outdir={out_dir}', '--std=0.075'])
+    assert result.exit_code == 0, result.output
+    out_net, meta = checkpoint.load_network_snapshot(str(out_dir / f'phema-{nimgs[-1] // 1000:06d}-0.075.pt'))
+    paths = [str(run_dir / s) for s in meta['phema']['sources']]
+    assert sorted(paths) == sorted(weights) and meta['nimg'] == nimgs[-1]
+    in_t = [nimg for nimg in nimgs for _std in STORED_STDS]
+    in_s = [std for _nimg in nimgs for std in STORED_STDS]
+    order = [paths.index(str(run_dir / f'network-snapshot-{t // 1000:07d}-{s:.3f}.pkl')) for t, s in zip(in_t, in_s)]
+    coefs = np.asarray(meta['phema']['coefficients'])[order]
+    np.testing.assert_allclose(coefs, _edm2_coefficients(in_t, in_s, nimgs[-1], 0.075)[:, 0], rtol=0, atol=1e-8)
+    for n, p in out_net.named_parameters():
+        expected = sum(c * weights[paths[i]][n] for i, c in enumerate(meta['phema']['coefficients']))
+        assert (p.double() - expected).abs().max() < 1e-5, n
+
+
+def test_edm2_snapshot_of_another_network_is_refused(tmp_path):
+    from edm2_files import write_edm2_snapshot
+    write_edm2_snapshot(str(tmp_path), 8 << 20, 0.05, _tiny_net())
+    other = write_edm2_snapshot(str(tmp_path), 16 << 20, 0.05, _tiny_net(model_channels=8))
+    message = _cli_error([f'--indir={tmp_path}', f'--outdir={tmp_path / "out"}', '--std=0.05'])
+    assert os.path.basename(other) in message and 'configuration differs' in message
+    (tmp_path / os.path.basename(other)).write_bytes(b'not a pickle')
+    message = _cli_error([f'--indir={tmp_path}', f'--outdir={tmp_path / "out"}', '--std=0.05'])
+    assert os.path.basename(other) in message and 'not a network pickle' in message
+    assert not (tmp_path / 'out').exists()
+
+
+def test_output_errors_are_one_line(tmp_path, monkeypatch):
+    import errno
+    run_dir = str(tmp_path / 'run')
+    _write_run(run_dir, kimgs=(100, 200))
+    (tmp_path / 'file').write_text('')
+    assert '--outdir' in _cli_error([f'--indir={run_dir}', f'--outdir={tmp_path / "file"}', '--std=0.05'])
+    assert 'not a folder' in _cli_error([f'--indir={run_dir}', f'--outdir={tmp_path / "file" / "x"}', '--std=0.05'])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / 'out' / 'x'))
+    monkeypatch.setattr(torch, 'save', disk_full)
+    result = CliRunner().invoke(phema.main, [f'--indir={run_dir}', f'--outdir={tmp_path / "out"}', '--std=0.05'])
+    assert result.exit_code == 2 and 'Traceback' not in result.output
+    assert result.stderr.strip().splitlines() == [f'Error: {tmp_path / "out" / "x"}: No space left on device']
+    assert not [name for name in os.listdir(tmp_path / 'out') if name.endswith('.tmp')]

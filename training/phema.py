@@ -1,7 +1,9 @@
 """Post-hoc EMA reconstruction (Karras et al. 2024, EDM2, Section 3 and Appendix C.2).
 
 During training, PowerFunctionEMA (training/ema.py) keeps power-function averages of the weights and the
-training loop snapshots them as network-snapshot-{kimg:06d}-{std:.3f}.pt. Each snapshot, taken at time t
+training loop snapshots them as network-snapshot-{kimg:06d}-{std:.3f}.pt. EDM2's own raw snapshots,
+network-snapshot-{kimg:07d}-{std:.3f}.pkl, are read too (safely, by training.checkpoint's restricted
+unpickler), their training time taken from the name as EDM2's reconstruct_phema.py does. Each snapshot, taken at time t
 with exponent gamma, is the average of the weight trajectory theta(tau) under the profile
 p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]. The average under any other power-function
 profile (another sigma_rel, another time) is approximated by a linear combination of the stored snapshots
@@ -26,7 +28,7 @@ from torch_utils import progress
 from training import checkpoint
 from training.ema import MAX_STD, std_to_exp
 
-SNAPSHOT_PATTERN = re.compile(r'^network-snapshot-(\d+)-(\d+\.\d+)\.pt$')   # power-EMA snapshot file names
+SNAPSHOT_PATTERN = re.compile(r'^network-snapshot-(\d+)-(\d+\.\d+)\.(pt|pkl)$')   # power-EMA snapshot names
 SUFFIX_PATTERN = re.compile(r'^-(\d+\.\d+)$')                               # their metadata['ema'] suffix
 EXIT_USER_ERROR = 2
 
@@ -105,13 +107,13 @@ def posthoc_fit_error(in_times, in_stds, out_times, out_stds, coefs):
 # Snapshots on disk.
 
 def find_snapshots(indir):
-    """Sorted paths of the power-EMA snapshots network-snapshot-{kimg}-{std}.pt in `indir` (not *-latest-*)."""
+    """Sorted paths of the power-EMA snapshots network-snapshot-{kimg}-{std}.pt/.pkl in `indir` (not *-latest-*)."""
     if not os.path.isdir(indir):
         raise dnnlib.UserError(f'--indir: no such directory: {indir}')
     names = sorted(name for name in os.listdir(indir) if SNAPSHOT_PATTERN.match(name))
     if not names:
         raise dnnlib.UserError(f'--indir: {indir} holds no power-function EMA snapshots '
-                               f'(network-snapshot-KIMG-STD.pt)')
+                               f'(network-snapshot-KIMG-STD.pt, or EDM2\'s network-snapshot-KIMG-STD.pkl)')
     return [os.path.join(indir, name) for name in names]
 
 
@@ -134,11 +136,14 @@ def _snapshot_std(path, metadata):
     """sigma_rel of a snapshot: metadata ema_std, else its metadata 'ema' suffix (-0.050), else its file name."""
     if metadata.get('ema_std') is not None:
         return float(metadata['ema_std'])
-    match = SUFFIX_PATTERN.match(str(metadata.get('ema', ''))) or SNAPSHOT_PATTERN.match(os.path.basename(path))
-    if match is None:
+    suffix = SUFFIX_PATTERN.match(str(metadata.get('ema', '')))
+    if suffix is not None:
+        return float(suffix.group(1))
+    name = SNAPSHOT_PATTERN.match(os.path.basename(path))
+    if name is None:
         raise dnnlib.UserError(f'{path}: not a power-function EMA snapshot (no ema_std in its metadata and no '
                                f'-STD suffix in its name)')
-    return float(match.groups()[-1])
+    return float(name.group(2))
 
 
 def _snapshot_nimg(path, metadata):
@@ -153,21 +158,52 @@ def _snapshot_nimg(path, metadata):
     return float(match.group(1)) * 1000
 
 
+def edm2_kimg_to_nimg(kimg):
+    """EDM2 reconstruct_phema.py: the image count behind a name's kimg (= nimg // 1000), EDM2 taking snapshots
+    at multiples of 1024 images."""
+    return (int(kimg) * 1000 + 999) // 1024 * 1024
+
+
+def _pickle_info(path):
+    """An EDM2 raw snapshot (.pkl): time and sigma_rel from its name, as EDM2 reads them; its network
+    configuration is checked when it is loaded."""
+    match = SNAPSHOT_PATTERN.match(os.path.basename(path))
+    if match is None:
+        raise dnnlib.UserError(f'{path}: an EDM2 snapshot must be named network-snapshot-KIMG-STD.pkl')
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(1)
+    except OSError as e:
+        raise dnnlib.UserError(f'{path}: cannot read ({e.strerror})') from None
+    if head != b'\x80':
+        raise dnnlib.UserError(f'{path}: not a network pickle')
+    return dnnlib.EasyDict(path=path, class_name=None, init_kwargs=None, metadata={}, std=float(match.group(2)),
+                           nimg=float(edm2_kimg_to_nimg(match.group(1))))
+
+
+def _snapshot_info(path):
+    if str(path).lower().endswith('.pkl'):
+        return _pickle_info(path)
+    data = _read_header(path)
+    return dnnlib.EasyDict(path=path, class_name=data.get('class_name'), init_kwargs=data.get('init_kwargs'),
+                           metadata=data['metadata'], std=_snapshot_std(path, data['metadata']),
+                           nimg=_snapshot_nimg(path, data['metadata']))
+
+
 def read_snapshot_infos(paths):
     """Per snapshot: EasyDict(path, nimg, std, class_name, init_kwargs, metadata); checks they are power-EMA
-    snapshots of one and the same network configuration."""
+    snapshots of one and the same network configuration (EDM2 pickles: when combine_snapshots loads them)."""
     infos = []
     for path in paths:
-        data = _read_header(path)
-        info = dnnlib.EasyDict(path=path, class_name=data.get('class_name'), init_kwargs=data.get('init_kwargs'),
-                               metadata=data['metadata'], std=_snapshot_std(path, data['metadata']),
-                               nimg=_snapshot_nimg(path, data['metadata']))
+        info = _snapshot_info(path)
         if not 0 < info.std < MAX_STD:
             raise dnnlib.UserError(f'{path}: sigma_rel {info.std} is not that of a power-function EMA '
                                    f'(must be in (0, {MAX_STD:.4f}))')
-        if infos and (info.class_name, info.init_kwargs) != (infos[0].class_name, infos[0].init_kwargs):
-            raise dnnlib.UserError(f'{path}: network configuration differs from {infos[0].path} '
-                                   f'({info.class_name} vs {infos[0].class_name}, or different init_kwargs); '
+        first = next((other for other in infos if other.class_name is not None), None)
+        if info.class_name is not None and first is not None and \
+                (info.class_name, info.init_kwargs) != (first.class_name, first.init_kwargs):
+            raise dnnlib.UserError(f'{path}: network configuration differs from {first.path} '
+                                   f'({info.class_name} vs {first.class_name}, or different init_kwargs); '
                                    f'snapshots of different runs cannot be combined')
         infos.append(info)
     return infos
@@ -218,15 +254,27 @@ def plan_reconstruction(infos, out_stds, out_nimg=None, max_fit_error=0.1):
     return sources, out_nimg, out_stds, coefs, errors
 
 
+def _load_source(info, config):
+    """The network of one snapshot (ours or an EDM2 pickle, told apart by content); a configuration (class,
+    constructor kwargs) other than `config` (that of the first source, or None) is a UserError naming the file."""
+    net = checkpoint.load_network(info.path)
+    if config is not None and (type(net), net.init_kwargs) != config:
+        raise dnnlib.UserError(f'{info.path}: network configuration differs from the other snapshots '
+                               f'({type(net).__name__} {net.init_kwargs} vs {config[0].__name__} {config[1]}); '
+                               f'snapshots of different runs cannot be combined')
+    return net
+
+
 @torch.no_grad()
 def combine_snapshots(sources, coefs):
     """One network per column of `coefs`: parameters sum_i coefs[i, j] * theta_i (accumulated in float64),
     buffers those of the latest source (EMA trackers copy buffers rather than average them)."""
     latest = max(sources, key=lambda s: s.nimg)
-    sums, template = None, None
+    sums, template, config = None, None, None
     rows = np.asarray(coefs, dtype=np.float64)
     for info, row in progress.bar(list(zip(sources, rows)), desc='post-hoc EMA', unit='snapshot'):
-        net = checkpoint.load_network_snapshot(info.path)[0]
+        net = _load_source(info, config)
+        config = config or (type(net), net.init_kwargs)
         params = {name: p.detach().to(torch.float64) for name, p in net.named_parameters()}
         sums = sums or [{name: torch.zeros_like(p) for name, p in params.items()} for _ in row]
         for acc, coef in zip(sums, row):
@@ -257,12 +305,13 @@ def reconstruct(snapshots, out_stds, outdir, out_time_kimg=None, max_fit_error=0
         raise dnnlib.UserError('--indir: no snapshots given')
     if out_time_kimg is not None and not out_time_kimg > 0:
         raise dnnlib.UserError(f'--time-kimg: must be positive, got {out_time_kimg}')
+    dnnlib.util.check_output_dir(outdir, '--outdir')
     infos = read_snapshot_infos(paths)
     out_nimg = None if out_time_kimg is None else float(out_time_kimg) * 1000
     sources, out_nimg, out_stds, coefs, errors = plan_reconstruction(infos, out_stds, out_nimg, max_fit_error)
-    log(f'Reconstructing sigma_rel {out_stds} at kimg {out_nimg / 1000:g} from {len(sources)} snapshots '
-        f'(relative profile errors {[round(float(e), 5) for e in errors]})')
     nets = combine_snapshots(sources, coefs)
+    log(f'Reconstructed sigma_rel {out_stds} at kimg {out_nimg / 1000:g} from {len(sources)} snapshots '
+        f'(relative profile errors {[round(float(e), 5) for e in errors]})')
     latest = max(sources, key=lambda s: s.nimg)
     os.makedirs(outdir, exist_ok=True)
     written = []
@@ -307,6 +356,8 @@ def main(indir, outdir, std_text, time_kimg, max_error, no_progress):
             reconstruct(indir, parse_stds(std_text), outdir, out_time_kimg=time_kimg, max_fit_error=max_error)
     except dnnlib.UserError as e:
         raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(dnnlib.util.os_error_message(e)) from None
 
 
 if __name__ == '__main__':
