@@ -43,6 +43,26 @@ def edm_layouts(fixtures_dir):
         return json.load(f)
 
 
+@pytest.fixture(scope='session')
+def openai_cm(fixtures_dir):
+    """Reference numbers of openai/consistency_models (fixtures/openai_cm/README.md)."""
+    return np.load(fixtures_dir / 'openai_cm' / 'openai_cm.npz')
+
+
+# Head widths of the two tiny openai_cm fixture networks (a state dict cannot reveal them).
+OPENAI_CM_HEAD_CHANNELS = dict(imagenet_like=16, lsun_like=8)
+
+
+def load_openai_cm_net(name, parameterization):
+    """The tiny fixture network `name` (imagenet_like / lsun_like) as a KarrasDenoiser in eval mode: 'edm' or
+    'consistency' form, loaded from its openai state dict through the project's loader."""
+    from training import checkpoint_cm
+    path = FIXTURES_DIR / 'openai_cm' / f'tiny_{name}.pt'
+    net, _ = checkpoint_cm.load_network_file(str(path), resolution=16, parameterization=parameterization,
+                                             num_head_channels=OPENAI_CM_HEAD_CHANNELS[name])
+    return net.requires_grad_(False)
+
+
 @pytest.fixture(autouse=True, scope='session')
 def single_thread():
     """One intra-op thread for the whole suite: the networks are tiny, and on a shared 2-core machine extra

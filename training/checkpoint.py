@@ -32,6 +32,7 @@ _NETWORK_MODULES = {
     'training.networks': ('VPPrecond', 'VEPrecond', 'EDMPrecond', 'ECMPrecond', 'SongUNet', 'DhariwalUNet',
                           'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding'),
     'training.networks_edm2': ('Precond', 'UNet', 'Block', 'MPConv', 'MPFourier'),
+    'training.networks_cm': ('KarrasDenoiser',),
 }
 _NETWORK_CLASS_MODULE = {name: module for module, names in _NETWORK_MODULES.items() for name in names}
 _NETWORK_CLASS_NAMES = frozenset(f'{module}.{name}' for name, module in _NETWORK_CLASS_MODULE.items())
@@ -365,7 +366,7 @@ def _plain(value, where, allow_tensors):
                     f'(only tensors, python primitives, lists, tuples and dicts)')
 
 
-def _torch_load(file, name, what):
+def read_weights_only(file, name, what):
     """torch.load(weights_only=True) on the CPU; a missing, truncated or corrupt file is a one-line UserError."""
     try:
         if isinstance(file, (str, os.PathLike)):
@@ -439,7 +440,11 @@ def load_network_snapshot(path, *, name=None):
     """(net, metadata) from a file written by save_network_snapshot (a path or binary file object);
     the network is in eval mode on the CPU."""
     name = name if name is not None else _file_name(path)
-    data = _torch_load(path, name, 'network snapshot')
+    return network_from_snapshot(read_weights_only(path, name, 'network snapshot'), name)
+
+
+def network_from_snapshot(data, name):
+    """(net, metadata) from the dict of a snapshot file already read by read_weights_only."""
     _check_snapshot(data, name)
     return build_network(data['class_name'], data['init_kwargs'], data['state_dict'], name), data['metadata']
 
@@ -530,7 +535,7 @@ def load_training_state(path):
     """The dict written by save_training_state (weights_only, on the CPU); a missing, truncated or corrupt
     file is a UserError naming it."""
     name = _file_name(path)
-    state = _torch_load(path, name, 'training state')
+    state = read_weights_only(path, name, 'training state')
     if not isinstance(state, dict):
         raise UserError(f'{name}: not a training state file')
     return state

@@ -53,23 +53,27 @@ class DhariwalUNet(torch.nn.Module):
         attn_resolutions    = [32, 16, 8],  # Resolutions with self-attention.
         dropout             = 0.10,         # Dropout probability of the residual blocks.
         label_dropout       = 0,            # Label dropout probability (classifier-free guidance).
+        channels_per_head   = 64,           # Attention head width (openai's num_head_channels).
+        adaptive_scale      = True,         # Scale-shift norm (True) or an added embedding (False) in the blocks.
+        min_channels_per_group = 4,         # GroupNorm group count min(32, C // this); 1 = always 32 (openai's).
+        exp_freqs           = False,        # Noise embedding frequencies rounded as guided-diffusion (openai's).
     ):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
-            init_zero=init_zero)
-        self._build_mapping(model_channels, emb_channels, label_dim, augment_dim, init)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=channels_per_head, dropout=dropout, init=init,
+            init_zero=init_zero, adaptive_scale=adaptive_scale, min_channels_per_group=min_channels_per_group)
+        self._build_mapping(model_channels, emb_channels, label_dim, augment_dim, init, exp_freqs)
         levels = [(level, img_resolution >> level, model_channels * mult) for level, mult in enumerate(channel_mult)]
         self.enc, cout = _adm_encoder(levels, in_channels, num_blocks, attn_resolutions, init, block_kwargs)
         self.dec, cout = _adm_decoder(levels, self.enc, cout, num_blocks, attn_resolutions, block_kwargs)
-        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_norm = GroupNorm(num_channels=cout, min_channels_per_group=min_channels_per_group)
         self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
-    def _build_mapping(self, model_channels, emb_channels, label_dim, augment_dim, init):
-        self.map_noise = PositionalEmbedding(num_channels=model_channels)
+    def _build_mapping(self, model_channels, emb_channels, label_dim, augment_dim, init, exp_freqs):
+        self.map_noise = PositionalEmbedding(num_channels=model_channels, exp_freqs=exp_freqs)
         self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False,
             init_mode='kaiming_normal', init_weight=np.sqrt(augment_dim)) if augment_dim else None
         self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)

@@ -172,6 +172,7 @@ class UNetBlock(torch.nn.Module):
         init                = dict(),   # Initialisation of most layers.
         init_zero           = dict(init_weight=0), # Initialisation of the last layer of each branch.
         init_attn           = None,     # Initialisation of the qkv layer; None = init.
+        min_channels_per_group = 4,     # GroupNorm: fewer than 32 groups when channels are scarce (1: always 32).
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -182,10 +183,11 @@ class UNetBlock(torch.nn.Module):
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
 
-        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        norm = dict(eps=eps, min_channels_per_group=min_channels_per_group)
+        self.norm0 = GroupNorm(num_channels=in_channels, **norm)
         self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
         self.affine = Linear(in_features=emb_channels, out_features=out_channels * (2 if adaptive_scale else 1), **init)
-        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.norm1 = GroupNorm(num_channels=out_channels, **norm)
         self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
 
         self.skip = None
@@ -194,7 +196,7 @@ class UNetBlock(torch.nn.Module):
             self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
 
         if self.num_heads:
-            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.norm2 = GroupNorm(num_channels=out_channels, **norm)
             self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
@@ -232,16 +234,22 @@ class PositionalEmbedding(torch.nn.Module):
         num_channels,               # Output channels (half cosines, half sines).
         max_positions   = 10000,    # Longest period.
         endpoint        = False,    # Include the frequency 1/max_positions itself?
+        exp_freqs       = False,    # Frequencies as exp(-ln(max_positions) i / half), rounded as guided-diffusion's ADM?
     ):
         super().__init__()
         self.num_channels = num_channels
         self.max_positions = max_positions
         self.endpoint = endpoint
+        self.exp_freqs = exp_freqs
 
     def forward(self, x):
         half = self.num_channels // 2
         freqs = torch.arange(start=0, end=half, dtype=torch.float32, device=x.device)
-        freqs = (1 / self.max_positions) ** (freqs / (half - (1 if self.endpoint else 0)))
+        denom = half - (1 if self.endpoint else 0)
+        if self.exp_freqs:
+            freqs = (-float(np.log(self.max_positions)) * freqs / denom).exp()
+        else:
+            freqs = (1 / self.max_positions) ** (freqs / denom)
         x = torch.outer(x, freqs.to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
 
