@@ -464,13 +464,8 @@ def build_network(class_name, init_kwargs, tensors, name):
 
 
 def snapshot_class_name(net):
-    """The dotted class name an export records for `net` (the allow-listed name of its class, by the module
-    exporting it); TypeError for any other class."""
-    cls = type(net)
-    module = _NETWORK_CLASS_MODULE.get(cls.__qualname__)
-    if module is None or _network_class(cls.__qualname__) is not cls:
-        raise TypeError(f'{cls.__module__}.{cls.__qualname__} is not one of the network classes that can be exported')
-    return f'{module}.{cls.__qualname__}'
+    """The dotted class name a snapshot or an export records for `net`; TypeError for a class not on the list."""
+    return _public_class_name(type(net))
 
 
 def snapshot_init_kwargs(net):
