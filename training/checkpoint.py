@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -70,18 +71,28 @@ class _ContainerStub:
 # ----------------------------------------------------------------------------------------------------------
 # Restricted unpickling of official pickles.
 
+class _Refused(pickle.UnpicklingError):
+    """Content a safe load refuses (as opposed to a damaged file); the message names what was refused."""
+
+
 def _safe_load_from_bytes(data):
     """Replacement for torch.storage._load_from_bytes: the bytes are a torch.save archive, read weights-only."""
     if not isinstance(data, bytes):
-        raise pickle.UnpicklingError('storage payload is not bytes')
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+        raise _Refused('a storage payload that is not bytes')
+    try:
+        return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _torch_refused_global(e)
+        if refused:
+            raise _Refused(f'{refused} inside a storage payload') from None
+        raise
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Replacement for torch._utils._rebuild_tensor_v2 that accepts only a real storage and no hooks."""
     del requires_grad, backward_hooks, metadata  # Only values matter here; hooks are never attached.
     if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError('tensor record does not hold a storage')
+        raise _Refused('a tensor record without a storage')
     return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
 
@@ -89,7 +100,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     """Replacement for torch._utils._rebuild_parameter(_with_state): the tensor only, no hooks or attributes."""
     del requires_grad, backward_hooks, state
     if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError('parameter record does not hold a tensor')
+        raise _Refused('a parameter record without a tensor')
     return data
 
 
@@ -98,7 +109,7 @@ def _numpy_dtype(spec, align=False, copy=True):
     del copy  # A fresh copy is always made: the pickle's BUILD step then sets the state of that copy only.
     dtype = np.dtype(spec, align=bool(align), copy=True) if isinstance(spec, str) else None
     if dtype is None or dtype.kind not in 'biufc':
-        raise pickle.UnpicklingError(f'numpy dtype {spec!r} is not a numeric type')
+        raise _Refused(f'numpy dtype {spec!r} (not a numeric type)')
     return dtype
 
 
@@ -106,7 +117,7 @@ def _numpy_scalar(dtype, data):
     """Replacement for numpy's scalar(dtype, bytes) as used by pickled numpy scalars (e.g. EDM's skip_scale)."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in 'biufc' or not isinstance(data, bytes) \
             or len(data) != dtype.itemsize:
-        raise pickle.UnpicklingError('malformed numpy scalar')
+        raise _Refused('a malformed numpy scalar')
     return np.frombuffer(data, dtype=dtype)[0]
 
 
@@ -141,7 +152,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self.make_record
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
-        raise UserError(f'{self.name}: refusing to load global "{module}.{name}" (not on the allow-list)')
+        raise UserError(refusal(self.name, f'global "{module}.{name}"'))
 
     def make_record(self, meta):
         version = persistence.FORMAT_VERSION
@@ -149,8 +160,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UserError(f'{self.name}: unsupported persistent record (expected type "class", version {version})')
         class_name = meta.get('class_name')
         if class_name not in _NETWORK_CLASS_MODULE and class_name not in _RECORD_ONLY_CLASSES:
-            raise UserError(f'{self.name}: refusing to rebuild persistent class "{class_name}" (not on the allow-list; '
-                            f'pass allow_unsafe_pickle=True only if you trust the file)')
+            raise UserError(refusal(self.name, f'persistent class "{class_name}"'))
         if not isinstance(meta.get('state'), dict):
             raise UserError(f'{self.name}: persistent record of "{class_name}" has no state dict')
         return _ModuleRecord(class_name, meta['state'])
@@ -165,11 +175,31 @@ class _LegacyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def refusal(name, what):
+    """The one message for content a safe load refuses: what was refused, and that the file may be malicious."""
+    return (f'{name}: refused to load: the file refers to {what}, which is not on the allow-list of a safe load '
+            f'(loading it could run code; the file may be malicious)')
+
+
+def _torch_refused_global(error):
+    """The global named by torch's weights-only refusal ('GLOBAL os.system ...'), or None for other errors."""
+    text = str(error)
+    if 'Weights only load failed' not in text:
+        return None
+    match = re.search(r'GLOBAL ([A-Za-z0-9_.]+)', text)
+    return f'global "{match.group(1)}"' if match else 'an object type'
+
+
 def _brief(error):
-    """One line describing an exception from deep inside pickle/torch, for a UserError message."""
+    """First line of an exception from deep inside pickle/torch (never torch's advice lines), for a message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = next((line for line in lines if 'global' in line.lower()), lines[0] if lines else '')
-    return f'{type(error).__name__}: {line}' if line else type(error).__name__
+    return f'{type(error).__name__}: {lines[0][:200]}' if lines else type(error).__name__
+
+
+def unreadable(name, what, error):
+    """The one message for a file that cannot be parsed at all (EOFError: truncated)."""
+    reason = 'truncated file' if isinstance(error, EOFError) else 'damaged file, or not such a file'
+    return f'{name}: cannot read {what} ({reason}): {_brief(error)}'
 
 
 def _unpickle(file, name, allow_unsafe_pickle):
@@ -183,8 +213,10 @@ def _unpickle(file, name, allow_unsafe_pickle):
         return unpickler.load()
     except UserError:
         raise
+    except _Refused as e:
+        raise UserError(refusal(name, str(e))) from None
     except Exception as e:
-        raise UserError(f'{name}: cannot read network pickle (truncated or corrupt file?): {_brief(e)}') from None
+        raise UserError(unreadable(name, 'network pickle', e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,10 +408,8 @@ def read_weights_only(file, name, what):
     except FileNotFoundError:
         raise UserError(f'{name}: no such {what} file') from None
     except Exception as e:
-        brief = _brief(e)
-        reason = 'refusing an object a weights-only load does not allow' if 'global' in brief.lower() \
-            else 'truncated or corrupt file?'
-        raise UserError(f'{name}: cannot read {what} ({reason}): {brief}') from None
+        refused = _torch_refused_global(e)
+        raise UserError(refusal(name, refused) if refused else unreadable(name, f'{what} file', e)) from None
 
 
 def _save_torch(path, data):
