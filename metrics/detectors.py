@@ -2,134 +2,42 @@
 and a fixed seeded random convolutional network (fd_randnet: needs no download).
 
 Every detector is called as `detector(images)` with uint8 images N,C,H,W (3 channels) and returns float32
-features N,D. The official Inception and VGG16 files are TorchScript networks called as
-`module(images_uint8, return_features=True)` (or `no_output_bias=True` for the Inception class probabilities
-of the Inception Score, as StyleGAN3's metrics do).
-
-Loading never executes code embedded in a file unless the user opts in: a TorchScript archive (a zip) is read
-with `torch.jit.load`, which runs no Python; a pickle is read with a restricted unpickler that allows only
-the tensor-rebuilding globals of training.checkpoint's allow-list and EDM/StyleGAN persistent records, which
-are kept as inert data and searched for an embedded TorchScript archive. A pickle holding a plain Python network (its source
-code embedded in the file) cannot be run that way: the error says so and names the two ways out (the
-TorchScript twin of the official Inception file, or `--allow-unsafe-pickle` for a file the user trusts).
+features N,D. The official Inception and VGG16 files are NVIDIA's persistence pickles of pure-Python networks;
+they are read without running any code (metrics.detector_files) and their tensors loaded into this project's own
+graphs (metrics.detector_nets). TorchScript files and code-executing pickle loads need the user's opt-in
+(`allow_unsafe_pickle`, `--allow-unsafe-pickle`) for a file they trust.
 """
 
-import io
 import math
-import pickle
-import zipfile
 
 import numpy as np
 import torch
 
 import dnnlib
-from training import checkpoint
+from metrics import detector_files, detector_nets
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
-INCEPTION_TORCHSCRIPT_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 VGG16_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl'
 DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
 
-_ZIP_MAGIC = b'PK\x03\x04'
-_PICKLE_PROTO = 0x80
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# ----------------------------------------------------------------------------------------------------------
-# Safe loading of TorchScript archives and of pickles wrapping them.
-
-
-class DetectorRecord:
-    """Inert stand-in for an EDM/StyleGAN persistent object: its class name and pickled state, nothing run."""
-
-    def __init__(self, meta):
-        self.meta = meta if isinstance(meta, dict) else {}         # dict(type, version, module_src, class_name, state)
-        self.class_name = self.meta.get('class_name')              # name of the recorded class
+_CALL_KWARGS = dict(inception=dict(return_features=True), inception_probs=dict(no_output_bias=True),
+                    vgg16=dict(return_features=True))
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler resolving only the tensor-rebuilding globals of training.checkpoint's allow-list; persistent
-    records become inert DetectorRecords; anything else is refused."""
-
-    def __init__(self, file, source):
-        super().__init__(file)
-        self.source = source  # file name or URL, for error messages
-
-    def find_class(self, module, name):
-        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-            return DetectorRecord
-        if (module, name) in checkpoint._SAFE_GLOBALS:
-            return checkpoint._SAFE_GLOBALS[(module, name)]
-        raise dnnlib.UserError(f'{self.source}: pickle refers to {module}.{name}, which a safe load does not allow '
-                               f'(pass a TorchScript file, or --allow-unsafe-pickle if you trust this file)')
-
-
-def _is_torchscript_archive(data):
-    """True for a TorchScript zip archive (it has a code/ folder; torch.save archives do not)."""
-    if data[:4] != _ZIP_MAGIC:
-        return False
-    names = zipfile.ZipFile(io.BytesIO(data)).namelist()  # BadZipFile for a truncated archive
-    return any(name.split('/', 1)[-1].startswith('code/') for name in names)
-
-
-def _find_torchscript(obj, depth=0):
-    """The first TorchScript module inside `obj` (a module, an archive's bytes, or a container of them)."""
-    if isinstance(obj, torch.jit.ScriptModule):
-        return obj
-    if isinstance(obj, (bytes, bytearray)) and bytes(obj[:4]) == _ZIP_MAGIC:
-        return torch.jit.load(io.BytesIO(bytes(obj)), map_location='cpu') if _is_torchscript_archive(bytes(obj)) else None
-    if depth > 8:
-        return None
-    if isinstance(obj, DetectorRecord):
-        children = [obj.meta.get('state')]
-    elif isinstance(obj, dict):
-        children = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        children = list(obj)
-    else:
-        children = []
-    for child in children:
-        found = _find_torchscript(child, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _load_pickled_detector(data, source, allow_unsafe_pickle):
-    if allow_unsafe_pickle:
-        obj = checkpoint._LegacyUnpickler(io.BytesIO(data)).load()
-        if not callable(obj):
-            raise dnnlib.UserError(f'{source}: the pickle holds a {type(obj).__name__}, not a callable network')
-        return obj
-    obj = _RestrictedUnpickler(io.BytesIO(data), source).load()
-    module = _find_torchscript(obj)
-    if module is None:
-        what = f'persistent Python class "{obj.class_name}"' if isinstance(obj, DetectorRecord) else type(obj).__name__
-        raise dnnlib.UserError(f'{source}: the pickle holds a {what} with no TorchScript module inside; running it '
-                               f'would execute code embedded in the file. Use the TorchScript detector '
-                               f'{INCEPTION_TORCHSCRIPT_URL} (same network), or --allow-unsafe-pickle if you trust it')
-    return module
-
-
-def load_detector_module(url_or_path, allow_unsafe_pickle=False, cache_dir=None):
-    """The network stored at `url_or_path` (TorchScript archive or pickle), in eval mode on the CPU."""
-    with dnnlib.util.open_url(url_or_path, cache_dir=cache_dir) as f:
-        data = f.read()
-    try:
-        if data[:4] == _ZIP_MAGIC:
-            if not _is_torchscript_archive(data):
-                raise dnnlib.UserError(f'{url_or_path}: a zip archive but not a TorchScript file (no code/ folder; '
-                                       f'save detectors with torch.jit.save)')
-            module = torch.jit.load(io.BytesIO(data), map_location='cpu')
-        elif data[:1] and data[0] == _PICKLE_PROTO:
-            module = _load_pickled_detector(data, url_or_path, allow_unsafe_pickle)
-        else:
-            raise dnnlib.UserError(f'{url_or_path}: neither a TorchScript archive nor a pickle')
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
-        first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
-        raise dnnlib.UserError(f'{url_or_path}: cannot read detector (truncated or corrupt file?): '
-                               f'{type(e).__name__}: {first_line}') from None
-    return module.eval() if isinstance(module, torch.nn.Module) else module
+def load_detector_net(kind, url_or_path, allow_unsafe_pickle=False, cache_dir=None):
+    """The network of detector `kind` ('inception', 'inception_probs', 'vgg16') stored at `url_or_path`: our own
+    graph with the file's tensors (NVIDIA pickle or state dict), or, with the opt-in, the file's own network
+    (TorchScript, or a pickle rebuilt by running its code) called with the official keyword arguments."""
+    data = detector_files.read_bytes(url_or_path, cache_dir)
+    net_kind = 'vgg16' if kind == 'vgg16' else 'inception'
+    if detector_files.is_torchscript(data):
+        return detector_files.load_torchscript(data, url_or_path, allow_unsafe_pickle), _CALL_KWARGS[kind]
+    if allow_unsafe_pickle and data[:1] and data[0] == detector_files.PICKLE_PROTO:
+        return detector_files.load_unsafe_pickle(data, url_or_path), _CALL_KWARGS[kind]
+    tensors = detector_files.read_detector_tensors(data, url_or_path)
+    return detector_nets.build_detector_net(net_kind, tensors, url_or_path), None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,12 +51,14 @@ def _as_rgb(images):
 
 
 class ModuleDetector:
-    """A network called as `module(images_uint8, **call_kwargs)`: the official TorchScript convention."""
+    """A detector network: this project's graph (its `features` or `class_probs`), or, with the user's opt-in, a
+    file's own network called as `module(images_uint8, **call_kwargs)` (the official convention)."""
 
-    def __init__(self, module, name, call_kwargs):
-        self.module = module                                       # TorchScript (or trusted) network
+    def __init__(self, module, name, call_kwargs=None, probs=False):
+        self.module = module                                       # detector network
         self.name = name                                           # label used in records and error messages
-        self.call_kwargs = dict(call_kwargs)                       # e.g. dict(return_features=True)
+        self.call_kwargs = call_kwargs                             # e.g. dict(return_features=True); None = our graph
+        self.probs = probs                                         # our graph: class probabilities, not features
 
     def to(self, device):
         self.module = self.module.to(device)
@@ -156,8 +66,10 @@ class ModuleDetector:
 
     @torch.no_grad()
     def __call__(self, images):
-        features = self.module(_as_rgb(images), **self.call_kwargs)
-        return features.to(torch.float32)
+        images = _as_rgb(images)
+        if self.call_kwargs is not None:
+            return self.module(images, **self.call_kwargs).to(torch.float32)
+        return (self.module.class_probs(images) if self.probs else self.module.features(images)).to(torch.float32)
 
 
 class DINOv2Detector:
@@ -221,14 +133,31 @@ class _Mlp(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
+class _SwiGLU(torch.nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w12 = torch.nn.Linear(dim, 2 * hidden_dim)            # gate and value projections, fused
+        self.w3 = torch.nn.Linear(hidden_dim, dim)                 # projection back
+
+    # SwiGLU feed-forward (Shazeer 2020, Eq. 6), as DINOv2's ViT-g uses it: w3(silu(x W) * (x V)).
+    def forward(self, x):
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(torch.nn.functional.silu(gate) * value)
+
+
+def _swiglu_hidden(dim, mlp_ratio):
+    """DINOv2's fused SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8."""
+    return (int(dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
+
+
 class _Block(torch.nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio):
+    def __init__(self, dim, num_heads, mlp_ratio, swiglu=False):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6)             # pre-attention norm
         self.attn = _Attention(dim, num_heads)                     # self-attention
         self.ls1 = _LayerScale(dim)                                # attention branch scale
         self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)             # pre-MLP norm
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))                 # feed-forward
+        self.mlp = _SwiGLU(dim, _swiglu_hidden(dim, mlp_ratio)) if swiglu else _Mlp(dim, int(dim * mlp_ratio))  # FFN
         self.ls2 = _LayerScale(dim)                                # MLP branch scale
 
     # Pre-norm transformer block with LayerScale (DINOv2, Oquab et al. 2023, Sec. 4; CaiT, Touvron et al. 2021).
@@ -238,10 +167,11 @@ class _Block(torch.nn.Module):
 
 
 class DinoViT(torch.nn.Module):
-    """DINOv2 ViT backbone returning the normalised CLS token (ViT-L/14: dim 1024, depth 24, 16 heads)."""
+    """DINOv2 ViT backbone returning the normalised CLS token (ViT-L/14: dim 1024, depth 24, 16 heads of 64 channels;
+    ViT-g/14 uses a SwiGLU feed-forward: `swiglu`)."""
 
     def __init__(self, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=14, pretrain_size=518,
-                 interpolate_offset=0.1):
+                 interpolate_offset=0.1, swiglu=False):
         super().__init__()
         self.patch_size = patch_size                               # pixels per patch side
         self.interpolate_offset = interpolate_offset               # DINOv2's offset in the pos-embed rescale
@@ -250,7 +180,7 @@ class DinoViT(torch.nn.Module):
         self.patch_embed.proj = torch.nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)  # patchify
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))                    # class token
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))      # 37×37 grid + cls
-        self.blocks = torch.nn.ModuleList([_Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = torch.nn.ModuleList([_Block(embed_dim, num_heads, mlp_ratio, swiglu) for _ in range(depth)])
         self.norm = torch.nn.LayerNorm(embed_dim, eps=1e-6)                                  # final norm
 
     # Position embeddings resized to the input grid as DINOv2 does (Oquab et al. 2023, code of
@@ -279,27 +209,28 @@ class DinoViT(torch.nn.Module):
 
 
 def load_dinov2_model(url_or_path, allow_unsafe_pickle=False, cache_dir=None, **vit_kwargs):
-    """DINOv2 from an official state_dict (`.pth`, read with weights_only=True) or a TorchScript file that maps
-    ImageNet-normalised float images N,3,224,224 to CLS features N,D."""
-    with dnnlib.util.open_url(url_or_path, cache_dir=cache_dir) as f:
-        data = f.read()
-    try:
-        if _is_torchscript_archive(data):
-            return load_detector_module(url_or_path, allow_unsafe_pickle, cache_dir)
-        state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
-        raise dnnlib.UserError(f'{url_or_path}: not a DINOv2 state_dict or TorchScript file ({type(e).__name__})') from None
+    """DINOv2 from an official state_dict (`.pth`, read with weights_only=True), or, with the opt-in for a trusted
+    file, a TorchScript file that maps ImageNet-normalised float images N,3,224,224 to CLS features N,D."""
+    data = detector_files.read_bytes(url_or_path, cache_dir)
+    if detector_files.is_torchscript(data):
+        return detector_files.load_torchscript(data, url_or_path, allow_unsafe_pickle)
+    state = detector_files.read_detector_tensors(data, url_or_path) if data[:4] == detector_files.ZIP_MAGIC else None
     if not isinstance(state, dict) or 'pos_embed' not in state:
         raise dnnlib.UserError(f'{url_or_path}: not a DINOv2 state_dict (no "pos_embed" tensor)')
     return _build_vit(state, url_or_path, **vit_kwargs)
 
 
 def _build_vit(state, source, **vit_kwargs):
+    """DinoViT shaped by the state dict: DINOv2 uses 64 channels per head in every size (S/B/L/g: 6/12/16/24
+    heads, facebookresearch/dinov2 models/vision_transformer.py) and SwiGLU in ViT-g."""
     embed_dim = state['pos_embed'].shape[-1]
+    if embed_dim % 64:
+        raise dnnlib.UserError(f'{source}: DINOv2 width {embed_dim} is not a multiple of 64 (the head width)')
     depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
     patch_size = state['patch_embed.proj.weight'].shape[-1]
     pretrain_size = int(math.sqrt(state['pos_embed'].shape[1] - 1)) * patch_size
-    kwargs = dict(embed_dim=embed_dim, depth=depth, patch_size=patch_size, pretrain_size=pretrain_size)
+    kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64, patch_size=patch_size,
+                  pretrain_size=pretrain_size, swiglu='blocks.0.mlp.w12.weight' in state)
     kwargs.update(vit_kwargs)
     model = DinoViT(**kwargs)
     state = {name: value for name, value in state.items() if name != 'mask_token'}  # Used only in pretraining.
@@ -365,16 +296,13 @@ def get_detector(kind, url_or_path=None, allow_unsafe_pickle=False, cache_dir=No
     if kind == 'dinov2':
         model = load_dinov2_model(url_or_path or DINOV2_URL, allow_unsafe_pickle, cache_dir)
         return DINOv2Detector(model).to(device)
-    defaults = dict(inception=(INCEPTION_URL, dict(return_features=True)),
-                    inception_probs=(INCEPTION_URL, dict(no_output_bias=True)),
-                    vgg16=(VGG16_URL, dict(return_features=True)))
-    if kind not in defaults:
-        known = sorted(defaults) + ['dinov2', 'randnet']
+    if kind not in _CALL_KWARGS:
+        known = sorted(_CALL_KWARGS) + ['dinov2', 'randnet']
         raise dnnlib.UserError(f'unknown detector kind "{kind}" (expected one of {known})')
-    default_url, call_kwargs = defaults[kind]
-    url_or_path = url_or_path or default_url
-    module = load_detector_module(url_or_path, allow_unsafe_pickle, cache_dir)
-    return ModuleDetector(module, name=f'{kind}:{url_or_path}', call_kwargs=call_kwargs).to(device)
+    url_or_path = url_or_path or (VGG16_URL if kind == 'vgg16' else INCEPTION_URL)
+    net, call_kwargs = load_detector_net(kind, url_or_path, allow_unsafe_pickle, cache_dir)
+    return ModuleDetector(net, name=f'{kind}:{url_or_path}', call_kwargs=call_kwargs,
+                          probs=kind == 'inception_probs').to(device)
 
 
 def feature_dim(detector, image_shape, device='cpu'):

@@ -198,62 +198,30 @@ def test_precision_recall_matches_brute_force():
 # Detectors.
 
 
-def test_torchscript_detector_loads_and_follows_convention(tmp_path):
+def test_trusted_torchscript_detector_follows_convention(tmp_path):
     path = save_torchscript(tmp_path / 'det.pt', TinyDetector())
-    det = detectors.get_detector('inception', path)
+    with pytest.warns(UserWarning, match='runs code stored in the file'):
+        det = detectors.get_detector('inception', path, allow_unsafe_pickle=True)
     images = torch.randint(0, 256, [3, 3, 8, 8], dtype=torch.uint8)
     expected = TinyDetector()(images, return_features=True)
     torch.testing.assert_close(det(images), expected)
-    probs = detectors.get_detector('inception_probs', path)(images)
+    with pytest.warns(UserWarning):
+        probs = detectors.get_detector('inception_probs', path, allow_unsafe_pickle=True)(images)
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
     grey = images[:, :1]
     torch.testing.assert_close(det(grey), TinyDetector()(grey.repeat(1, 3, 1, 1), return_features=True))
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ('echo should-never-run',))
-
-
-def _persistent_wrapper(state):
-    class Wrapper:
-        def __reduce__(self):
-            from torch_utils import persistence
-            meta = dict(type='class', version=6, module_src='raise SystemExit', class_name='Wrapper', state=state)
-            return (persistence._reconstruct_persistent_obj, (meta,))
-    return pickle.dumps(Wrapper())
-
-
-def test_pickled_detector_loading_is_restricted(tmp_path):
-    evil = tmp_path / 'evil.pkl'
-    evil.write_bytes(pickle.dumps(_Evil()))
-    with pytest.raises(dnnlib.UserError, match='system'):
-        detectors.load_detector_module(str(evil))
-
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(TinyDetector()), buf)
-    wrapped = tmp_path / 'wrapped.pkl'
-    wrapped.write_bytes(_persistent_wrapper(dict(blob=buf.getvalue(), extra=torch.ones(2))))
-    module = detectors.load_detector_module(str(wrapped))
-    images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8)
-    torch.testing.assert_close(module(images, return_features=True), TinyDetector()(images, return_features=True))
-
-    python_only = tmp_path / 'python_only.pkl'
-    python_only.write_bytes(_persistent_wrapper(dict(weight=torch.ones(2))))
-    with pytest.raises(dnnlib.UserError, match='no TorchScript module'):
-        detectors.load_detector_module(str(python_only))
-
-
-def test_non_torchscript_zip_is_rejected(tmp_path):
+def test_state_dict_with_other_names_is_rejected(tmp_path):
     path = tmp_path / 'state.pt'
     torch.save({'w': torch.ones(2)}, path)
-    with pytest.raises(dnnlib.UserError, match='not a TorchScript file'):
-        detectors.load_detector_module(str(path))
+    with pytest.raises(dnnlib.UserError, match='not an NVIDIA InceptionV3 detector.*layers.conv.weight'):
+        detectors.get_detector('inception', str(path))
 
 
-def _tiny_dinov2_state(dim=16, depth=2, patch=14, grid=3, seed=0):
+def _tiny_dinov2_state(dim=64, depth=2, patch=14, grid=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    model = detectors.DinoViT(embed_dim=dim, depth=depth, num_heads=2, patch_size=patch, pretrain_size=grid * patch)
+    model = detectors.DinoViT(embed_dim=dim, depth=depth, num_heads=dim // 64, patch_size=patch, pretrain_size=grid * patch)
     state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in model.state_dict().items()}
     state['mask_token'] = torch.zeros(1, dim)  # present in the official file, unused at inference
     return state
@@ -275,17 +243,17 @@ def test_dinov2_loads_official_names_and_gives_cls_features(tmp_path):
     state = _tiny_dinov2_state()
     torch.save(state, tmp_path / 'dinov2.pth')
     model = detectors.load_dinov2_model(str(tmp_path / 'dinov2.pth'))
-    assert len(model.blocks) == 2 and model.pos_embed.shape == (1, 10, 16)
+    assert len(model.blocks) == 2 and model.pos_embed.shape == (1, 10, 64)
     # Same grid as pretraining: position embeddings are used as stored.
     assert model.interpolate_pos_embed(3, 3) is model.pos_embed
     # 224 input = 16×16 patches: bicubic resize of the 3×3 grid (DINOv2's scale factor (16 + 0.1) / 3).
     resized = model.interpolate_pos_embed(16, 16)
-    grid = model.pos_embed[:, 1:].reshape(1, 3, 3, 16).permute(0, 3, 1, 2)
+    grid = model.pos_embed[:, 1:].reshape(1, 3, 3, 64).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 3, 16.1 / 3), mode='bicubic')
-    torch.testing.assert_close(resized[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 256, 16))
+    torch.testing.assert_close(resized[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 256, 64))
     det = detectors.get_detector('dinov2', str(tmp_path / 'dinov2.pth'))
     features = det(torch.randint(0, 256, [2, 3, 32, 32], dtype=torch.uint8))
-    assert features.shape == (2, 16) and torch.isfinite(features).all()
+    assert features.shape == (2, 64) and torch.isfinite(features).all()
 
     bad = {k: v for k, v in state.items() if not k.startswith('blocks.1.mlp')}
     torch.save(bad, tmp_path / 'bad.pth')
@@ -309,12 +277,12 @@ def _independent_generated_features(net, num, t_steps, det):
 
 @pytest.fixture
 def tiny_setup(tmp_path):
-    det_path = save_torchscript(tmp_path / 'det.pt', TinyDetector())
+    det_path = save_torchscript(tmp_path / 'det.pt', TinyDetector())  # trusted TorchScript: needs the opt-in
     rng = np.random.default_rng(6)
     ref_x, mu, sigma = random_stats(rng, 50, 6)
     ref_path = tmp_path / 'ref.npz'
     np.savez(ref_path, mu=mu, sigma=sigma, features=ref_x)
-    return dnnlib.EasyDict(net=TinyConsistencyNet().eval(), det=detectors.get_detector('inception', det_path),
+    return dnnlib.EasyDict(net=TinyConsistencyNet().eval(), det=detectors.get_detector('inception', det_path, allow_unsafe_pickle=True),
                            det_path=det_path, ref=str(ref_path), mu=mu, sigma=sigma, ref_x=ref_x)
 
 
@@ -334,7 +302,7 @@ def test_calc_metric_kid_and_is(tiny_setup):
     feats = _independent_generated_features(s.net, 30, (80.0, 0.0), s.det)
     assert result.results.kid50k_full == pytest.approx(
         metric_utils.kernel_distance(s.ref_x, feats, num_subsets=100, max_subset_size=1000), rel=1e-6)
-    probs_det = detectors.get_detector('inception_probs', s.det_path)
+    probs_det = detectors.get_detector('inception_probs', s.det_path, allow_unsafe_pickle=True)
     result = metric_main.calc_metric('is50k', s.net, detector=probs_det, num_samples=30)
     probs = _independent_generated_features(s.net, 30, (80.0, 0.0), probs_det)
     assert result.results.is50k_mean == pytest.approx(reference_is(probs, 10)[0], rel=1e-6)
@@ -406,11 +374,11 @@ def test_dinov2_unreachable_is_skipped_with_message(tmp_path, capsys, monkeypatc
         raise dnnlib.UserError('cannot download https://example.invalid: offline')
     monkeypatch.setattr(detectors, 'load_dinov2_model', offline)
     det_path = save_torchscript(tmp_path / 'det.pt', TinyDetector())
-    loaded = evaluate.load_detectors(['fd_dinov2', 'fid50k_full'], det_path, None, False, 'cpu')
+    loaded = evaluate.load_detectors(['fd_dinov2', 'fid50k_full'], det_path, None, True, 'cpu')
     assert set(loaded) == {'fid50k_full'}
     assert evaluate.DINOV2_SKIPPED in capsys.readouterr().out
     with pytest.raises(dnnlib.UserError, match='offline'):
-        evaluate.load_detectors(['fd_dinov2'], det_path, str(tmp_path / 'given.pth'), False, 'cpu')
+        evaluate.load_detectors(['fd_dinov2'], det_path, str(tmp_path / 'given.pth'), True, 'cpu')
 
 
 def test_generate_core_is_used_with_recipe_mid_t(tiny_setup):

@@ -1,0 +1,124 @@
+"""Safe reading of detector files: NVIDIA's persistence pickles (inception-2015-12-05.pkl, vgg16.pkl), plain
+state dicts with the same tensor names, and TorchScript archives (only when the user trusts the file).
+
+A detector pickle is read with a restricted unpickler: persistent records (`torch_utils.persistence.
+_reconstruct_persistent_obj`) and standard torch.nn modules (Sequential, MaxPool2d, Linear, ...) become inert
+records of their pickled state, tensors are rebuilt by training.checkpoint's allow-listed functions, any other
+global is refused, and the embedded source is never run. The tensors are then loaded into this project's own
+graph of the network (metrics.detector_nets). `torch.jit.load` runs the archive's TorchScript (its
+`__setstate__` can write files, e.g. with torch.from_file(..., shared=True)), so a TorchScript file is refused
+unless the user opts in for a file they trust.
+"""
+
+import io
+import warnings
+import zipfile
+
+import torch
+
+import dnnlib
+from training import checkpoint
+
+ZIP_MAGIC = b'PK\x03\x04'
+PICKLE_PROTO = 0x80
+
+# Standard torch.nn modules of NVIDIA's detector pickles: read as inert records (their tensors only).
+_TORCH_MODULES = frozenset([
+    ('torch.nn.modules.container', 'Sequential'), ('torch.nn.modules.container', 'ModuleList'),
+    ('torch.nn.modules.container', 'ModuleDict'), ('torch.nn.modules.pooling', 'MaxPool2d'),
+    ('torch.nn.modules.pooling', 'AvgPool2d'), ('torch.nn.modules.pooling', 'AdaptiveAvgPool2d'),
+    ('torch.nn.modules.linear', 'Linear'), ('torch.nn.modules.conv', 'Conv2d'),
+    ('torch.nn.modules.activation', 'ReLU'), ('torch.nn.modules.dropout', 'Dropout'),
+    ('torch.nn.modules.flatten', 'Flatten'),
+])
+
+
+class _DetectorUnpickler(checkpoint._RestrictedUnpickler):
+    """checkpoint's restricted unpickler, also reading any persistent record and the torch.nn modules above as
+    inert state (never built, never run): only their tensors are used, checked by name against our own graph."""
+
+    def find_class(self, module, name):
+        if (module, name) in _TORCH_MODULES:
+            return checkpoint._ContainerStub
+        return super().find_class(module, name)
+
+    def make_record(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or not isinstance(meta.get('state'), dict):
+            raise dnnlib.UserError(checkpoint.refusal(self.name, 'a malformed persistent record'))
+        return checkpoint._ModuleRecord(str(meta.get('class_name')), meta['state'])
+
+
+def is_torchscript(data):
+    """True for a TorchScript zip archive (it has a code/ folder; torch.save archives do not)."""
+    if data[:4] != ZIP_MAGIC:
+        return False
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any(name.split('/', 1)[-1].startswith('code/') for name in names)
+
+
+def load_torchscript(data, source, allow_unsafe):
+    """The TorchScript module in `data`, only with the user's opt-in (it runs the archive's code)."""
+    if not allow_unsafe:
+        raise dnnlib.UserError(
+            f'{source}: refused to load a TorchScript file: loading runs the code stored in it (which can write '
+            f'files), so the file may be malicious. The NVIDIA .pkl detectors and state dicts are loaded safely')
+    warnings.warn(f'{source}: loading TorchScript runs code stored in the file; do this only for files you trust',
+                  stacklevel=3)
+    try:
+        return torch.jit.load(io.BytesIO(data), map_location='cpu').eval()
+    except RuntimeError as e:
+        raise dnnlib.UserError(checkpoint.unreadable(source, 'TorchScript file', e)) from None
+
+
+def _unpickle_tensors(data, source):
+    try:
+        root = _DetectorUnpickler(io.BytesIO(data), source).load()
+    except dnnlib.UserError:
+        raise
+    except checkpoint._Refused as e:
+        raise dnnlib.UserError(checkpoint.refusal(source, str(e))) from None
+    except Exception as e:
+        raise dnnlib.UserError(checkpoint.unreadable(source, 'detector pickle', e)) from None
+    if not isinstance(root, (checkpoint._ModuleRecord, checkpoint._ContainerStub)):
+        raise dnnlib.UserError(f'{source}: the pickle holds a {type(root).__name__}, not a detector network')
+    return checkpoint._record_tensors(root, source)
+
+
+def _state_dict_tensors(data, source):
+    state = checkpoint._torch_load(io.BytesIO(data), source, 'detector state dict')
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        state = state['state_dict']
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise dnnlib.UserError(f'{source}: not a detector state dict (expected a dict of tensors)')
+    return state
+
+
+def read_detector_tensors(data, source):
+    """Dotted name -> tensor of a detector pickle or torch.save state dict, read without running any code."""
+    if data[:4] == ZIP_MAGIC:
+        return _state_dict_tensors(data, source)
+    if data[:1] and data[0] == PICKLE_PROTO:
+        return _unpickle_tensors(data, source)
+    raise dnnlib.UserError(f'{source}: not a detector file (neither a pickle, a state dict nor a TorchScript archive)')
+
+
+def load_unsafe_pickle(data, source):
+    """A pickled network rebuilt by executing its embedded code (the user's explicit opt-in, with a warning)."""
+    warnings.warn(f'{source}: --allow-unsafe-pickle executes Python code embedded in the file; do this only for '
+                  f'files you trust', stacklevel=3)
+    try:
+        obj = checkpoint._LegacyUnpickler(io.BytesIO(data)).load()
+    except Exception as e:
+        raise dnnlib.UserError(checkpoint.unreadable(source, 'detector pickle', e)) from None
+    if not callable(obj):
+        raise dnnlib.UserError(f'{source}: the pickle holds a {type(obj).__name__}, not a callable network')
+    return obj.eval() if isinstance(obj, torch.nn.Module) else obj
+
+
+def read_bytes(url_or_path, cache_dir=None):
+    with dnnlib.util.open_url(url_or_path, cache_dir=cache_dir) as f:
+        return f.read()
+

@@ -1,0 +1,162 @@
+"""Hostile files: nothing attacker-controlled runs by default, and every refusal says what was refused and that
+the file may be malicious, without advice to disable the protection (issue 12, defects 5 and 7).
+
+A hostile TorchScript file here writes a file of its choosing from its TorchScript `__setstate__`
+(`torch.from_file(path, shared=True)`), which `torch.jit.load` runs; hostile pickles call `os.system`.
+"""
+
+import io
+import os
+import pickle
+from typing import Tuple
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import fid
+from metrics import detectors, evaluate
+from torch_utils import persistence
+from training import checkpoint
+
+_UNSAFE_ADVICE = ('weights_only', 'add_safe_globals', 'safe_globals', 'truncated', 'corrupt', '--allow-unsafe')
+
+
+class HostileScript(torch.nn.Module):
+    """A detector-shaped module whose TorchScript __setstate__ writes 16 bytes to `target` on torch.jit.load."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.w = torch.ones(2)
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return (self.target, self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.target = state[0]
+        self.training = state[2]
+        written = torch.from_file(self.target, True, 16, dtype=torch.uint8)
+        written.fill_(65)
+        self.w = written[:2].to(torch.float32)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return x.to(torch.float32).flatten(1)[:, :2] * self.w
+
+
+class _Call:
+    """Pickles as a call of `fn(*args)`: how a hostile pickle runs code."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def assert_refusal(message, *names):
+    """One line naming the file and what was refused, saying it may be malicious, without unsafe advice."""
+    assert '\n' not in message and 'may be malicious' in message, message
+    assert all(name in message for name in names), message
+    assert not any(word in message for word in _UNSAFE_ADVICE), message
+
+
+@pytest.fixture
+def hostile_ts(tmp_path):
+    target = tmp_path / 'written-by-attacker.pth'
+    path = tmp_path / 'inception-2015-12-05.pt'
+    torch.jit.save(torch.jit.script(HostileScript(str(target))), str(path))
+    return str(path), target
+
+
+@pytest.mark.parametrize('kind', ['inception', 'inception_probs', 'vgg16', 'dinov2'])
+def test_torchscript_is_refused_by_default_and_writes_nothing(hostile_ts, kind):
+    path, target = hostile_ts
+    with pytest.raises(dnnlib.UserError) as info:
+        detectors.get_detector(kind, path)
+    assert_refusal(str(info.value), path, 'TorchScript')
+    assert not target.exists()
+
+
+def test_torchscript_through_clis_writes_nothing(hostile_ts, tmp_path):
+    path, target = hostile_ts
+    (tmp_path / 'imgs').mkdir()
+    result = CliRunner().invoke(fid.cli, ['calc', f'--images={tmp_path / "imgs"}', f'--ref={tmp_path / "r.npz"}',
+                                          f'--detector={path}'])
+    assert result.exit_code == 2 and not target.exists()
+    with pytest.raises(dnnlib.UserError):
+        evaluate.load_detectors(['fid50k_full'], path, None, False, 'cpu')
+    with pytest.raises(dnnlib.UserError):
+        evaluate.load_detectors(['fd_dinov2'], None, path, False, 'cpu')
+    assert not target.exists()
+
+
+def test_hostile_torchscript_really_writes_when_trusted(hostile_ts):
+    """The control: with the explicit opt-in the same file does write, so the refusals above are what protect."""
+    path, target = hostile_ts
+    with pytest.warns(UserWarning, match='only for files you trust'):
+        detectors.get_detector('inception', path, allow_unsafe_pickle=True)
+    assert target.read_bytes() == b'A' * 16
+
+
+def test_pickle_carrying_torchscript_bytes_is_not_run(hostile_ts, tmp_path):
+    path, target = hostile_ts
+    with open(path, 'rb') as f:
+        blob = f.read()
+    meta = dict(type='class', version=6, module_src='', class_name='InceptionV3', state=dict(blob=blob))
+    wrapped = tmp_path / 'wrapped.pkl'
+    wrapped.write_bytes(pickle.dumps(_Call(persistence._reconstruct_persistent_obj, meta)))
+    with pytest.raises(dnnlib.UserError, match='not an NVIDIA InceptionV3 detector'):
+        detectors.get_detector('inception', str(wrapped))
+    assert not target.exists()
+
+
+@pytest.mark.parametrize('loader', ['detector', 'network_pkl', 'snapshot', 'training_state'])
+def test_code_calling_files_are_refused_with_a_clear_message(tmp_path, loader):
+    marker = tmp_path / 'pwned'
+    payload = _Call(os.system, f'touch {marker}')
+    path = str(tmp_path / 'hostile.bin')
+    if loader in ('snapshot', 'training_state'):
+        torch.save({'format': 'x', 'evil': payload}, path)
+    else:
+        with open(path, 'wb') as f:
+            pickle.dump(dict(ema=payload) if loader == 'network_pkl' else payload, f)
+    load = dict(detector=lambda: detectors.get_detector('inception', path),
+                network_pkl=lambda: checkpoint.load_network(path),
+                snapshot=lambda: checkpoint.load_network_snapshot(path),
+                training_state=lambda: checkpoint.load_training_state(path))[loader]
+    with pytest.raises(dnnlib.UserError) as info:
+        load()
+    assert_refusal(str(info.value), path, f'{os.system.__module__}.system')
+    assert not marker.exists()
+
+
+def test_disallowed_persistent_class_is_refused_with_a_clear_message(tmp_path):
+    meta = dict(type='class', version=6, module_src='import os; os.system("true")', class_name='EvilNet', state={})
+    path = tmp_path / 'net.pkl'
+    path.write_bytes(pickle.dumps(dict(ema=_Call(persistence._reconstruct_persistent_obj, meta))))
+    with pytest.raises(dnnlib.UserError) as info:
+        checkpoint.load_network(str(path))
+    assert_refusal(str(info.value), str(path), '"EvilNet"')
+
+
+def test_tensor_record_without_storage_is_a_refusal_not_corruption(tmp_path):
+    path = tmp_path / 'net.pkl'
+    path.write_bytes(pickle.dumps(dict(ema=_Call(torch._utils._rebuild_tensor_v2, 'not a storage', 0, (1,), (1,)))))
+    with pytest.raises(dnnlib.UserError) as info:
+        checkpoint.load_network(str(path))
+    assert_refusal(str(info.value), str(path), 'without a storage')
+
+
+def test_truncated_file_is_called_truncated_not_malicious(tmp_path):
+    path = tmp_path / 'net.pkl'
+    buffer = io.BytesIO()
+    pickle.dump(dict(ema=torch.ones(3)), buffer)
+    path.write_bytes(buffer.getvalue()[:-20])
+    with pytest.raises(dnnlib.UserError) as info:
+        checkpoint.load_network(str(path))
+    message = str(info.value)
+    assert 'truncated' in message and 'malicious' not in message and str(path) in message
