@@ -125,7 +125,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
          no_progress):
     """FID (or FD) of a folder/zip of images against reference statistics."""
     try:
-        ref_arrays = metric_utils.load_ref(ref_path)
+        ref_arrays = metric_utils.load_ref(ref_path, kind=kind)
         dataset = open_dataset(image_path, num_expected, seed, flag='--images')
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
         metric_main.check_ref_width(ref_arrays, detector, dataset.image_shape, device)
@@ -150,7 +150,7 @@ def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, k
         allow_unsafe_pickle, device, no_progress):
     """FID (or FD) of a network, sampling in memory (no PNGs written)."""
     try:
-        ref_arrays = metric_utils.load_ref(ref_path)
+        ref_arrays = metric_utils.load_ref(ref_path, kind=kind)
         mid_t = generate.parse_float_list(mid_t, '--mid_t')
         model, metadata = generate.load_network(network, allow_unsafe_pickle)
         sampler, sampler_kwargs = generate.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata)

@@ -125,7 +125,7 @@ def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, devi
     kind = ref_kind(metric)
     args = (batch_size, device, rank, num_gpus)
     if kind == 'stats':
-        mu_ref, sigma_ref = _load_stats(ref, detector, *args)
+        mu_ref, sigma_ref = _load_stats(ref, detector, detector_kind(metric), *args)
         mu, sigma = _generated_stats(net, detector, num_samples, False, sampling, *args).get_mean_cov()
         return {metric: metric_utils.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
     gen = _generated_stats(net, detector, num_samples, True, sampling, *args).get_all()
@@ -152,7 +152,7 @@ def _stats_cache_path(ref, detector):
     return dnnlib.util.make_cache_dir_path('dataset-stats', f'{base}-{hashlib.md5(key.encode()).hexdigest()}.npz')
 
 
-def _load_stats(ref, detector, batch_size, device, rank, num_gpus):
+def _load_stats(ref, detector, kind, batch_size, device, rank, num_gpus):
     """(mu, sigma) of the reference: from an .npz, or computed from every image of a dataset folder/zip (zips:
     once, then from the cache)."""
     if _is_dataset(ref):
@@ -168,7 +168,7 @@ def _load_stats(ref, detector, batch_size, device, rank, num_gpus):
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
                 metric_utils.save_ref(cache, stats)
             return stats.get_mean_cov()
-    arrays = metric_utils.load_ref(ref)
+    arrays = metric_utils.load_ref(ref, kind=kind)
     return arrays['mu'], arrays['sigma']
 
 
@@ -184,7 +184,7 @@ def check_ref(metric, ref):
         if not os.path.exists(ref):
             raise dnnlib.UserError(f'--ref={ref}: no such dataset folder or zip')
         return
-    metric_utils.load_ref(ref, need_features=(kind == 'features'))
+    metric_utils.load_ref(ref, need_features=(kind == 'features'), kind=detector_kind(metric))
 
 
 def check_ref_width(ref_arrays, detector, image_shape, device):
@@ -215,7 +215,7 @@ def calc_metric(metric, net, run_dir=None, snapshot_name=None, ref=None, detecto
         detector = load_metric_detector(metric, detector, allow_unsafe_pickle, device)
     if ref_kind(metric) == 'stats' and not _is_dataset(ref):
         image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
-        check_ref_width(metric_utils.load_ref(ref), detector, image_shape, device)
+        check_ref_width(metric_utils.load_ref(ref, kind=detector_kind(metric)), detector, image_shape, device)
     sampling = sampling_for(metric, net, sampler, sampler_kwargs, mid_t, metadata)
     start = time.time()
     results = _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus)

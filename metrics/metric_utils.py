@@ -13,6 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import numpy_pickle
 from torch_utils import progress
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,14 +230,33 @@ def compute_generator_stats(image_batches, detector, stats, device='cpu', num_im
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reference statistics files (EDM's fid-refs format: an .npz with `mu` and `sigma`, optionally `features`).
+# Reference statistics files: EDM's fid-refs format (an .npz with `mu` and `sigma`, optionally `features`), or
+# EDM2's (calculate_metrics.py: a pickle of dict(num_images, fid=dict(mu, sigma), fd_dinov2=dict(mu, sigma))).
+
+EDM2_REF_KEYS = {'inception': 'fid', 'dinov2': 'fd_dinov2'}    # detector kind -> entry of an EDM2 reference .pkl
 
 
-def load_ref(url_or_path, need_features=False):
-    """The arrays of a reference .npz (a path or URL), checked for the keys a metric needs."""
+def _edm2_ref_arrays(f, kind):
+    """mu and sigma of detector `kind` from an EDM2 reference pickle, read by the plain-array unpickler."""
+    data = numpy_pickle.load(f, 'EDM2 reference .pkl')
+    entries = [key for key in EDM2_REF_KEYS.values() if isinstance(data, dict) and isinstance(data.get(key), dict)]
+    if not entries:
+        raise dnnlib.UserError('not an EDM2 reference .pkl (no "fid" or "fd_dinov2" entry)')
+    key = EDM2_REF_KEYS.get(kind)
+    if key not in entries:
+        raise dnnlib.UserError(f'EDM2 reference .pkl with statistics for {", ".join(entries)} only, not for the '
+                               f'{kind} detector')
+    return {k: v for k, v in data[key].items() if isinstance(v, np.ndarray)}
+
+
+def load_ref(url_or_path, need_features=False, kind='inception'):
+    """The arrays of a reference .npz, or of EDM2's reference .pkl (its statistics of detector `kind`), a path or
+    URL, checked for the keys a metric needs."""
     try:
         with dnnlib.util.open_url(url_or_path) as f:
-            ref = dict(np.load(f, allow_pickle=False))
+            is_pickle = f.read(1) == b'\x80'
+            f.seek(0)
+            ref = _edm2_ref_arrays(f, kind) if is_pickle else dict(np.load(f, allow_pickle=False))
     except dnnlib.UserError as e:
         raise dnnlib.UserError(f'--ref={url_or_path}: {e}') from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile):
