@@ -88,7 +88,7 @@ def _unpickle_tensors(data, source):
 
 
 def _state_dict_tensors(data, source):
-    state = checkpoint._torch_load(io.BytesIO(data), source, 'detector state dict')
+    state = checkpoint.read_weights_only(io.BytesIO(data), source, 'detector state dict')
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
