@@ -109,7 +109,7 @@ def test_truncated_or_wrong_file_is_one_clear_message(tmp_path):
     data = (FIXTURES_DIR / 'openai_cm' / 'tiny_lsun_like.pt').read_bytes()
     truncated = tmp_path / 'cd_bedroom256_l2.pt'
     truncated.write_bytes(data[:len(data) // 2])
-    with pytest.raises(dnnlib.UserError, match='cd_bedroom256_l2.pt.*(truncated|corrupt|not a network)'):
+    with pytest.raises(dnnlib.UserError, match='cd_bedroom256_l2.pt.*(truncated|damaged|not a network)'):
         checkpoint_cm.load_network_file(str(truncated))
     wrong = tmp_path / 'ct_bedroom256.pt'
     torch.save({'model': [1, 2, 3]}, wrong)
