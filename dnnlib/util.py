@@ -7,8 +7,10 @@ import io
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.parse
+import warnings
 
 
 class UserError(Exception):
@@ -187,19 +189,22 @@ def _file_sha256(data_path):
     return h.hexdigest()
 
 
-def _check_sha256(data_path, sha256, url):
+def _check_sha256(data_path, sha256, url, source='expected'):
     digest = _file_sha256(data_path)
     if digest != sha256.lower():
-        raise UserError(f'downloaded file from {url} has sha256 {digest}, expected {sha256}')
+        raise UserError(f'{url}: downloaded file has sha256 {digest}, but {sha256.lower()} is {source}; refusing it '
+                        f'(the file changed on the server or was altered in transit)')
 
 
-def _download(url, dest, sha256, num_attempts, timeout):
+def _download(url, dest, sha256, num_attempts, timeout, source='expected'):
     import requests  # Deferred: only needed when something is actually fetched.
     last_error = None
     for _attempt in range(num_attempts):
         try:
             with requests.get(url, stream=True, timeout=timeout) as res:
                 res.raise_for_status()
+                if url.lower().startswith('https://') and not res.url.lower().startswith('https://'):
+                    raise UserError(f'{url}: refusing a redirect from https to {res.url}')
                 # requests decodes gzip/deflate bodies, so Content-Length counts the bytes written only when
                 # the body is sent unencoded.
                 encoded = res.headers.get('Content-Encoding', 'identity').lower() != 'identity'
@@ -213,7 +218,7 @@ def _download(url, dest, sha256, num_attempts, timeout):
                         raise IOError(f'connection closed after {written} of {expected} bytes')
             if sha256 is not None:
                 try:
-                    _check_sha256(dest, sha256, url)
+                    _check_sha256(dest, sha256, url, source)
                 except UserError:
                     os.remove(dest)
                     raise
@@ -226,12 +231,50 @@ def _download(url, dest, sha256, num_attempts, timeout):
                     f'(offline? download it elsewhere and pass the local path instead)') from None
 
 
+def _recorded_sha256(record_path):
+    """The sha256 recorded at a URL's first download (trust on first use), or None."""
+    try:
+        with open(record_path, encoding='ascii') as f:
+            digest = f.read().strip().lower()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return digest if re.fullmatch(r'[0-9a-f]{64}', digest) else None
+
+
+def _record_sha256(url, dest, record_path):
+    digest = _file_sha256(dest)
+    with atomic_write(record_path, 'w') as f:
+        f.write(digest + '\n')
+    print(f'{url}: sha256 {digest} (no published hash known; recorded in {record_path}, every later use is checked '
+          f'against it)', file=sys.stderr)
+
+
+def _fetch_cached(url, cache_dir, sha256, num_attempts, timeout):
+    """The cached copy of `url`, verified on every use: against `sha256` when given (a pinned hash), else against
+    the hash recorded at its first download. A damaged cached copy is fetched again; a download that does not
+    match is one UserError naming the URL."""
+    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path('downloads')
+    dest = os.path.join(cache_dir, _url_cache_name(url))
+    record_path = dest + '.sha256'
+    recorded = _recorded_sha256(record_path)
+    expected = sha256.lower() if sha256 is not None else recorded
+    source = 'the pinned hash' if sha256 is not None else f'the hash recorded at its first download ({record_path})'
+    if os.path.isfile(dest) and expected is not None and _file_sha256(dest) != expected:
+        os.remove(dest)  # A stale or damaged cached copy: fetch it again (and check that copy).
+    if not os.path.isfile(dest):
+        _download(url, dest, expected, num_attempts, timeout, source)
+    if expected is None:
+        _record_sha256(url, dest, record_path)
+    return dest
+
+
 def open_url(url, cache_dir=None, cache=True, sha256=None, num_attempts=3, timeout=30, return_filename=False):
     """Open a local path, a file:// URL or an http(s) URL as a binary file object.
 
     http(s) URLs are downloaded once into `cache_dir` (default: make_cache_dir_path('downloads')) through a
-    temporary file and an atomic rename, checked against `sha256` when given, and served from there after.
-    With return_filename=True the local file name is returned instead of an open file.
+    temporary file and an atomic rename and served from there after; the file is checked on every use against
+    `sha256` when given, else against the sha256 recorded (and printed) at its first download. Plain http://
+    gives a warning. With return_filename=True the local file name is returned instead of an open file.
     """
     url = os.fspath(url) if not isinstance(url, str) else url
     if not _is_url(url):
@@ -239,11 +282,15 @@ def open_url(url, cache_dir=None, cache=True, sha256=None, num_attempts=3, timeo
             raise UserError(f'no such file: {url}')
         return url if return_filename else open(url, 'rb')
     parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == 'file':
+    scheme = parsed.scheme.lower()
+    if scheme == 'file':
         local = urllib.parse.unquote(parsed.path)
         return open_url(local, return_filename=return_filename)
-    if parsed.scheme not in ('http', 'https'):
+    if scheme not in ('http', 'https'):
         raise UserError(f'unsupported URL scheme "{parsed.scheme}" in {url}')
+    if scheme == 'http':
+        warnings.warn(f'{url}: plain http:// can be altered in transit; its sha256 is checked, prefer https://',
+                      stacklevel=2)
     if not cache:
         if return_filename:
             raise UserError('open_url: return_filename=True needs cache=True')
@@ -252,10 +299,5 @@ def open_url(url, cache_dir=None, cache=True, sha256=None, num_attempts=3, timeo
             _download(url, dest, sha256, num_attempts, timeout)
             with open(dest, 'rb') as f:
                 return io.BytesIO(f.read())
-    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path('downloads')
-    dest = os.path.join(cache_dir, _url_cache_name(url))
-    if os.path.isfile(dest) and sha256 is not None and _file_sha256(dest) != sha256.lower():
-        os.remove(dest)  # A stale or damaged cached copy: fetch it again.
-    if not os.path.isfile(dest):
-        _download(url, dest, sha256, num_attempts, timeout)
+    dest = _fetch_cached(url, cache_dir, sha256, num_attempts, timeout)
     return dest if return_filename else open(dest, 'rb')

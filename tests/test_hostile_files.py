@@ -160,3 +160,88 @@ def test_truncated_file_is_called_truncated_not_malicious(tmp_path):
         checkpoint.load_network(str(path))
     message = str(info.value)
     assert 'truncated' in message and 'malicious' not in message and str(path) in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloads (defect 6): a fake `requests.get` serves the bytes; no network.
+
+
+class _FakeServer:
+    """Serves `files[url]`; `redirect[url]` makes the final URL another one (as requests reports it)."""
+
+    def __init__(self, files, redirect=None):
+        self.files, self.redirect, self.hits = dict(files), dict(redirect or {}), []
+
+    def get(self, url, stream=True, timeout=None):
+        self.hits.append(url)
+        return _FakeResponse(self.files[url], self.redirect.get(url, url))
+
+
+class _FakeResponse:
+    def __init__(self, body, final_url):
+        self.body, self.url, self.headers = body, final_url, {'Content-Length': str(len(body))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        yield self.body
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    import requests
+    server = _FakeServer({'https://example.org/det.pkl': b'detector bytes v1'})
+    monkeypatch.setattr(requests, 'get', server.get)
+    return server
+
+
+def _fetch(url, cache_dir, **kwargs):
+    with dnnlib.util.open_url(url, cache_dir=str(cache_dir), **kwargs) as f:
+        return f.read()
+
+
+def test_first_download_records_and_prints_its_hash_then_every_use_is_checked(fake_server, tmp_path, capsys):
+    import hashlib
+    url = 'https://example.org/det.pkl'
+    assert _fetch(url, tmp_path) == b'detector bytes v1'
+    digest = hashlib.sha256(b'detector bytes v1').hexdigest()
+    assert digest in capsys.readouterr().err
+    cached = dnnlib.util.open_url(url, cache_dir=str(tmp_path), return_filename=True)
+    assert open(cached + '.sha256').read().strip() == digest
+    with open(cached, 'r+b') as f:   # A damaged cached copy is noticed and fetched again.
+        f.write(b'XX')
+    assert _fetch(url, tmp_path) == b'detector bytes v1' and len(fake_server.hits) == 2
+    fake_server.files[url] = b'detector bytes v2 (replaced)'
+    with open(cached, 'r+b') as f:
+        f.write(b'YY')
+    with pytest.raises(dnnlib.UserError) as info:
+        _fetch(url, tmp_path)
+    message = str(info.value)
+    assert '\n' not in message and url in message and 'recorded at its first download' in message
+    assert not os.path.exists(cached)   # Nothing unverified is left to be served later.
+
+
+def test_pinned_hash_mismatch_is_one_error_naming_the_url(fake_server, tmp_path):
+    url = 'https://example.org/det.pkl'
+    with pytest.raises(dnnlib.UserError) as info:
+        _fetch(url, tmp_path, sha256='0' * 64)
+    assert '\n' not in str(info.value) and url in str(info.value) and 'pinned' in str(info.value)
+    assert [name for name in os.listdir(tmp_path) if not name.startswith('.')] == []
+
+
+def test_plain_http_warns_and_https_downgrade_is_refused(monkeypatch, tmp_path):
+    import requests
+    server = _FakeServer({'http://example.org/a.pkl': b'a', 'https://example.org/b.pkl': b'b'},
+                         redirect={'https://example.org/b.pkl': 'http://mirror.example.org/b.pkl'})
+    monkeypatch.setattr(requests, 'get', server.get)
+    with pytest.warns(UserWarning, match='plain http'):
+        assert _fetch('http://example.org/a.pkl', tmp_path) == b'a'
+    with pytest.raises(dnnlib.UserError, match='redirect from https to http://mirror'):
+        _fetch('https://example.org/b.pkl', tmp_path, num_attempts=1)
