@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Score ECM snapshots (1- and 2-step FID by default) with torchrun; already-recorded pairs are skipped.
 #   bash eval_ecm.sh <NGPUs> <PORT> --resume <snapshot | run dir> [--metrics=fid50k_full,two_step_fid50k_full] [--ref=...] [...]
-# Other options are those of `python -m metrics.evaluate --help`. The reference defaults to EDM's CIFAR-10
-# statistics unless --ref is given. On a terminal, rank 0 shows progress bars (snapshot x metric, and the
+# Other options are those of `python -m metrics.evaluate --help` (e.g. --detector, --vgg16, --dinov2: the
+# detector files, as train.py takes them). The reference defaults to EDM's CIFAR-10 statistics unless --ref is given. On a terminal, rank 0 shows progress bars (snapshot x metric, and the
 # sampling/feature extraction of each metric); --no-progress or ECT_NO_PROGRESS=1 turns them off.
 set -euo pipefail
 

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=8 fid.py net --network=... --num-images=50000 --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 
 `--kind=dinov2` computes FD_DINOv2 statistics instead (EDM2's protocol); `--detector` replaces the default
-network of the kind by a TorchScript file (URL or path) with the same calling convention. Under torchrun,
+network of the kind by another file (URL or path): an NVIDIA detector .pkl or a state dict with the same tensor
+names (loaded without running code), or DINOv2 weights; TorchScript needs --allow-unsafe-pickle. Under torchrun,
 write `--num-images` for `--num`: torchrun's argument parser takes `--num` for its own `--numa-binding`.
 """
 
@@ -71,9 +72,9 @@ def check_dest(dest):
 def _common_options(fn):
     options = [
         click.option('--kind', help='Feature network', type=click.Choice(_KINDS), default='inception', show_default=True),
-        click.option('--detector', help='Feature network file (TorchScript or DINOv2 weights)  [default: official]', metavar='PATH|URL', type=str, default=None),
+        click.option('--detector', help='Feature network: NVIDIA .pkl, state dict or DINOv2 .pth  [default: official]', metavar='PATH|URL', type=str, default=None),
         click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
-        click.option('--allow-unsafe-pickle', help='Allow detector pickles that execute embedded code', is_flag=True),
+        click.option('--allow-unsafe-pickle', help='Trust the detector file: allow pickles that execute embedded code and TorchScript', is_flag=True),
         click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None),
         progress.no_progress_option,
     ]

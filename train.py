@@ -106,6 +106,7 @@ def cli_overrides(kw):
         double_ticks=parse_double(kw['double']), snap_ticks=kw['snap'], dump_ticks=kw['dump'],
         sample_ticks=kw['sample_every'], eval_ticks=kw['eval_every'], metrics=metrics, metrics_ref=kw['ref'],
         eval_init_metrics=eval_init, metric_samples=kw['metric_samples'],
+        detector_files={k: kw[k] for k in ('detector', 'vgg16', 'dinov2') if kw[k]} or None,
         max_hours=kw['max_hours'], seed=kw['seed'], precision=precision, transfer=kw['transfer'], loss=kw['loss'],
         q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
         P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
@@ -177,6 +178,9 @@ def check_extras(options):
             metric_main.check_metric(metric)
             if not pending:
                 metric_main.check_ref(metric, options.metrics_ref)
+    for flag, path in options.detector_files.items():
+        if not dnnlib.util._is_url(path) and not os.path.isfile(path):
+            raise dnnlib.UserError(f'--{flag}={path}: no such file')
     if options.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401 (availability check only)
@@ -343,6 +347,9 @@ def launch(options, run_dir):
 @click.option('--ref', help='Reference statistics/dataset for --metrics', metavar='NPZ|DIR', type=str)
 @click.option('--eval-every', help='Evaluate --metrics every N ticks', metavar='TICKS', type=int)
 @click.option('--eval-init', help='Comma list of metrics of the initial (e.g. transferred) network, before training', metavar='LIST', type=str)
+@click.option('--detector', help='Inception detector for the metrics: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str)
+@click.option('--vgg16', help='VGG16 detector for pr50k3_full: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str)
+@click.option('--dinov2', help='DINOv2 weights for fd_dinov2 (official .pth state dict)  [default: official URL]', metavar='PATH|URL', type=str)
 @click.option('--metric-samples', help='Generated images per metric evaluation (default: the metric\'s own count)', metavar='INT', type=int)
 @click.option('--max-hours', help='Stop (with a state) after this many hours of training', metavar='HOURS', type=float)
 @click.option('--seed', help='Random seed', metavar='INT', type=int)

@@ -70,7 +70,7 @@ DEFAULTS = dict(
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[0.821], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     find_unused_parameters=False, metrics_ref=None, tensorboard=False, data_source=None, data_max_images=None,
-    eval_init_metrics=[], metric_samples=None,
+    eval_init_metrics=[], metric_samples=None, detector_files={},
 )
 
 # ECT CIFAR-10 recipe (docs/ECT.md §6, official run_ecm.sh): 200k iterations at batch 128.
@@ -276,6 +276,7 @@ def build_options(o):
         metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours, seed=int(o.seed),
         precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer, mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
         find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref, tensorboard=bool(o.tensorboard),
+        detector_files=dict(o.detector_files),
     )
 
 

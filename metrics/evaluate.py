@@ -73,7 +73,7 @@ def load_detectors(metrics, detector, dinov2, allow_unsafe_pickle, device, vgg16
     for metric in metrics:
         kind = metric_main.detector_kind(metric)
         if kind not in loaded:
-            url = dict(dinov2=dinov2, vgg16=vgg16, randnet=None).get(kind, detector)   # randnet: seeded, no file
+            url = metric_main.detector_file(metric, detector, vgg16, dinov2)
             try:
                 loaded[kind] = metric_main.load_metric_detector(metric, url, allow_unsafe_pickle, device)
             except dnnlib.UserError:
@@ -141,10 +141,10 @@ def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metri
 @click.option('--num-images', 'num_samples', help='Generated images per metric  [default: the metric\'s own, 50000]', metavar='INT', type=click.IntRange(min=2), default=None)
 @click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='2-step intermediate time  [default: snapshot metadata, else recipe]', metavar='FLOAT', multiple=True)
-@click.option('--detector', help='Inception detector (TorchScript)  [default: official]', metavar='PATH|URL', type=str, default=None)
-@click.option('--vgg16', help='VGG16 detector for pr50k3_full (TorchScript)  [default: official]', metavar='PATH|URL', type=str, default=None)
-@click.option('--dinov2', help='DINOv2 weights (.pth or TorchScript)  [default: official URL]', metavar='PATH|URL', type=str, default=None)
-@click.option('--allow-unsafe-pickle', help='Allow pickles that execute embedded code', is_flag=True)
+@click.option('--detector', help='Inception detector: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str, default=None)
+@click.option('--vgg16', help='VGG16 detector for pr50k3_full: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str, default=None)
+@click.option('--dinov2', help='DINOv2 weights (official .pth state dict)  [default: official URL]', metavar='PATH|URL', type=str, default=None)
+@click.option('--allow-unsafe-pickle', help='Trust the files: allow pickles that execute embedded code and TorchScript', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @click.option('--dry-run', help='Check the arguments and list the pending work, then exit', is_flag=True)
 @progress.no_progress_option

@@ -67,6 +67,12 @@ def ref_kind(metric):
     return check_metric(metric).ref
 
 
+def detector_file(metric, detector=None, vgg16=None, dinov2=None):
+    """The detector file given for `metric` (--detector for the Inception metrics, --vgg16, --dinov2), or None
+    for the official one; the random-network metrics take no file."""
+    return dict(vgg16=vgg16, dinov2=dinov2, randnet=None).get(detector_kind(metric), detector)
+
+
 def load_metric_detector(metric, url_or_path=None, allow_unsafe_pickle=False, device='cpu'):
     """The detector `metric` uses (default URL of its kind unless `url_or_path` is given), on `device`."""
     return detectors.get_detector(detector_kind(metric), url_or_path, allow_unsafe_pickle, device=device)

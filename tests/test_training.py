@@ -268,6 +268,17 @@ def test_dry_run_writes_options(data_dir, tmp_path):
     assert options['ema_kwargs'] == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
     assert options['mid_t'] == [0.5, 1.0] and options['loss_kwargs']['P_mean'] == -1.0
     assert options['double_ticks'] is None
+    assert options['detector_files'] == {}   # the official detectors
+
+
+def test_dry_run_records_detector_files(data_dir, tmp_path):
+    det = tmp_path / 'inception.pkl'
+    det.write_bytes(b'\x80')
+    code, output = invoke(base_args(data_dir, tmp_path / 'out') + [f'--detector={det}', '--dinov2=https://x.org/d.pth'])
+    assert code == 0, output
+    (run_dir,) = list((tmp_path / 'out').iterdir())
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['detector_files'] == dict(detector=str(det), dinov2='https://x.org/d.pth')
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -281,6 +292,7 @@ def test_dry_run_writes_options(data_dir, tmp_path):
     (['--metrics=nope', '--eval-every=1'], '--metrics'),
     (['--resume=/definitely/not/here.pt'], '--resume'),
     (['--arch-kwargs=[1]'], '--arch-kwargs'),
+    (['--detector=/definitely/not/here.pkl'], '--detector'),
 ])
 def test_bad_values_give_one_line_errors(data_dir, tmp_path, extra, message):
     code, output = invoke(base_args(data_dir, tmp_path) + extra)
@@ -353,7 +365,8 @@ def test_run_ecm_usage():
 def test_metric_detectors_are_loaded_once_per_run(monkeypatch, tmp_path):
     from metrics import metric_main
     loads, used = [], []
-    monkeypatch.setattr(metric_main, 'load_metric_detector', lambda metric, device='cpu': loads.append(metric) or object())
+    monkeypatch.setattr(metric_main, 'load_metric_detector',
+                        lambda metric, url=None, device='cpu': loads.append((metric, url)) or object())
     monkeypatch.setattr(metric_main, 'calc_metric', lambda metric, net, detector=None, **kw: used.append(detector) or kw)
     monkeypatch.setattr(metric_main, 'report_metric', lambda *args, **kw: None)
     monkeypatch.setattr(metric_main, 'format_result', lambda result: '')
@@ -361,5 +374,6 @@ def test_metric_detectors_are_loaded_once_per_run(monkeypatch, tmp_path):
     nets = [('', torch.nn.Identity()), ('-b0.99', torch.nn.Identity())]
     for kimg in (8, 16):   # two evaluations of two EMA nets with two metrics sharing the Inception detector
         tl.evaluate_metrics(['fid50k_full', 'two_step_fid50k_full'], nets, 'ref.npz', [0.821], str(tmp_path),
-                            f'network-snapshot-{kimg:06d}', 'cpu', detectors=cache)
-    assert len(loads) == 1 and len(used) == 8 and all(d is used[0] for d in used)
+                            f'network-snapshot-{kimg:06d}', 'cpu', detectors=cache,
+                            detector_files=dict(detector='inception.pkl', dinov2='dinov2.pth'))
+    assert loads == [('fid50k_full', 'inception.pkl')] and len(used) == 8 and all(d is used[0] for d in used)

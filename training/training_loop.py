@@ -450,17 +450,19 @@ def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, devic
 
 
 def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix, device, num_samples=None,
-                     detectors=None):
+                     detectors=None, detector_files=None):
     """Every metric on every (suffix, net) with metrics.metric_main.calc_metric (all ranks take part; rank 0
     records it under the snapshot name `{snapshot_prefix}{suffix}.pt`); `num_samples` None = the metric's own.
-    `detectors` caches the loaded feature networks by kind across calls (a run evaluates many times)."""
+    `detectors` caches the loaded feature networks by kind across calls (a run evaluates many times);
+    `detector_files` (keys detector, vgg16, dinov2, as train.py's flags) replaces the official files."""
     from metrics import metric_main
     detectors = {} if detectors is None else detectors
     for suffix, net in nets:
         for metric in metrics:
             kind = metric_main.detector_kind(metric)
             if kind not in detectors:
-                detectors[kind] = metric_main.load_metric_detector(metric, device=device)
+                url = metric_main.detector_file(metric, **(detector_files or {}))
+                detectors[kind] = metric_main.load_metric_detector(metric, url, device=device)
             result = metric_main.calc_metric(metric, net, ref=metrics_ref, detector=detectors[kind], device=device,
                                              mid_t=list(mid_t), num_samples=num_samples)
             metric_main.report_metric(result, run_dir, snapshot_name=f'{snapshot_prefix}{suffix}.pt')
@@ -479,7 +481,7 @@ def evaluate_initial(cfg, parts):
             runs = grid_runs('edm', cfg.mid_t) + grid_runs('consistency', cfg.mid_t)
             save_grids(net, cfg.run_dir, 'grid-initial', runs, parts.device)
         evaluate_metrics(cfg.eval_init_metrics, [('', net)], cfg.metrics_ref, cfg.mid_t, cfg.run_dir,
-                         'initial-network', parts.device, cfg.metric_samples, parts.detectors)
+                         'initial-network', parts.device, cfg.metric_samples, parts.detectors, cfg.detector_files)
     finally:
         net.train(was_training)
 
@@ -514,6 +516,7 @@ def training_loop(
     metrics_ref             = None,     # reference statistics/dataset of the metrics
     eval_init_metrics       = (),       # metrics of the initial network, before the first step (not on resume)
     metric_samples          = None,     # generated images per metric evaluation; None = the metric's own count
+    detector_files          = {},       # metric detector files (detector, vgg16, dinov2); missing = official
     max_hours               = None,     # stop (with a state) after this much training time
     seed                    = 0,        # global seed
     precision               = 'fp32',   # fp32 | tf32 | bf16 | fp16
@@ -579,7 +582,8 @@ def _maintenance(cfg, parts, progress, stop):
         save_snapshots(parts.ema, cfg.run_dir, kimg, metadata)
     if cfg.metrics and (stop or _due(cfg.eval_ticks, tick)):
         evaluate_metrics(cfg.metrics, parts.ema.get(), cfg.metrics_ref, cfg.mid_t, cfg.run_dir,
-                         f'network-snapshot-{kimg:06d}', parts.device, cfg.metric_samples, parts.detectors)
+                         f'network-snapshot-{kimg:06d}', parts.device, cfg.metric_samples, parts.detectors,
+                         cfg.detector_files)
     if stop or _due(cfg.state_dump_ticks, tick):
         _write_state(cfg, parts, progress)
 
