@@ -188,7 +188,7 @@ def progdist_loss(net, teacher, x0, noise, indices, num_scales, labels=None, los
     grid = dict(denominator=num_scales, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     t, t_half, t_end = (level_sigma(indices + offset, **grid) for offset in (0, 0.5, 1))
     x_t = x0 + noise * _col(t, x0.ndim)
-    denoised = call_net(net, x_t, t, labels)
+    denoised = call_net(net, x_t, t, labels, edm_form=True)
     teacher_fn = lambda x, s: call_net(teacher, x, s, labels, edm_form=True)
     x_half = ode_step(x_t, t, t_half, teacher_fn, 'euler')
     x_end = ode_step(x_half, t_half, t_end, teacher_fn, 'euler')
@@ -200,6 +200,6 @@ def progdist_loss(net, teacher, x0, noise, indices, num_scales, labels=None, los
 # Karras et al. 2022 eq. 2 as `training_losses` computes it: mean over pixels of λ(σ)·(D(x + σn, σ) − x)².
 def denoising_loss(net, x0, noise, sigma, labels=None, weight_schedule='karras', sigma_data=0.5):
     """Per-sample EDM pretraining losses [N] (mean over pixels, the official `terms['loss']`)."""
-    denoised = call_net(net, x0 + noise * _col(sigma, x0.ndim), sigma, labels)
+    denoised = call_net(net, x0 + noise * _col(sigma, x0.ndim), sigma, labels, edm_form=True)
     weights = _col(get_weightings(weight_schedule, sigma ** -2, sigma_data), x0.ndim)
     return _mean_flat(weights * (denoised - x0).square())
