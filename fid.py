@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 import dnnlib
-import generate
-from generate import CommandError
 from metrics import detectors
 from metrics import metric_main
 from metrics import metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
+from training import samplers
+from training.cli_common import load_network, parse_float_list, user_errors
+from training.generation import generate_images
 
 _KINDS = ['inception', 'dinov2', 'vgg16']
 
@@ -50,8 +51,8 @@ def dataset_stats(dataset, detector, batch_size, device, capture_all=False):
 
 def network_stats(net, detector, seeds, sampler, sampler_kwargs, batch_size, device):
     """Float64 feature statistics of the images `net` generates for `seeds`, in memory, over the ranks."""
-    batches = generate.generate_images(net, seeds, None, sampler, sampler_kwargs, batch_size, device,
-                                       dist.get_rank(), dist.get_world_size())
+    batches = generate_images(net, seeds, None, sampler, sampler_kwargs, batch_size, device, dist.get_rank(),
+                              dist.get_world_size())
     return metric_utils.compute_generator_stats(batches, detector, metric_utils.FeatureStats(), device,
                                                 num_images=len(seeds))
 
@@ -101,12 +102,10 @@ def cli():
 @_common_options
 def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
     """Reference statistics (mu, sigma) of a dataset."""
-    try:
+    with user_errors():
         check_dest(dest)
         dataset = open_dataset(data_path)
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{data_path}"...')
     with progress.disabled_if(no_progress):
         stats = dataset_stats(dataset, detector, batch_size, device, capture_all=save_features)
@@ -125,13 +124,11 @@ def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe
 def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, allow_unsafe_pickle, device,
          no_progress):
     """FID (or FD) of a folder/zip of images against reference statistics."""
-    try:
+    with user_errors():
         ref_arrays = metric_utils.load_ref(ref_path, kind=kind)
         dataset = open_dataset(image_path, num_expected, seed, flag='--images')
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
         metric_main.check_ref_width(ref_arrays, detector, dataset.image_shape, device)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{image_path}"...')
     with progress.disabled_if(no_progress):
         stats = dataset_stats(dataset, detector, batch_size, device)
@@ -150,15 +147,13 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, kind, detector, batch_size,
         allow_unsafe_pickle, device, no_progress):
     """FID (or FD) of a network, sampling in memory (no PNGs written)."""
-    try:
+    with user_errors():
         ref_arrays = metric_utils.load_ref(ref_path, kind=kind)
-        mid_t = generate.parse_float_list(mid_t, '--mid_t')
-        model, metadata = generate.load_network(network, allow_unsafe_pickle)
-        sampler, sampler_kwargs = generate.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata)
+        mid_t = parse_float_list(mid_t, '--mid_t')
+        model, metadata = load_network(network, allow_unsafe_pickle)
+        sampler, sampler_kwargs = samplers.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata)
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
         metric_main.check_ref_width(ref_arrays, detector, [model.img_channels, model.img_resolution, model.img_resolution], device)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
     seeds = list(range(first_seed, first_seed + num_samples))
     dist.print0(f'Generating {num_samples} images with the {sampler} sampler {sampler_kwargs}...')
     with torch.no_grad(), progress.disabled_if(no_progress):
@@ -167,10 +162,8 @@ def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, k
 
 
 def _print_distance(stats, ref_arrays):
-    try:
+    with user_errors():
         value = fid_from_stats(stats, ref_arrays)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
     dist.print0(f'{value:g}')
 
 

@@ -29,13 +29,7 @@ import torch.distributed
 import dnnlib
 from configs import presets
 from torch_utils import distributed as dist
-
-EXIT_USER_ERROR = 2
-
-
-class CliError(click.ClickException):
-    """A user mistake: one line on stderr, exit code 2."""
-    exit_code = EXIT_USER_ERROR
+from training.cli_common import parse_float_list, user_errors
 
 
 class Tee:
@@ -59,14 +53,6 @@ class Tee:
 
     def isatty(self):
         return False
-
-
-def parse_float_list(text, flag):
-    """'0.821,1.2' -> [0.821, 1.2]."""
-    try:
-        return [float(v) for v in str(text).split(',') if v.strip()]
-    except ValueError:
-        raise dnnlib.UserError(f'{flag}: expected numbers separated by commas, got "{text}"') from None
 
 
 def parse_double(text):
@@ -96,7 +82,7 @@ def parse_json_dict(text, flag):
 def cli_overrides(kw):
     """Flat option overrides (configs.presets keys) from the parsed flags; None = not given."""
     precision = kw['precision'] or ('fp16' if kw['fp16'] else 'tf32' if kw['tf32'] else None)
-    mid_t = [t for text in kw['mid_t'] for t in parse_float_list(text, '--mid-t')] or None
+    mid_t = parse_float_list(kw['mid_t'], '--mid-t')
     metrics = [m for m in (kw['metrics'] or '').split(',') if m.strip()] or None
     eval_init = [m for m in (kw['eval_init'] or '').split(',') if m.strip()] or None
     return dict(
@@ -126,10 +112,10 @@ def ensure_data(flat, options, dry_run):
     if flat.data_source is None or path is None or os.path.exists(path) or dry_run:
         return
     check_transfer_file(options.transfer)   # before the build: a typo must not cost the build first
-    import dataset_tool
+    from training.dataset_convert import convert_dataset
     dist.print0(f'Building {path} from {flat.data_source} (first run only)')
     if dist.get_rank() == 0:
-        dataset_tool.run(flat.data_source, path, flat.data_max_images, None, None)
+        print(convert_dataset(flat.data_source, path, flat.data_max_images, None, None))
     dist.barrier()
 
 
@@ -363,14 +349,12 @@ def launch(options, run_dir):
 @click.option('--nosubdir', help='Use --outdir itself as the run directory', is_flag=True)
 @click.option('--dry-run', help='Resolve, validate and save training_options.json, then exit', is_flag=True)
 def main(**kw):
-    try:
+    with user_errors():
         options, run_dir = prepare(kw)
         if kw['dry_run']:
             dist.print0('Dry run; exiting.')
             return
         launch(options, run_dir)
-    except dnnlib.UserError as e:
-        raise CliError(str(e)) from None
 
 
 if __name__ == '__main__':

@@ -82,7 +82,7 @@ def time_scoring(net, num_images, ref, detector_path, batch_size, device):
 @click.option('--iters', help='Timed calls per measurement', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
 @click.option('--warmup', help='Untimed calls first', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--precision', help='Arithmetic', type=click.Choice(['fp32', 'tf32', 'bf16']), default='fp32', show_default=True)
-@click.option('--steps', 'num_steps', help='Consistency steps (2 uses mid_t 0.821)', type=click.IntRange(min=1, max=2), default=1, show_default=True)
+@click.option('--steps', 'num_steps', help='Consistency steps (2 uses the CIFAR-10 recipe\'s mid_t)', type=click.IntRange(min=1, max=2), default=1, show_default=True)
 @click.option('--score', 'score_images', help='Also time fid50k_full end to end on N images (0 = skip)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--ref', help='Reference statistics for --score', metavar='NPZ|URL', type=str, default='https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz', show_default=True)
 @click.option('--detector', 'detector_path', help='Inception detector for --score  [default: official]', metavar='PATH|URL', type=str, default=None)
@@ -95,7 +95,7 @@ def main(device, batch_size, iters, warmup, precision, num_steps, score_images, 
     torch.manual_seed(0)
     net = dnnlib.util.construct_class_by_name(**DDPMPP_CIFAR10).eval().requires_grad_(False).to(device)
     num_params = sum(p.numel() for p in net.parameters())
-    t_steps = samplers.make_consistency_steps(80.0, [0.821] if num_steps == 2 else None)
+    t_steps = samplers.make_consistency_steps(samplers.T_MAX, [samplers.CIFAR10_MID_T] if num_steps == 2 else None)
     autocast = set_precision(precision, device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)

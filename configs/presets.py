@@ -25,6 +25,7 @@ import math
 import os
 
 import dnnlib
+from training.samplers import CIFAR10_MID_T, IMAGENET64_MID_T
 
 CIFAR10_VP_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,7 @@ DEFAULTS = dict(
     weighting='ict', P_mean=-1.1, P_std=2.0, sigma_data=0.5,
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
-    ema_beta=None, ema_mimg=None, mid_t=[0.821], grid_sampler='consistency', xflip=False, cache=True, workers=2,
+    ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     find_unused_parameters=False, metrics_ref=None, tensorboard=False, data_source=None, data_max_images=None,
     eval_init_metrics=[], metric_samples=None, detector_files={},
 )
@@ -80,7 +81,7 @@ _CIFAR10_ECM = dict(
     loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid', weighting='ict', P_mean=-1.1, P_std=2.0,
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
     lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
-    mid_t=[0.821], grid_sampler='consistency',
+    mid_t=[CIFAR10_MID_T], grid_sampler='consistency',
 )
 
 # ECT ImageNet-64 recipe (docs/ECT.md §6, column 3; ECT paper §4.2): class-conditional EDM2 img64 networks tuned for
@@ -110,7 +111,7 @@ def _imagenet64_ecm(size):
         ema=dict(class_name='training.ema.CombinedEMA', trackers=[
             dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
             dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]),
-        mid_t=[1.526], grid_sampler='consistency', xflip=False,
+        mid_t=[IMAGENET64_MID_T], grid_sampler='consistency', xflip=False,
     )
 
 

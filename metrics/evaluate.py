@@ -15,11 +15,10 @@ import click
 import torch
 
 import dnnlib
-import generate
-from generate import CommandError
 from metrics import metric_main
 from torch_utils import distributed as dist
 from torch_utils import progress
+from training.cli_common import load_network, parse_float_list, user_errors
 
 SNAPSHOT_PATTERNS = ('network-snapshot-*.pt', 'network-snapshot-*.pkl')
 DINOV2_SKIPPED = 'fd_dinov2: DINOv2 weights not available (URL unreachable and no --dinov2 path): skipped'
@@ -110,7 +109,7 @@ def evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, 
     """Compute and record every pending (snapshot, metric) pair; a progress bar over the pairs on rank 0."""
     with progress.bar(total=sum(len(todo) for _, todo in work), desc='snapshot x metric', unit='metric') as pairs_bar:
         for path, todo in work:
-            net, metadata = generate.load_network(path, allow_unsafe_pickle)
+            net, metadata = load_network(path, allow_unsafe_pickle)
             net = net.to(device)
             for metric in todo:
                 pairs_bar.set_postfix_str(f'{os.path.basename(path)} {metric}')
@@ -151,30 +150,24 @@ def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metri
 def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, detector, vgg16, dinov2,
         allow_unsafe_pickle, device, dry_run, no_progress):
     """Score network snapshots with the named metrics (1- and 2-step FID by default)."""
-    try:
+    with user_errors():
         dist.init()
         device = dist.resolve_device(device)
         metrics = parse_metrics(metrics)
-        mid_t = generate.parse_float_list(mid_t, '--mid_t')
+        mid_t = parse_float_list(mid_t, '--mid_t')
         run_dir, snapshots = find_snapshots(resume)
         work = pending_work(run_dir, snapshots, metrics)
         refs = metric_refs(metrics, ref, ref_dinov2, data) if work else {}
         detectors_by_metric = load_detectors(sorted({m for _, todo in work for m in todo}), detector, dinov2,
                                              allow_unsafe_pickle, device, vgg16)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
     skipped = len(snapshots) * len(metrics) - sum(len(todo) for _, todo in work)
     dist.print0(f'{len(snapshots)} snapshot(s), {skipped} snapshot/metric pair(s) already recorded: skipped')
     if dry_run:
         for path, todo in work:
             dist.print0(f'to do: {os.path.basename(path)}: {", ".join(todo)}')
         return
-    try:
-        with progress.disabled_if(no_progress):
-            evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle,
-                     device)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
+    with user_errors(), progress.disabled_if(no_progress):
+        evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device)
     for line in results_table(run_dir, snapshots, metrics):
         dist.print0(line)
 

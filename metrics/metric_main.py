@@ -5,7 +5,7 @@
 
 Names keep their published meaning (fid50k_full: FID of 50,000 one-step samples against the full training
 set statistics); `num_samples` overrides the count for tests and quick checks, and the record says so.
-Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by generate.generate_images.
+Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by training.generation.generate_images.
 """
 
 import collections
@@ -21,6 +21,8 @@ import dnnlib
 from metrics import detectors
 from metrics import metric_utils
 from torch_utils import distributed as dist
+from training import samplers
+from training.generation import generate_images
 
 # detector: kind for metrics.detectors.get_detector; ref: 'stats' (mu/sigma), 'features' or None;
 # num_samples: generated images of the published metric; steps: sampling steps; sampler: 'consistency' or 'heun'
@@ -98,18 +100,16 @@ def _ref_features(ref, detector, batch_size, device, rank, num_gpus, max_items):
 
 
 def _generated_stats(net, detector, num_samples, capture_all, sampling, batch_size, device, rank, num_gpus):
-    import generate  # Deferred: generate.py imports the samplers and the CLI machinery.
     seeds = list(range(num_samples))
-    batches = generate.generate_images(net, seeds, class_idx=None, sampler=sampling['sampler'],
-                                       sampler_kwargs=sampling['sampler_kwargs'], batch_size=batch_size,
-                                       device=device, rank=rank, world_size=num_gpus)
+    batches = generate_images(net, seeds, class_idx=None, sampler=sampling['sampler'],
+                              sampler_kwargs=sampling['sampler_kwargs'], batch_size=batch_size, device=device,
+                              rank=rank, world_size=num_gpus)
     stats = metric_utils.FeatureStats(capture_all=capture_all, capture_mean_cov=not capture_all)
     return metric_utils.compute_generator_stats(batches, detector, stats, device, num_images=num_samples)
 
 
 def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, metadata=None):
     """dict(sampler, sampler_kwargs, nfe) for `metric`: the metric's own sampling unless a sampler is given."""
-    import generate
     steps = check_metric(metric).steps
     if sampler is None and check_metric(metric).sampler == 'heun':
         sampler, sampler_kwargs = 'heun', dict(num_steps=steps)
@@ -117,14 +117,10 @@ def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, met
         if mid_t is not None and steps == 2:
             mid_t = [float(t) for t in (mid_t if isinstance(mid_t, (list, tuple)) else [mid_t])]
         sampler = 'consistency'
-        sampler_kwargs = generate.consistency_kwargs(net, num_steps=steps, mid_t=mid_t if steps == 2 else None,
+        sampler_kwargs = samplers.consistency_kwargs(net, num_steps=steps, mid_t=mid_t if steps == 2 else None,
                                                      metadata=metadata)
     sampler_kwargs = dict(sampler_kwargs or {})
-    if sampler == 'consistency':
-        nfe = len(sampler_kwargs.get('t_steps', (80.0, 0.821, 0.0))) - 1
-    else:
-        nfe = 2 * sampler_kwargs.get('num_steps', 18) - 1
-    return dict(sampler=sampler, sampler_kwargs=sampler_kwargs, nfe=nfe)
+    return dict(sampler=sampler, sampler_kwargs=sampler_kwargs, nfe=samplers.sampler_nfe(sampler, sampler_kwargs))
 
 
 def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus):

@@ -1,4 +1,5 @@
-"""dataset_tool.py against docs/ECT.md §8: member names, pixels (independent numpy/PIL references), labels, errors."""
+"""dataset_tool.py (and training/dataset_sources.py, training/dataset_convert.py) against docs/ECT.md §8: member
+names, pixels (independent numpy/PIL references), labels, errors."""
 
 import io
 import json
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+from training import dataset_convert, dataset_sources
 
 LANCZOS = PIL.Image.Resampling.LANCZOS
 
@@ -133,9 +135,9 @@ def test_cifar_folder_max_images_and_resize(tmp_path):
 
 
 def test_cifar_names_past_1000_use_next_folder():
-    assert dataset_tool.archive_name(999) == '00000/img00000999.png'
-    assert dataset_tool.archive_name(1000) == '00001/img00001000.png'
-    assert dataset_tool.archive_name(49999) == '00049/img00049999.png'
+    assert dataset_sources.archive_name(999) == '00000/img00000999.png'
+    assert dataset_sources.archive_name(1000) == '00001/img00001000.png'
+    assert dataset_sources.archive_name(49999) == '00049/img00049999.png'
 
 #----------------------------------------------------------------------------
 # Image folders and zips.
@@ -245,7 +247,7 @@ def test_dhariwal_halving_sizes():
     arr = np.random.default_rng(5).integers(0, 256, size=[200, 300, 3], dtype=np.uint8)
     img = PIL.Image.fromarray(arr).resize((150, 100), PIL.Image.Resampling.BOX).resize((75, 50), PIL.Image.Resampling.BOX)
     expected = np.array(img.resize((48, 32), PIL.Image.Resampling.BICUBIC))[:, 8:40]
-    np.testing.assert_array_equal(dataset_tool.transform_center_crop_dhariwal(arr, 32, 32), expected)
+    np.testing.assert_array_equal(dataset_convert.transform_center_crop_dhariwal(arr, 32, 32), expected)
 
 
 def test_zip_source_matches_folder_source(tmp_path):

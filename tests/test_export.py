@@ -15,9 +15,8 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
-import generate
 from test_samplers import ecm_net  # noqa: F401 (a fixture: the reference ECM network)
-from training import checkpoint, export, hub
+from training import checkpoint, cli_common, export, hub, samplers
 
 pytest.importorskip('safetensors', reason='the safetensors package (an optional extra, installed by CI) is not installed')
 
@@ -93,9 +92,8 @@ for module in (pickle, _pickle):
     module.load = module.loads = refuse
     module.Unpickler = Refused
 torch.load = refuse
-import generate
-from training import export
-net, _ = generate.load_network(sys.argv[1], False)
+from training import cli_common, export
+net, _ = cli_common.load_network(sys.argv[1], False)
 print(json.dumps({k: (str(v.dtype), list(v.shape), hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest())
                   for k, v in net.state_dict().items()}))
 '''
@@ -107,9 +105,9 @@ print(json.dumps({k: (str(v.dtype), list(v.shape), hashlib.sha256(v.contiguous()
 
 def test_every_loader_accepts_an_export(ecm_net, exported):  # noqa: F811 (fixture)
     outdir = str(exported[0])
-    net, metadata = generate.load_network(outdir, False)
+    net, metadata = cli_common.load_network(outdir, False)
     assert tensor_digests(net) == tensor_digests(ecm_net)
-    assert generate.resolve_sampler(net, metadata=metadata)[1] == generate.resolve_sampler(
+    assert samplers.resolve_sampler(net, metadata=metadata)[1] == samplers.resolve_sampler(
         ecm_net, metadata=dict(mid_t=[0.821]))[1]
     assert tensor_digests(checkpoint.load_network(outdir)) == tensor_digests(ecm_net)
 
@@ -169,7 +167,7 @@ def fake_hub(repo_folder, calls):
 def test_hf_paths_load_through_the_hub(ecm_net, exported, run_dir, monkeypatch):  # noqa: F811 (fixture)
     calls = []
     monkeypatch.setitem(sys.modules, 'huggingface_hub', fake_hub(str(exported[0]), calls))
-    net, metadata = generate.load_network('hf://someone/ect-net', False)
+    net, metadata = cli_common.load_network('hf://someone/ect-net', False)
     assert tensor_digests(net) == tensor_digests(ecm_net) and metadata['mid_t'] == [0.821]
     assert calls == [('someone/ect-net', 'config.json', None), ('someone/ect-net', 'model.safetensors', None)]
     monkeypatch.setitem(sys.modules, 'huggingface_hub', fake_hub(str(run_dir), calls))
@@ -186,7 +184,7 @@ def test_malformed_hf_paths(url):
 def test_hf_path_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, 'huggingface_hub', None)
     with pytest.raises(dnnlib.UserError, match=r'hf://someone/net: .*pip install huggingface_hub'):
-        generate.load_network('hf://someone/net', False)
+        cli_common.load_network('hf://someone/net', False)
 
 
 def test_hf_path_without_network_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import dnnlib
 import generate
 from test_samplers import assert_uint8_matches_fixture, build_fixture_net, ecm_net  # noqa: F401 (ecm_net is a fixture)
-from training import checkpoint, networks, networks_edm2, samplers
+from training import checkpoint, cli_common, generation, networks, networks_edm2, samplers
 
 TWO_STEP = dict(t_steps=(80.0, 0.821, 0.0))
 
@@ -25,7 +25,7 @@ def snapshot(ecm_net, tmp_path_factory):
 @pytest.fixture(scope='module')
 def six_images(ecm_net):
     """Seeds 0-5, 2-step consistency, one batch of 6."""
-    (seeds, images), = generate.generate_images(ecm_net, range(6), sampler='consistency', sampler_kwargs=TWO_STEP,
+    (seeds, images), = generation.generate_images(ecm_net, range(6), sampler='consistency', sampler_kwargs=TWO_STEP,
                                                 batch_size=6)
     assert seeds == list(range(6))
     return images
@@ -52,7 +52,7 @@ def test_generated_images_match_fixture(six_images, edm_forward):
 
 
 def test_batch_size_does_not_change_images(ecm_net, six_images):
-    batches = list(generate.generate_images(ecm_net, range(6), sampler='consistency', sampler_kwargs=TWO_STEP,
+    batches = list(generation.generate_images(ecm_net, range(6), sampler='consistency', sampler_kwargs=TWO_STEP,
                                             batch_size=2))
     assert [seeds for seeds, _ in batches] == [[0, 1], [2, 3], [4, 5]]
     assert torch.equal(torch.cat([images for _, images in batches]), six_images)
@@ -61,7 +61,7 @@ def test_batch_size_does_not_change_images(ecm_net, six_images):
 def test_ranks_share_seeds_without_overlap(ecm_net, six_images):
     by_seed = {}
     for rank in range(4):
-        for seeds, images in generate.generate_images(ecm_net, range(6), sampler='consistency',
+        for seeds, images in generation.generate_images(ecm_net, range(6), sampler='consistency',
                                                       sampler_kwargs=TWO_STEP, batch_size=3, rank=rank, world_size=4):
             for seed, image in zip(seeds, images):
                 assert seed not in by_seed
@@ -71,7 +71,7 @@ def test_ranks_share_seeds_without_overlap(ecm_net, six_images):
 
 
 def test_fixed_class_uses_that_label(ecm_net, edm_forward):
-    (_, images), = generate.generate_images(ecm_net, [0, 1], class_idx=3, sampler='consistency',
+    (_, images), = generation.generate_images(ecm_net, [0, 1], class_idx=3, sampler='consistency',
                                             sampler_kwargs=dict(t_steps=(80.0, 0.0)))
     latents = torch.from_numpy(edm_forward['sampler/latents'][:2])
     labels = torch.zeros([2, 10])
@@ -85,26 +85,26 @@ def test_fixed_class_uses_that_label(ecm_net, edm_forward):
 @pytest.mark.parametrize('class_idx', [10, -1])
 def test_class_out_of_range_is_refused(ecm_net, class_idx):
     with pytest.raises(dnnlib.UserError, match='--class'):
-        generate.generate_images(ecm_net, [0], class_idx=class_idx)
+        generation.generate_images(ecm_net, [0], class_idx=class_idx)
 
 # --- sampler defaults ---------------------------------------------------------------------------------------
 
 
 def test_default_samplers(ecm_net, edm_forward):
-    assert generate.resolve_sampler(ecm_net) == ('consistency', TWO_STEP)
-    assert generate.resolve_sampler(ecm_net, num_steps=1) == ('consistency', dict(t_steps=(80.0, 0.0)))
-    assert generate.resolve_sampler(ecm_net, metadata=dict(mid_t=[1.2])) == \
+    assert samplers.resolve_sampler(ecm_net) == ('consistency', TWO_STEP)
+    assert samplers.resolve_sampler(ecm_net, num_steps=1) == ('consistency', dict(t_steps=(80.0, 0.0)))
+    assert samplers.resolve_sampler(ecm_net, metadata=dict(mid_t=[1.2])) == \
         ('consistency', dict(t_steps=(80.0, 1.2, 0.0)))
-    assert generate.resolve_sampler(ecm_net, mid_t=[5.0, 0.5], t_max=40.0) == \
+    assert samplers.resolve_sampler(ecm_net, mid_t=[5.0, 0.5], t_max=40.0) == \
         ('consistency', dict(t_steps=(40.0, 5.0, 0.5, 0.0)))
     edm_net = build_fixture_net(edm_forward, networks.EDMPrecond)
-    assert generate.resolve_sampler(edm_net) == ('heun', {})
-    assert generate.resolve_sampler(edm_net, num_steps=9, S_churn=5.0) == ('heun', dict(num_steps=9, S_churn=5.0))
+    assert samplers.resolve_sampler(edm_net) == ('heun', {})
+    assert samplers.resolve_sampler(edm_net, num_steps=9, S_churn=5.0) == ('heun', dict(num_steps=9, S_churn=5.0))
     edm2_kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1],
                        num_blocks=1, attn_resolutions=[])
-    assert generate.resolve_sampler(networks_edm2.Precond(**edm2_kwargs, ecm_sigma_min=0.002)) == \
+    assert samplers.resolve_sampler(networks_edm2.Precond(**edm2_kwargs, ecm_sigma_min=0.002)) == \
         ('consistency', dict(t_steps=(80.0, 1.526, 0.0)))
-    assert generate.resolve_sampler(networks_edm2.Precond(**edm2_kwargs))[0] == 'heun'
+    assert samplers.resolve_sampler(networks_edm2.Precond(**edm2_kwargs))[0] == 'heun'
 
 
 @pytest.mark.parametrize('kwargs, flag', [
@@ -116,21 +116,21 @@ def test_default_samplers(ecm_net, edm_forward):
 ])
 def test_conflicting_sampler_options_are_refused(ecm_net, kwargs, flag):
     with pytest.raises(dnnlib.UserError, match=flag):
-        generate.resolve_sampler(ecm_net, **kwargs)
+        samplers.resolve_sampler(ecm_net, **kwargs)
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
 def test_parse_int_list():
-    assert generate.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
+    assert cli_common.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
     for bad in ['a', '3-1', '1,,2', '-4', '1.5']:
         with pytest.raises(dnnlib.UserError, match='--seeds'):
-            generate.parse_int_list(bad)
+            cli_common.parse_int_list(bad)
 
 
 def test_make_grid_tiles_row_major():
     images = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1) + 1
-    grid = generate.make_grid(images)
+    grid = generation.make_grid(images)
     assert grid.shape == (2 * 2, 3 * 3, 1)
     for i in range(5):
         r, c = divmod(i, 3)
@@ -168,7 +168,7 @@ def test_cli_subdirs_and_mid_t_flag(capsys, snapshot, tmp_path, ecm_net):
     code, out, _ = run_cli(capsys, f'--network={snapshot}', f'--outdir={tmp_path}', '--seeds=1001', '--subdirs',
                            '--mid-t=2.0', '--class=4')
     assert code == 0, out
-    (_, expected), = generate.generate_images(ecm_net, [1001], class_idx=4, sampler='consistency',
+    (_, expected), = generation.generate_images(ecm_net, [1001], class_idx=4, sampler='consistency',
                                               sampler_kwargs=dict(t_steps=(80.0, 2.0, 0.0)))
     np.testing.assert_array_equal(read_png(tmp_path / '001000' / '001001.png'), expected[0].numpy())
 

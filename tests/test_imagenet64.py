@@ -391,7 +391,7 @@ def test_generate_class_conditional(run_dir, tmp_path, class_idx):
     out, _ = run_dir
     snapshot = out / 'network-snapshot-latest-0.050.pt'
     net, meta = checkpoint.load_network_snapshot(snapshot)
-    assert generate.resolve_sampler(net, metadata=meta)[1]['t_steps'] == (80.0, SPEC['mid_t'], 0.0)
+    assert samplers.resolve_sampler(net, metadata=meta)[1]['t_steps'] == (80.0, SPEC['mid_t'], 0.0)
     args = [f'--network={snapshot}', f'--outdir={tmp_path}', '--seeds=0-3', '--batch=3', '--device=cpu']
     result = CliRunner().invoke(generate.cli, args + ([f'--class={class_idx}'] if class_idx is not None else []))
     assert result.exit_code == 0, result.output

@@ -15,7 +15,6 @@ import scipy.special
 import torch
 
 import dnnlib
-import generate
 from metrics import detectors, evaluate, metric_main, metric_utils
 from training import samplers
 
@@ -386,7 +385,7 @@ def test_generate_core_is_used_with_recipe_mid_t(tiny_setup):
     assert sampling['sampler_kwargs']['t_steps'] == (80.0, 1.5, 0.0) and sampling['nfe'] == 2
     sampling = metric_main.sampling_for('two_step_fid50k_full', tiny_setup.net, metadata=dict(mid_t=0.5))
     assert sampling['sampler_kwargs']['t_steps'] == (80.0, 0.5, 0.0)
-    assert generate.is_consistency_net(tiny_setup.net)
+    assert samplers.is_consistency_net(tiny_setup.net)
 
 
 def _all_reduce_worker(rank, init_file, x, out_dir):

@@ -11,9 +11,9 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-import dataset_tool
 import train
 from training import plots, run_records
+from training.dataset_convert import convert_dataset
 
 pytest.importorskip('matplotlib', reason='the matplotlib package (an optional extra, installed by CI) is not installed')
 
@@ -23,7 +23,7 @@ def recorded_run(tmp_path_factory):
     """The run directory of a shortened quickstart: 3 ticks, a snapshot and metrics every tick."""
     root = tmp_path_factory.mktemp('plots')
     data = str(root / 'shapes.zip')
-    dataset_tool.run('procedural:shapes', data, 48, None, None)
+    convert_dataset('procedural:shapes', data, 48, None, None)
     args = ['--preset=quickstart', f'--outdir={root / "runs"}', f'--data={data}', f'--ref={data}', '--batch=16',
             '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=16', '--snap=1', '--dump=3',
             '--sample-every=0', '--eval-every=1', '--eval-init=fd_randnet']

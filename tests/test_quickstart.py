@@ -11,15 +11,14 @@ import scipy.linalg
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
 import dnnlib
-import generate
 import train
 from configs import presets
 from metrics import detectors
 from metrics import metric_main
-from training import checkpoint
+from training import checkpoint, generation
 from training.dataset import ImageFolderDataset
+from training.dataset_convert import convert_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +30,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope='module')
 def shapes_zip(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
-    dataset_tool.run('procedural:shapes', path, 96, None, None)
+    convert_dataset('procedural:shapes', path, 96, None, None)
     return path
 
 
@@ -45,7 +44,7 @@ def _zip_images(path):
 
 def test_procedural_shapes_is_deterministic_in_edm_layout(shapes_zip, tmp_path):
     again = str(tmp_path / 'again.zip')
-    dataset_tool.run('procedural:shapes', again, 20, None, None)
+    convert_dataset('procedural:shapes', again, 20, None, None)
     first, second = _zip_images(shapes_zip), _zip_images(again)
     names = sorted(n for n in second if n.endswith('.png'))
     assert names == [f'00000/img{i:08d}.png' for i in range(20)]
@@ -61,12 +60,12 @@ def test_procedural_shapes_is_deterministic_in_edm_layout(shapes_zip, tmp_path):
 
 def test_procedural_shapes_resolution_and_errors(tmp_path):
     dest = str(tmp_path / 'big')
-    dataset_tool.run('procedural:shapes', dest, 3, '32x32', None)
+    convert_dataset('procedural:shapes', dest, 3, '32x32', None)
     assert ImageFolderDataset(dest).resolution == 32
     with pytest.raises(dnnlib.UserError, match='unknown procedural source'):
-        dataset_tool.run('procedural:nope', str(tmp_path / 'x.zip'), 3, None, None)
+        convert_dataset('procedural:nope', str(tmp_path / 'x.zip'), 3, None, None)
     with pytest.raises(dnnlib.UserError, match='--resolution'):
-        dataset_tool.run('procedural:shapes', str(tmp_path / 'y.zip'), 3, '24x24', None)
+        convert_dataset('procedural:shapes', str(tmp_path / 'y.zip'), 3, '24x24', None)
 
 # ----------------------------------------------------------------------------------------------------------
 # fd_randnet.
@@ -125,7 +124,7 @@ def test_fd_randnet_against_independent_computation(shapes_zip, tiny_diffusion_n
     net = tiny_diffusion_net
     result = metric_main.calc_metric('two_step_fd_randnet', net, run_dir=str(tmp_path), snapshot_name='a.pt',
                                      ref=shapes_zip, num_samples=40, batch_size=16, mid_t=[0.821])
-    images = np.concatenate([img.numpy() for _, img in generate.generate_images(
+    images = np.concatenate([img.numpy() for _, img in generation.generate_images(
         net, list(range(40)), sampler='consistency', sampler_kwargs=dict(t_steps=(80.0, 0.821, 0.0)))])
     dataset = ImageFolderDataset(shapes_zip)
     real = np.stack([dataset[i][0] for i in range(len(dataset))])

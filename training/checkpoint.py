@@ -351,28 +351,35 @@ def _pickled_ema(data, name):
     return net
 
 
-def load_network(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
-    """The network of an official pickle (its `ema`) or of one of our snapshots, told apart by content;
-    returned in eval mode on the CPU. Exported networks (model.safetensors + config.json, their folder) and
+def load_network_and_metadata(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
+    """(network, metadata) of an official pickle (its `ema`; metadata {}, pickles have none) or of one of our
+    snapshots (its metadata), told apart by content; the network is in eval mode on the CPU. URLs are
+    downloaded into the cache once. Exported networks (model.safetensors + config.json, their folder) and
     hf://OWNER/REPO[/FILE] paths are accepted too (training.export, training.hub)."""
     from training import export, hub  # Deferred: they import this module.
     if hub.is_hf_url(path_or_url):
         path_or_url = hub.resolve(path_or_url)
     if export.is_safetensors_path(path_or_url):
-        return export.load_safetensors_network(path_or_url)[0]
+        return export.load_safetensors_network(path_or_url)
     name = os.fspath(path_or_url)
+    metadata = {}
     with dnnlib.util.open_url(path_or_url, cache_dir=cache_dir) as f:
         head = f.read(2)
         f.seek(0)
         if head.startswith(_ZIP_MAGIC):
-            net, _metadata = load_network_snapshot(f, name=name)
+            net, metadata = load_network_snapshot(f, name=name)
         elif head.startswith(_PICKLE_PROTOCOL_BYTE):
             net = _pickled_ema(_load_pkl(f, name, allow_unsafe_pickle), name)
             if allow_unsafe_pickle:
                 net = net.to('cpu')  # Executed source may have restored CUDA tensors; our rebuilds are on the CPU.
         else:
             raise UserError(f'{name}: not a network checkpoint (neither a network pickle nor a network snapshot)')
-    return net.eval()
+    return net.eval(), metadata
+
+
+def load_network(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
+    """The network of an official pickle or of one of our snapshots (see load_network_and_metadata)."""
+    return load_network_and_metadata(path_or_url, allow_unsafe_pickle=allow_unsafe_pickle, cache_dir=cache_dir)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

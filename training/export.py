@@ -12,7 +12,6 @@ either file, or hf://OWNER/REPO[/FILE] (training.hub) is accepted wherever a net
 `safetensors` package (pip install safetensors).
 """
 
-import inspect
 import json
 import os
 import zipfile
@@ -22,12 +21,13 @@ import click
 import dnnlib
 from training import checkpoint
 from training import run_records
+from training import samplers
+from training.cli_common import user_errors
 
 SAFETENSORS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 EXPORT_FORMAT = 'ect-safetensors'
 EXPORT_VERSION = 1
-T_MAX = 80.0   # docs/ECT.md §5: consistency sampling starts at t_max = 80
 RECIPE_KEYS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs', 'lr_kwargs', 'ema_kwargs',
                'batch_size', 'total_kimg', 'tick_kimg', 'double_ticks', 'precision', 'transfer', 'seed')
 
@@ -44,18 +44,11 @@ def _safetensors_torch():
 # config.json
 
 
-def is_consistency_net(net):
-    """True for networks evaluated as consistency models (ECMPrecond, or EDM2 nets with ecm_sigma_min set)."""
-    if hasattr(net, 'ecm_sigma_min'):
-        return net.ecm_sigma_min is not None
-    return 'boundary' in inspect.signature(net.forward).parameters
-
-
 def make_config(net, metadata=None, metrics=()):
     """The config.json dict of `net` with its snapshot `metadata` and metric records (all plain JSON)."""
     metadata = json.loads(json.dumps(metadata or {}))
     options = metadata.get('training_options') if isinstance(metadata.get('training_options'), dict) else {}
-    consistency = is_consistency_net(net)
+    consistency = samplers.is_consistency_net(net)
     mid_t = metadata.get('mid_t')
     return dict(
         format=EXPORT_FORMAT, version=EXPORT_VERSION,
@@ -64,8 +57,8 @@ def make_config(net, metadata=None, metrics=()):
         preconditioner=dict(class_name=type(net).__name__, consistency_model=consistency,
                             sigma_data=_number(getattr(net, 'sigma_data', None))),
         recipe={key: options[key] for key in RECIPE_KEYS if key in options},
-        sampling=dict(sampler='consistency', t_max=T_MAX, mid_t=mid_t if isinstance(mid_t, list) else
-                      ([mid_t] if mid_t is not None else None)) if consistency else dict(sampler='heun', num_steps=18),
+        sampling=dict(sampler='consistency', t_max=samplers.T_MAX, mid_t=mid_t if isinstance(mid_t, list) else
+                      ([mid_t] if mid_t is not None else None)) if consistency else dict(sampler='heun', num_steps=samplers.HEUN_NUM_STEPS),
         training=dict(kimg=metadata.get('kimg'), nimg=metadata.get('nimg'), stage=metadata.get('stage'),
                       ema=metadata.get('ema')),
         metrics=json.loads(json.dumps(list(metrics))),
@@ -179,11 +172,6 @@ def export_network(network, outdir):
         return paths, json.load(f)
 
 
-class CliError(click.ClickException):
-    """A user mistake: one line on stderr, exit code 2."""
-    exit_code = 2
-
-
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
 @click.argument('network', metavar='SNAPSHOT')
 @click.option('--outdir', help='Folder for model.safetensors and config.json', metavar='DIR', required=True)
@@ -192,7 +180,7 @@ class CliError(click.ClickException):
 def main(network, outdir, repo_id, private):
     """Export a network snapshot as model.safetensors + config.json (optionally to the Hugging Face Hub)."""
     from training import hub   # Deferred: the Hub client is optional and only needed for --upload.
-    try:
+    with user_errors():
         if repo_id is not None:
             hub.check_repo_id(repo_id, '--upload')
         paths, config = export_network(network, outdir)
@@ -201,8 +189,6 @@ def main(network, outdir, repo_id, private):
             card = hub.write_model_card(outdir, config, repo_id)
             click.echo(f'Wrote {card}')
             click.echo(f'Uploaded to {hub.upload_folder(outdir, repo_id, private=private)}')
-    except dnnlib.UserError as e:
-        raise CliError(str(e)) from None
 
 
 if __name__ == '__main__':

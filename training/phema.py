@@ -26,11 +26,11 @@ import torch
 import dnnlib
 from torch_utils import progress
 from training import checkpoint
+from training import cli_common
 from training.ema import MAX_STD, std_to_exp
 
 SNAPSHOT_PATTERN = re.compile(r'^network-snapshot-(\d+)-(\d+\.\d+)\.(pt|pkl)$')   # power-EMA snapshot names
 SUFFIX_PATTERN = re.compile(r'^-(\d+\.\d+)$')                               # their metadata['ema'] suffix
-EXIT_USER_ERROR = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,19 +327,6 @@ def reconstruct(snapshots, out_stds, outdir, out_time_kimg=None, max_fit_error=0
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 
-class CliError(click.ClickException):
-    """A user mistake: one line on stderr, exit code 2."""
-    exit_code = EXIT_USER_ERROR
-
-
-def parse_stds(text):
-    """'0.05,0.1' -> [0.05, 0.1]; anything else is a UserError naming --std."""
-    try:
-        return [float(item) for item in text.split(',') if item.strip()]
-    except ValueError:
-        raise dnnlib.UserError(f'--std: expected numbers separated by commas, got "{text}"') from None
-
-
 @click.command()
 @click.option('--indir', help='Run directory with network-snapshot-KIMG-STD.pt files', metavar='DIR', required=True)
 @click.option('--outdir', help='Where to write phema-KIMG-STD.pt', metavar='DIR', required=True)
@@ -351,13 +338,9 @@ def parse_stds(text):
 @progress.no_progress_option
 def main(indir, outdir, std_text, time_kimg, max_error, no_progress):
     """Post-hoc EMA reconstruction (EDM2) of power-function EMA snapshots."""
-    try:
-        with progress.disabled_if(no_progress):
-            reconstruct(indir, parse_stds(std_text), outdir, out_time_kimg=time_kimg, max_fit_error=max_error)
-    except dnnlib.UserError as e:
-        raise CliError(str(e)) from None
-    except OSError as e:
-        raise CliError(dnnlib.util.os_error_message(e)) from None
+    with cli_common.user_errors(os_errors=True), progress.disabled_if(no_progress):
+        stds = cli_common.parse_float_list(std_text, '--std') or []
+        reconstruct(indir, stds, outdir, out_time_kimg=time_kimg, max_fit_error=max_error)
 
 
 if __name__ == '__main__':

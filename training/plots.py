@@ -15,6 +15,7 @@ import click
 
 import dnnlib
 from training import run_records
+from training.cli_common import user_errors
 
 # (axis title, stats.jsonl statistic, conversion of its mean to the plotted value)
 TRAINING_PANELS = (
@@ -142,22 +143,15 @@ def make_plots(run_dirs, outdir):
     return {save_png(fig, os.path.join(outdir, name)): len(fig.axes) for name, fig in figures.items() if fig is not None}
 
 
-class CliError(click.ClickException):
-    """A user mistake: one line on stderr, exit code 2."""
-    exit_code = 2
-
-
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
 @click.argument('run_dirs', nargs=-1, required=True, metavar='RUN_DIR [RUN_DIR ...]')
 @click.option('--outdir', help='Where to write the PNGs  [default: RUN_DIR/plots for one run]', metavar='DIR', default=None)
 def main(run_dirs, outdir):
     """Plot loss, learning rate, curriculum stage, img/s and every metric of training runs (overlaid)."""
-    try:
+    with user_errors():
         if outdir is None and len(run_dirs) > 1:
             raise dnnlib.UserError('--outdir: needed when plotting several runs')
         written = make_plots(list(run_dirs), outdir or os.path.join(run_dirs[0], 'plots'))
-    except dnnlib.UserError as e:
-        raise CliError(str(e)) from None
     for path, num_axes in written.items():
         click.echo(f'Wrote {path} ({num_axes} plots)')
 

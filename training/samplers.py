@@ -1,4 +1,5 @@
-"""Samplers: the few-step consistency sampler, EDM's Heun sampler, and per-seed random generators.
+"""Samplers: the few-step consistency sampler, EDM's Heun sampler, per-seed random generators, and the rules
+that choose a network's sampler and the recipes' sampling defaults (written here once for every caller).
 
 Both samplers keep their state in float64, call the network with the noise level broadcast to the batch
 and convert what it returns to float64. They never switch any module between train and eval mode:
@@ -6,12 +7,19 @@ callers pass networks already in `eval()` (ECM networks are called in their eval
 `boundary=True`, which does not depend on the mode anyway).
 """
 
+import inspect
 import math
 
 import numpy as np
 import torch
 
 import dnnlib
+
+# Recipe defaults of consistency sampling (docs/ECT.md §5).
+T_MAX = 80.0                # first time step t_max of consistency sampling
+CIFAR10_MID_T = 0.821       # 2-step intermediate time of the CIFAR-10 recipe (DDPM++/NCSN++/ADM networks)
+IMAGENET64_MID_T = 1.526    # 2-step intermediate time of the ImageNet-64 recipe (EDM2 networks)
+HEUN_NUM_STEPS = 18         # EDM's Heun sampler: N = 18 noise levels, NFE 2N − 1 = 35 (docs/ECT.md §5)
 
 # ----------------------------------------------------------------------------------------------------------
 # Per-seed random numbers.
@@ -72,7 +80,7 @@ def _check_consistency_steps(steps):
     return steps
 
 
-def make_consistency_steps(t_max=80.0, mid_t=None):
+def make_consistency_steps(t_max=T_MAX, mid_t=None):
     """The time steps (t_max, *mid_t, 0) of the consistency sampler; `mid_t` is None or a list."""
     return _check_consistency_steps((t_max, *(mid_t or []), 0.0))
 
@@ -85,7 +93,8 @@ def _denoise(net, x, t, class_labels):
 
 # Consistency sampling (ECT paper, Sec. 3 / docs/ECT.md §5; Song et al. 2023, Algorithm 1):
 # x = z·t_0; for each step x = f(x, t_i), then re-noise to t_{i+1} unless it is 0. NFE = len(t_steps) − 1.
-def consistency_sampler(net, latents, class_labels=None, t_steps=(80.0, 0.821, 0.0), randn_like=torch.randn_like):
+def consistency_sampler(net, latents, class_labels=None, t_steps=(T_MAX, CIFAR10_MID_T, 0.0),
+                        randn_like=torch.randn_like):
     t_steps = _check_consistency_steps(t_steps)
     x = latents.to(torch.float64) * t_steps[0]
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
@@ -101,7 +110,7 @@ def consistency_sampler(net, latents, class_labels=None, t_steps=(80.0, 0.821, 0
 
 # Noise levels of EDM (Karras et al. 2022, Eq. 5): sigma_i = (smax^(1/rho) + i/(N-1)(smin^(1/rho) - smax^(1/rho)))^rho,
 # rounded to what the network represents, followed by sigma_N = 0.
-def edm_sigma_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
+def edm_sigma_steps(net, num_steps=HEUN_NUM_STEPS, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
     if num_steps < 2:
         raise dnnlib.UserError(f'--steps: the Heun sampler needs at least 2 steps, got {num_steps}')
     sigma_min = max(sigma_min, net.sigma_min)
@@ -128,8 +137,8 @@ def _heun_step(net, x_cur, t_cur, t_next, class_labels, gamma, S_noise, randn_li
 
 
 # EDM's deterministic / stochastic sampler (Karras et al. 2022, Algorithm 2); NFE = 2·num_steps − 1.
-def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
-                sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0):
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=HEUN_NUM_STEPS,
+                sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0):
     t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
     x = latents.to(torch.float64) * t_steps[0]
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
@@ -137,6 +146,64 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
         x = _heun_step(net, x, t_cur, t_next, class_labels, gamma, S_noise, randn_like)
     return x
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Which sampler a network gets, with the recipe's defaults.
+
+
+def is_consistency_net(net):
+    """True for networks with an ECM evaluation form: EDM2 nets with `ecm_sigma_min` set, or ECMPrecond."""
+    if hasattr(net, 'ecm_sigma_min'):
+        return net.ecm_sigma_min is not None
+    return 'boundary' in inspect.signature(net.forward).parameters
+
+
+def default_mid_t(net, metadata=None):
+    """The 2-step recipe's intermediate time for `net`: snapshot metadata first, else by network family."""
+    if metadata and metadata.get('mid_t') is not None:
+        mid_t = metadata['mid_t']
+        return [float(t) for t in (mid_t if isinstance(mid_t, (list, tuple)) else [mid_t])]
+    return [IMAGENET64_MID_T if hasattr(net, 'unet') else CIFAR10_MID_T]
+
+
+def consistency_kwargs(net, num_steps=None, mid_t=None, t_max=T_MAX, metadata=None):
+    """Keyword arguments of `consistency_sampler`: 2 steps with the recipe's mid_t unless told otherwise."""
+    if mid_t is None:
+        if num_steps is not None and num_steps > 2:
+            raise dnnlib.UserError(f'--steps={num_steps}: more than 2 consistency steps need --mid_t with '
+                                   f'{num_steps - 1} intermediate times')
+        mid_t = [] if num_steps == 1 else default_mid_t(net, metadata)
+    elif num_steps is not None and num_steps != len(mid_t) + 1:
+        raise dnnlib.UserError(f'--steps={num_steps} does not match --mid_t with {len(mid_t)} values '
+                               f'({len(mid_t) + 1} steps)')
+    return dict(t_steps=make_consistency_steps(t_max, mid_t))
+
+
+def resolve_sampler(net, sampler=None, num_steps=None, mid_t=None, t_max=None, metadata=None, **heun_kwargs):
+    """(sampler name, sampler kwargs) for `net`: consistency for ECM networks, Heun for diffusion networks.
+
+    Options of the other sampler are refused (a UserError naming the flag) rather than silently ignored.
+    """
+    sampler = sampler or ('consistency' if is_consistency_net(net) else 'heun')
+    if sampler == 'consistency':
+        if heun_kwargs:
+            raise dnnlib.UserError(f'--{next(iter(heun_kwargs))}: only used by --sampler=heun')
+        return sampler, consistency_kwargs(net, num_steps, mid_t, T_MAX if t_max is None else t_max, metadata)
+    if mid_t is not None or t_max is not None:
+        raise dnnlib.UserError(f'--{"mid_t" if mid_t is not None else "t-max"}: only used by --sampler=consistency')
+    if num_steps is not None:
+        heun_kwargs['num_steps'] = num_steps
+    return 'heun', heun_kwargs
+
+
+def sampler_nfe(sampler, sampler_kwargs):
+    """Network evaluations per image: len(t_steps) − 1 (consistency, default 2 steps), 2N − 1 (Heun, N = 18)."""
+    if sampler == 'consistency':
+        return len(sampler_kwargs.get('t_steps', (T_MAX, CIFAR10_MID_T, 0.0))) - 1
+    return 2 * sampler_kwargs.get('num_steps', HEUN_NUM_STEPS) - 1
+
+
+SAMPLERS = dict(consistency=consistency_sampler, heun=edm_sampler)
 
 # ----------------------------------------------------------------------------------------------------------
 # Output conversion.

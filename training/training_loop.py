@@ -22,7 +22,6 @@ import time
 import types
 
 import numpy as np
-import PIL.Image
 import psutil
 import torch
 
@@ -33,12 +32,12 @@ from torch_utils import training_stats
 from training import checkpoint
 from training import samplers
 from training.dataset import InfiniteSampler
+from training.generation import save_grid_png
 from training.loss import curriculum_stage, reduce_loss
 
 STATE_FORMAT = 'ect-training-state'
 STATE_VERSION = 1
 AUTOCAST_DTYPES = types.MappingProxyType(dict(fp32=None, tf32=None, bf16=torch.bfloat16, fp16=torch.float16))
-GRID_T_MAX = 80.0   # docs/ECT.md §5: consistency sampling starts at t_max = 80
 
 # ----------------------------------------------------------------------------------------------------------
 # Small components.
@@ -342,26 +341,13 @@ def grid_inputs(net, num_images, device, seed=0):
     return latents, labels, rnd
 
 
-def _grid_png(images_uint8, path):
-    """Tile N,H,W,C uint8 images into a near-square grid PNG (atomic write)."""
-    n, h, w, c = images_uint8.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    canvas = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
-    for i, image in enumerate(images_uint8.cpu().numpy()):
-        canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = image
-    pil = PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas, 'L' if c == 1 else 'RGB')
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        pil.save(f, format='png')
-
-
 def grid_runs(grid_sampler, mid_t):
     """[(tag, sampler, kwargs)] of the grids: EDM Heun, or 1-step and (1 + len(mid_t))-step consistency sampling."""
     if grid_sampler == 'edm':
         return [('heun', samplers.edm_sampler, {})]
-    steps = [samplers.make_consistency_steps(GRID_T_MAX)]
+    steps = [samplers.make_consistency_steps(samplers.T_MAX)]
     if mid_t:
-        steps.append(samplers.make_consistency_steps(GRID_T_MAX, list(mid_t)))
+        steps.append(samplers.make_consistency_steps(samplers.T_MAX, list(mid_t)))
     return [(f'{len(t_steps) - 1}step', samplers.consistency_sampler, dict(t_steps=t_steps)) for t_steps in steps]
 
 
@@ -372,7 +358,7 @@ def save_grids(net, run_dir, prefix, runs, device, num_images=64):
         latents, labels, rnd = grid_inputs(net, num_images, device)
         x = sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
         paths.append(os.path.join(run_dir, f'{prefix}-{tag}.png'))
-        _grid_png(samplers.to_uint8(x), paths[-1])
+        save_grid_png(paths[-1], samplers.to_uint8(x))
     return paths
 
 
@@ -521,7 +507,7 @@ def training_loop(
     seed                    = 0,        # global seed
     precision               = 'fp32',   # fp32 | tf32 | bf16 | fp16
     transfer                = None,     # initial weights: official pickle, URL or our snapshot
-    mid_t                   = (0.821,), # intermediate times of multi-step sample grids
+    mid_t                   = (samplers.CIFAR10_MID_T,), # intermediate times of multi-step sample grids
     grid_sampler            = 'consistency',  # consistency | edm
     find_unused_parameters  = False,    # DDP option for networks with parameters the loss never uses
     tensorboard             = False,    # also write TensorBoard events

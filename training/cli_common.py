@@ -1,0 +1,67 @@
+"""What every command line of the project shares: the one-line error for a user's mistake (exit code 2),
+list-valued flags, and loading a network from a path or URL.
+
+Library code raises `dnnlib.UserError` with a message naming the file or flag; only command lines turn it into
+one line on stderr and an exit code, through `user_errors()`.
+"""
+
+import contextlib
+import re
+
+import click
+
+import dnnlib
+
+EXIT_USER_ERROR = 2     # exit code of a user's mistake, the same as click's own usage errors
+
+
+class CommandError(click.ClickException):
+    """A user mistake, shown as one line on stderr; exit code EXIT_USER_ERROR."""
+    exit_code = EXIT_USER_ERROR
+
+
+@contextlib.contextmanager
+def user_errors(os_errors=False):
+    """Turn a dnnlib.UserError raised inside the block into a CommandError (one line, exit code 2); with
+    `os_errors`, an OSError too (read-only location, disk full, ...: its path and the system's reason)."""
+    try:
+        yield
+    except dnnlib.UserError as e:
+        raise CommandError(str(e)) from None
+    except OSError as e:
+        if not os_errors:
+            raise
+        raise CommandError(dnnlib.util.os_error_message(e)) from None
+
+
+def parse_int_list(text, flag='--seeds'):
+    """'1,3-5,8' -> [1, 3, 4, 5, 8] (EDM's seed syntax); a UserError naming `flag` if malformed."""
+    values = []
+    for part in text.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise dnnlib.UserError(f'{flag}="{text}": expected non-negative integers and ranges such as 0-63,100')
+        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if hi < lo:
+            raise dnnlib.UserError(f'{flag}="{text}": range {lo}-{hi} is empty')
+        values.extend(range(lo, hi + 1))
+    return values
+
+
+def parse_float_list(values, flag):
+    """Floats from one comma list ('0.821,1.2') or from the values of a repeated flag (('0.5', '0.2,0.1'));
+    None when there are none. A UserError naming `flag` for anything that is not a number."""
+    texts = [values] if isinstance(values, str) else list(values or ())
+    try:
+        floats = [float(v) for text in texts for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise dnnlib.UserError(f'{flag}={",".join(texts)}: expected numbers separated by commas, such as 0.821 '
+                               f'or 1.5,0.4') from None
+    return floats or None
+
+
+def load_network(network, allow_unsafe_pickle=False):
+    """(network in eval mode on the CPU, snapshot metadata) of a path or URL: one of our snapshots or an official
+    pickle (metadata {})."""
+    from training import checkpoint  # Deferred: keeps `--help` of every command line light.
+    return checkpoint.load_network_and_metadata(network, allow_unsafe_pickle=allow_unsafe_pickle)

@@ -1,0 +1,91 @@
+"""Seeds in, images out: the reusable core of generate.py, the metrics and the training loop's sample grids.
+
+Image `i` of seed `s` is identical whatever the batch size, device or number of processes: each seed has its
+own CPU generator (docs/ECT.md §5), drawn in the order latent, class index (conditional networks), then the
+noise each stochastic step needs.
+"""
+
+import math
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+from training import samplers
+
+
+def split_batches(seeds, batch_size, world_size=1):
+    """Split `seeds` into a multiple of `world_size` batches of at most `batch_size` (EDM's scheme)."""
+    num_batches = max(math.ceil(len(seeds) / (batch_size * world_size)), 1) * world_size
+    return [[int(s) for s in chunk] for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)]
+
+
+def check_class_idx(net, class_idx):
+    """Raise a UserError unless `class_idx` is None or a class of `net`."""
+    if class_idx is None:
+        return
+    if not net.label_dim:
+        raise dnnlib.UserError(f'--class={class_idx}: the network is unconditional (label_dim 0)')
+    if not 0 <= class_idx < net.label_dim:
+        raise dnnlib.UserError(f'--class={class_idx}: must be in [0, {net.label_dim - 1}] for this network')
+
+
+def sample_batch(net, batch_seeds, class_idx=None, sampler='consistency', sampler_kwargs=None, device=None):
+    """Float64 images (N,C,H,W, in [-1, 1] unclipped) for `batch_seeds` with per-seed generators."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    rnd = samplers.StackedRandomGenerator(device, batch_seeds)
+    latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    class_labels = None
+    if net.label_dim:
+        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(batch_seeds)])]
+        if class_idx is not None:
+            class_labels = torch.zeros_like(class_labels)
+            class_labels[:, class_idx] = 1
+    sampler_fn = samplers.SAMPLERS[sampler] if isinstance(sampler, str) else sampler
+    with torch.no_grad():
+        return sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **(sampler_kwargs or {}))
+
+
+def generate_images(net, seeds, class_idx=None, sampler=None, sampler_kwargs=None, batch_size=64, device=None,
+                    rank=0, world_size=1):
+    """An iterator of (batch seeds, uint8 images N,H,W,C on `device`) for this rank's share of `seeds`.
+
+    `net` must already be in eval() on `device` (default: the device of its parameters). `sampler` is
+    'consistency', 'heun' or a callable with the samplers' signature (None: chosen from the network, see
+    samplers.resolve_sampler); `sampler_kwargs` None means the recipe's defaults for that sampler. The images of
+    a seed do not depend on `batch_size`, `rank` or `world_size`; rank r takes batches r, r + world_size, ...
+    (EDM's sharding).
+    """
+    check_class_idx(net, class_idx)  # Checked now, not at the first batch.
+    if sampler is None or (sampler_kwargs is None and isinstance(sampler, str)):
+        sampler, defaults = samplers.resolve_sampler(net, sampler)
+        sampler_kwargs = defaults if sampler_kwargs is None else sampler_kwargs
+    batches = [b for b in split_batches(seeds, batch_size, world_size)[rank::world_size] if b]
+    return ((b, samplers.to_uint8(sample_batch(net, b, class_idx, sampler, sampler_kwargs, device))) for b in batches)
+
+# ----------------------------------------------------------------------------------------------------------
+# Grids and PNGs.
+
+
+def make_grid(images):
+    """Tile N,H,W,C uint8 images row by row into a near-square grid (black where the last row is short)."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros([rows * cols, h, w, c], dtype=np.uint8)
+    grid[:n] = images
+    return grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def save_png(path, image):
+    """Write one H,W,C uint8 image as a PNG (L for one channel, else RGB, as EDM), atomically."""
+    pil = PIL.Image.fromarray(image[:, :, 0], 'L') if image.shape[2] == 1 else PIL.Image.fromarray(image, 'RGB')
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        pil.save(f, format='PNG')
+
+
+def save_grid_png(path, images):
+    """Tile N,H,W,C uint8 images (numpy or torch, any device) into a near-square grid and write it as a PNG."""
+    images = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    save_png(path, make_grid(images))
