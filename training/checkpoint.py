@@ -196,9 +196,14 @@ def _brief(error):
     return f'{type(error).__name__}: {lines[0][:200]}' if lines else type(error).__name__
 
 
+def _is_truncation(error):
+    text = str(error).lower()
+    return isinstance(error, EOFError) or 'truncated' in text or 'central directory' in text
+
+
 def unreadable(name, what, error):
-    """The one message for a file that cannot be parsed at all (EOFError: truncated)."""
-    reason = 'truncated file' if isinstance(error, EOFError) else 'damaged file, or not such a file'
+    """The one message for a file that cannot be parsed at all (not for content a safe load refuses)."""
+    reason = 'truncated or corrupt file' if _is_truncation(error) else 'damaged file, or not such a file'
     return f'{name}: cannot read {what} ({reason}): {_brief(error)}'
 
 
@@ -405,10 +410,13 @@ def _plain(value, where, allow_tensors):
                     f'(only tensors, python primitives, lists, tuples and dicts)')
 
 
-def read_weights_only(file, name, what):
-    """torch.load(weights_only=True) on the CPU; a missing, truncated or corrupt file is a one-line UserError."""
+def read_weights_only(file, name, what, mmap=False):
+    """torch.load(weights_only=True) on the CPU; a missing, truncated or corrupt file is a one-line UserError,
+    content a weights-only load refuses is a refusal naming it (the file may be malicious)."""
     try:
         if isinstance(file, (str, os.PathLike)):
+            if mmap:
+                return torch.load(file, map_location='cpu', weights_only=True, mmap=True)
             with open(file, 'rb') as f:
                 return torch.load(f, map_location='cpu', weights_only=True)
         return torch.load(file, map_location='cpu', weights_only=True)

@@ -19,8 +19,11 @@ PerceptualSimilarity's dict (`lin{k}.model.1.weight`), piq's list of five tensor
 import torch
 
 import dnnlib
+from training import checkpoint
 
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+# torchvision names its files by the sha256 prefix; the full hash as published by genforce (models/perceptual_model.py).
+VGG16_SHA256 = '397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0'
 PIQ_LIN_URL = 'https://github.com/photosynthesis-team/photosynthesis.metrics/releases/download/v0.4.0/lpips_weights.pt'
 LPIPS_V01_LIN_URL = 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth'
 LPIPS_V01_LIN_SHA256 = 'a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868'
@@ -82,11 +85,7 @@ def load_weights_file(url_or_path, what, cache_dir=None, sha256=None):
     except dnnlib.UserError as e:
         raise dnnlib.UserError(f'LPIPS: the {what} are not available ({e}); pass a local copy '
                                f'(--lpips-vgg / --lpips-lin)') from None
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise dnnlib.UserError(f'{url_or_path}: cannot read the {what} (truncated or corrupt file?): '
-                               f'{type(e).__name__}') from None
+    return checkpoint.read_weights_only(path, url_or_path, what)
 
 
 class LPIPS(torch.nn.Module):
@@ -148,9 +147,9 @@ def load_lpips(variant='piq', vgg=None, lin=None, cache_dir=None):
     """An LPIPS module (eval mode, no trainable parameters) with weights from files or URLs (None = the defaults)."""
     if variant not in VARIANTS:
         raise dnnlib.UserError(f'--lpips-variant: must be one of {VARIANTS}, got {variant!r}')
-    vgg = VGG16_URL if vgg is None else vgg
+    vgg, vgg_sha = (VGG16_URL, VGG16_SHA256) if vgg is None else (vgg, None)
     default_lin, sha = (PIQ_LIN_URL, None) if variant == 'piq' else (LPIPS_V01_LIN_URL, LPIPS_V01_LIN_SHA256)
     lin, sha = (default_lin, sha) if lin is None else (lin, None)
-    convs = vgg16_conv_weights(load_weights_file(vgg, 'VGG16 weights', cache_dir), str(vgg))
+    convs = vgg16_conv_weights(load_weights_file(vgg, 'VGG16 weights', cache_dir, vgg_sha), str(vgg))
     linear = lpips_linear_weights(load_weights_file(lin, 'LPIPS linear weights', cache_dir, sha), str(lin))
     return LPIPS(convs, linear, variant).eval()

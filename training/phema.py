@@ -119,13 +119,7 @@ def find_snapshots(indir):
 
 def _read_header(path):
     """The snapshot's dict with its tensors memory-mapped (nothing is built): format, class, config, metadata."""
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise dnnlib.UserError(f'{path}: no such snapshot file') from None
-    except Exception as e:
-        raise dnnlib.UserError(f'{path}: cannot read network snapshot (truncated or corrupt file?): '
-                               f'{type(e).__name__}') from None
+    data = checkpoint.read_weights_only(path, path, 'network snapshot', mmap=True)
     if not isinstance(data, dict) or data.get('format') != checkpoint.SNAPSHOT_FORMAT \
             or not isinstance(data.get('metadata'), dict):
         raise dnnlib.UserError(f'{path}: not an {checkpoint.SNAPSHOT_FORMAT} file')
