@@ -104,9 +104,10 @@ def _attach(root, dotted, module):
     root.add_module(leaf, module)
 
 
-def _shape(shapes, name):
-    if name not in shapes or len(shapes[name]) != 4:
-        raise dnnlib.UserError(f'missing or malformed tensor "{name}" (expected a 4-d convolution weight)')
+def _shape(shapes, name, ndim=4):
+    """The shape of tensor `name`, which must exist with `ndim` dimensions (4: convolution, 2: linear weight)."""
+    if name not in shapes or len(shapes[name]) != ndim:
+        raise dnnlib.UserError(f'missing or malformed tensor "{name}" (expected a {ndim}-d weight)')
     return list(shapes[name])
 
 
@@ -122,7 +123,7 @@ class InceptionV3(torch.nn.Module):
                 _attach(self, f'layers.{name}', ConvBN(_shape(shapes, f'layers.{name}.weight'), *conv_args))
             elif kind in _BLOCKS or kind == 'E_max':
                 self.branches[name] = self._block(shapes, name, kind)
-        self.output = torch.nn.Linear(*reversed(_shape_2d(shapes, 'output.weight')))  # logits of 1008 classes
+        self.output = torch.nn.Linear(*reversed(_shape(shapes, 'output.weight', 2)))  # logits of 1008 classes
 
     def _block(self, shapes, name, kind):
         branches = [list(b) for b in _BLOCKS['E' if kind == 'E_max' else kind]]
@@ -136,7 +137,7 @@ class InceptionV3(torch.nn.Module):
                 path = f'layers.{name}.{conv}'
                 shape = _shape(shapes, f'{path}.weight')
                 padding = (0, 0) if stride == 2 else (shape[2] // 2, shape[3] // 2)
-                if not _has(self, path):
+                if _get(self, path) is None:
                     _attach(self, path, ConvBN(shape, stride, padding))
         return branches
 
@@ -172,24 +173,13 @@ class InceptionV3(torch.nn.Module):
         return torch.softmax(logits, dim=1)
 
 
-def _has(root, dotted):
+def _get(root, dotted, default=None):
+    """The submodule at dotted path `dotted` of `root`, or `default` when there is none."""
     for part in dotted.split('.'):
-        if not hasattr(root, part):
-            return False
-        root = getattr(root, part)
-    return True
-
-
-def _get(root, dotted):
-    for part in dotted.split('.'):
-        root = getattr(root, part)
+        root = getattr(root, part, None)
+        if root is None:
+            return default
     return root
-
-
-def _shape_2d(shapes, name):
-    if name not in shapes or len(shapes[name]) != 2:
-        raise dnnlib.UserError(f'missing or malformed tensor "{name}" (expected a 2-d linear weight)')
-    return list(shapes[name])
 
 
 class VGG16(torch.nn.Module):
@@ -203,7 +193,7 @@ class VGG16(torch.nn.Module):
             out_channels, in_channels, kh, kw = _shape(shapes, f'layers.conv{i}.weight')
             self.layers.add_module(f'conv{i}', torch.nn.Conv2d(in_channels, out_channels, (kh, kw), padding=(kh // 2, kw // 2)))
         for i in range(1, 4):
-            out_features, in_features = _shape_2d(shapes, f'layers.fc{i}.weight')
+            out_features, in_features = _shape(shapes, f'layers.fc{i}.weight', 2)
             self.layers.add_module(f'fc{i}', torch.nn.Linear(in_features, out_features))
 
     # Simonyan & Zisserman 2015, Table 1 (configuration D): 13 3x3 convolutions with ReLU, five 2x2 max-pools,

@@ -10,6 +10,7 @@ import os
 import pickle
 from typing import Tuple
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 from metrics import detectors, evaluate
+from tests.conftest import write_random_dataset
 from torch_utils import persistence
 from training import checkpoint
 
@@ -83,10 +85,13 @@ def test_torchscript_is_refused_by_default_and_writes_nothing(hostile_ts, kind):
 
 def test_torchscript_through_clis_writes_nothing(hostile_ts, tmp_path):
     path, target = hostile_ts
-    (tmp_path / 'imgs').mkdir()
-    result = CliRunner().invoke(fid.cli, ['calc', f'--images={tmp_path / "imgs"}', f'--ref={tmp_path / "r.npz"}',
-                                          f'--detector={path}'])
-    assert result.exit_code == 2 and not target.exists()
+    images = write_random_dataset(tmp_path / 'imgs', num_images=4)
+    np.savez(tmp_path / 'r.npz', mu=np.zeros(2), sigma=np.eye(2))
+    for args in (['calc', f'--images={images}', f'--ref={tmp_path / "r.npz"}', '--num=4'],
+                 ['ref', f'--data={images}', f'--dest={tmp_path / "out.npz"}']):
+        result = CliRunner().invoke(fid.cli, args + [f'--detector={path}'])
+        assert result.exit_code == 2 and 'TorchScript' in result.stderr and 'may be malicious' in result.stderr
+    assert not target.exists() and not (tmp_path / 'out.npz').exists()
     with pytest.raises(dnnlib.UserError):
         evaluate.load_detectors(['fid50k_full'], path, None, False, 'cpu')
     with pytest.raises(dnnlib.UserError):
