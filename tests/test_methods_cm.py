@@ -159,3 +159,21 @@ def test_bad_options_and_teachers_are_refused_before_work(teacher_file, tmp_path
     with pytest.raises(dnnlib.UserError, match='LPIPS'):
         cmm.ConsistencyTraining(loss_norm='lpips', lpips_vgg=str(tmp_path / 'absent.pth')).setup(
             tiny_ecm(), torch.device('cpu'))
+
+
+def test_openai_teachers_load_and_consistency_forms_are_refused(fixtures_dir, tmp_path):
+    import shutil
+    from training import checkpoint_cm
+    source = fixtures_dir / 'openai_cm' / 'tiny_imagenet_like.pt'
+    student, _ = checkpoint_cm.load_network_file(str(source), resolution=16, parameterization='consistency',
+                                                 num_head_channels=16)
+    teacher = cmm.load_teacher(str(source), student, torch.device('cpu'), num_head_channels=16)
+    assert teacher.parameterization == 'edm' and not teacher.training
+    released_name = tmp_path / 'cd_imagenet64_l2.pt'
+    shutil.copy(source, released_name)
+    with pytest.raises(dnnlib.UserError, match='consistency-form network'):
+        cmm.load_teacher(str(released_name), student, torch.device('cpu'), num_head_channels=16)
+    snapshot = tmp_path / 'student.pt'
+    checkpoint.save_network_snapshot(str(snapshot), student)
+    with pytest.raises(dnnlib.UserError, match='consistency-form network'):
+        cmm.load_teacher(str(snapshot), student, torch.device('cpu'))

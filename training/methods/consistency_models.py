@@ -10,24 +10,36 @@ the target (and a progressive-distillation teacher) in the training state, so a 
 """
 
 import copy
+import os
 
 import torch
 
 import dnnlib
-from training import checkpoint
+from training import checkpoint_cm
 from training import loss_cm
 from training.loss import _unwrap
 from training.methods.base import Method
 
 
-def load_teacher(path, net, device):
-    """The frozen EDM-form teacher from `path` (eval mode, no gradients); UserError when it cannot teach `net`."""
+def _require_edm_form(path, form):
+    if form != 'edm':
+        raise dnnlib.UserError(f'--teacher: {path} is a {form}-form network; the teacher must be a diffusion model '
+                               f'in EDM form (e.g. edm_imagenet64_ema.pt)')
+
+
+def load_teacher(path, net, device, num_head_channels=64):
+    """The frozen EDM-form teacher from `path` (eval mode, no gradients); UserError when it cannot teach `net`.
+
+    Any network file: our snapshots, EDM/EDM2 pickles, openai state dicts (edm_*.pt; another name is read as
+    the EDM form at the trained network's resolution, with `num_head_channels` per attention head)."""
     if not path:
         raise dnnlib.UserError('--teacher: this method needs a teacher network (an EDM-form checkpoint)')
-    teacher = checkpoint.load_network(path)
-    if getattr(teacher, 'parameterization', 'edm') != 'edm':
-        raise dnnlib.UserError(f'--teacher: {path} is a {teacher.parameterization}-form network; the teacher must be '
-                               f'a diffusion model in EDM form (e.g. edm_imagenet64_ema.pt)')
+    base = os.path.basename(str(path)).lower()
+    _require_edm_form(path, next((form for prefix, form in checkpoint_cm.RELEASED_PARAMETERIZATIONS.items()
+                                  if base.startswith(prefix)), 'edm'))   # a released cd_/ct_ name: before reading
+    teacher, _ = checkpoint_cm.load_network_file(path, resolution=getattr(net, 'img_resolution', None),
+                                                 parameterization='edm', num_head_channels=num_head_channels)
+    _require_edm_form(path, getattr(teacher, 'parameterization', 'edm'))
     for key in ('img_resolution', 'img_channels', 'label_dim'):
         if getattr(teacher, key, None) != getattr(net, key, None):
             raise dnnlib.UserError(f'--teacher: {path} has {key}={getattr(teacher, key, None)}, the trained network '
@@ -161,16 +173,17 @@ class ConsistencyDistillation(ConsistencyTraining):
     def __init__(self,
         teacher         = None,         # EDM-form network file/URL (openai edm_*.pt, EDM/EDM2 checkpoints)
         solver          = 'heun',       # heun (the official) | euler
+        teacher_head_channels = 64,     # attention head width of an openai teacher (not in its state dict)
         **kwargs,                       # _KarrasMethod options
     ):
         kwargs = dict(dict(target_ema_mode='fixed', scale_mode='fixed', start_scales=40, end_scales=40), **kwargs)
         super().__init__(**kwargs)
-        self.teacher_path = teacher
+        self.teacher_path, self.teacher_head_channels = teacher, int(teacher_head_channels)
         self.solver = loss_cm.check_choice('--solver', solver, loss_cm.SOLVERS)
         self.teacher = None
 
     def setup(self, net, device):
-        self.teacher = load_teacher(self.teacher_path, _unwrap(net), device)
+        self.teacher = load_teacher(self.teacher_path, _unwrap(net), device, self.teacher_head_channels)
         super().setup(net, device)
 
     def teacher_for(self, images):
@@ -183,17 +196,18 @@ class ProgressiveDistillation(_KarrasMethod):
 
     def __init__(self,
         teacher         = None,         # EDM-form network file/URL of the first stage's teacher
+        teacher_head_channels = 64,     # attention head width of an openai teacher (not in its state dict)
         **kwargs,                       # _KarrasMethod options
     ):
         kwargs = dict(dict(target_ema_mode='fixed', start_ema=0.0, scale_mode='progdist', start_scales=4096,
                            end_scales=4096), **kwargs)
         super().__init__(**kwargs)
-        self.teacher_path = teacher
+        self.teacher_path, self.teacher_head_channels = teacher, int(teacher_head_channels)
         self.teacher, self.net, self.stage_scales, self.stage = None, None, None, 0
 
     def setup(self, net, device):
         self.net = _unwrap(net)
-        self.teacher = load_teacher(self.teacher_path, self.net, device)
+        self.teacher = load_teacher(self.teacher_path, self.net, device, self.teacher_head_channels)
         super().setup(net, device)
 
     def schedule(self, progress):
