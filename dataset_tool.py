@@ -59,7 +59,7 @@ from training.dataset_convert import TRANSFORMS, convert_dataset
 @progress.no_progress_option
 def main(source, dest, max_images, resolution, transform, no_progress):
     """Convert an image dataset into EDM's format (see the module docstring)."""
-    with user_errors(), progress.disabled_if(no_progress):
+    with user_errors(os_errors=True), progress.disabled_if(no_progress):
         click.echo(convert_dataset(source, dest, max_images, resolution, transform))
 
 

@@ -65,6 +65,7 @@ def fid_from_stats(stats, ref):
 def check_dest(dest):
     if not dest.lower().endswith('.npz'):
         raise dnnlib.UserError(f'--dest={dest}: reference statistics are written as .npz')
+    dnnlib.util.check_output_file(dest, '--dest')
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
@@ -107,10 +108,10 @@ def ref(data_path, dest, save_features, kind, detector, batch_size, allow_unsafe
         dataset = open_dataset(data_path)
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{data_path}"...')
-    with progress.disabled_if(no_progress):
+    with user_errors(os_errors=True), progress.disabled_if(no_progress):
         stats = dataset_stats(dataset, detector, batch_size, device, capture_all=save_features)
-    if dist.get_rank() == 0:
-        metric_utils.save_ref(dest, stats, detector=np.array(kind))
+        if dist.get_rank() == 0:
+            metric_utils.save_ref(dest, stats, detector=np.array(kind))
     dist.barrier()
     dist.print0(f'Saved "{dest}".')
 
@@ -130,7 +131,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
         metric_main.check_ref_width(ref_arrays, detector, dataset.image_shape, device)
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{image_path}"...')
-    with progress.disabled_if(no_progress):
+    with user_errors(os_errors=True), progress.disabled_if(no_progress):
         stats = dataset_stats(dataset, detector, batch_size, device)
     _print_distance(stats, ref_arrays)
 

@@ -36,8 +36,7 @@ def image_path(outdir, seed, subdirs=False):
 
 
 def check_outdir(outdir):
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise dnnlib.UserError(f'--outdir={outdir}: exists and is not a directory')
+    dnnlib.util.check_output_dir(outdir, '--outdir')
 
 
 def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
@@ -85,7 +84,7 @@ def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
 def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num_steps, mid_t, t_max, grid,
         allow_unsafe_pickle, device, no_progress, **heun_opts):
     """Generate images with a consistency or diffusion model; one PNG per seed, or one grid."""
-    with user_errors():
+    with user_errors(os_errors=True):
         dist.init()
         seeds = parse_int_list(seeds)
         device = dist.resolve_device(device)
@@ -102,7 +101,7 @@ def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler {sampler_kwargs} to "{outdir}"...')
     net = net.to(device)
     images = generate_images(net, seeds, class_idx, sampler, sampler_kwargs, max_batch_size, device, rank, world_size)
-    with progress.disabled_if(no_progress):
+    with user_errors(os_errors=True), progress.disabled_if(no_progress):
         write_images(images, outdir, subdirs, grid, len(seeds), world_size)
     dist.barrier()
     dist.print0('Done.')

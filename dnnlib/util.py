@@ -16,6 +16,15 @@ import warnings
 class UserError(Exception):
     """A mistake in the user's input (a flag, a file, a URL). Entry points print it as one line, no traceback."""
 
+    def __str__(self):
+        text = super().__str__()
+        # torch's DataLoader re-raises an exception of a worker process with the worker's whole traceback as its
+        # message: keep the original message, its last line.
+        if 'Original Traceback (most recent call last):' not in text:
+            return text
+        _, found, message = text.rstrip().rpartition(f'{__name__}.UserError: ')
+        return message if found else text
+
 
 class EasyDict(dict):
     """A dict whose keys can also be read and written as attributes."""

@@ -1,16 +1,29 @@
 """Corrupt inputs and crash cases: each gives one clear line naming the file or flag, before anything is
 written; crashes leave nothing behind that a later run trips over."""
 
+import errno
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 
+import PIL.Image
 import pytest
+import torch
+from click.testing import CliRunner
 
+import dataset_tool
 import dnnlib
+import fid
+import generate
+from conftest import REPO_ROOT, write_random_dataset
 from dnnlib import util
-from conftest import REPO_ROOT
+from metrics import metric_utils
+from training import checkpoint, dataset_convert, networks
+from training.dataset import ImageFolderDataset
 
 # ----------------------------------------------------------------------------------------------------------
 # Killed atomic writes.
@@ -56,3 +69,129 @@ def test_output_location_checks(tmp_path):
         util.check_output_file(str(tmp_path), '--dest')
     util.check_output_dir(str(tmp_path / 'new' / 'deeper'), '--outdir')
     assert not (tmp_path / 'new').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets: images and labels.
+
+def _one_line_cli_error(command, args):
+    """The single stderr line of a refused CLI call (exit code 2, no traceback)."""
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert 'Traceback' not in result.output and not isinstance(result.exception, (OSError, dnnlib.UserError))
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def _png_chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def _bomb_png(width=40000, height=40000):
+    """A valid-looking PNG header claiming 1.6 G pixels (PIL's limit is 179 M) over a few bytes of data."""
+    header = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)   # 8-bit greyscale
+    return (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', header) + _png_chunk(b'IDAT', zlib.compress(b'\0' * 64))
+            + _png_chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('which', [0, 5])
+def test_decompression_bomb_is_refused_by_name(tmp_path, which):
+    root = write_random_dataset(tmp_path / 'data', num_images=8)
+    bomb = f'00000/img{which:08d}.png'
+    (tmp_path / 'data' / bomb).write_bytes(_bomb_png())
+    with pytest.raises(dnnlib.UserError, match=bomb) as info:
+        dataset = ImageFolderDataset(path=root)
+        dataset[which]
+    assert '\n' not in str(info.value)
+
+
+def test_corrupt_png_in_a_dataloader_worker_is_one_line(tmp_path):
+    root = write_random_dataset(tmp_path / 'data', num_images=8)
+    png = tmp_path / 'data' / '00000' / 'img00000006.png'
+    png.write_bytes(png.read_bytes()[:60])
+    loader = torch.utils.data.DataLoader(ImageFolderDataset(path=root), batch_size=4, num_workers=1)
+    with pytest.raises(dnnlib.UserError) as info:
+        list(loader)
+    assert str(info.value).startswith(f'{root}: cannot read 00000/img00000006.png')
+    assert len(str(info.value).splitlines()) == 1
+
+
+def _write_labels(root, labels):
+    names = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        f.write(json.dumps(dict(labels=[[name, label] for name, label in zip(names, labels)]), allow_nan=True))
+
+
+@pytest.mark.parametrize('labels, message', [
+    ([[0.5, 1], [1, 0], [0], [1, 1]], 'differ in length'),
+    ([[0.5, float('nan')], [1, 0], [0, 0], [1, 1]], 'NaN or infinity'),
+    ([[0.5, 1e300], [1, 0], [0, 0], [1, 1]], 'NaN or infinity'),
+    ([0, 1, -1, 2], 'negative class label'),
+    ([0, 1, 1000000, 2], 'class label 1000000'),
+    ([0, 1, 'cat', 2], 'class indices or equal-length numeric vectors'),
+    ([0, 1, True, 2], 'class indices or equal-length numeric vectors'),
+])
+def test_bad_labels_are_refused_when_the_dataset_opens(tmp_path, labels, message):
+    root = write_random_dataset(tmp_path / 'data', num_images=4)
+    _write_labels(root, labels)
+    with pytest.raises(dnnlib.UserError, match=message) as info:
+        ImageFolderDataset(path=root, use_labels=True)
+    assert str(info.value).startswith(f'{root}: dataset.json: ')
+
+
+@pytest.mark.parametrize('label', [-1, 1000000, True, 2.0])
+def test_dataset_tool_refuses_bad_class_index_before_writing(tmp_path, label):
+    root = write_random_dataset(tmp_path / 'src', num_images=4)
+    _write_labels(root, [0, 1, label, 1])
+    line = _one_line_cli_error(dataset_tool.main, [f'--source={root}', f'--dest={tmp_path / "out.zip"}'])
+    assert 'dataset.json' in line and 'class index' in line and 'img00000002.png' in line
+    assert sorted(os.listdir(tmp_path)) == ['src']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Operating-system errors of the CLIs: one line, naming the path.
+
+def _disk_full(path):
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return fail
+
+
+def test_dataset_tool_os_errors(tmp_path, monkeypatch):
+    root = write_random_dataset(tmp_path / 'src', num_images=4)
+    (tmp_path / 'file').write_text('')
+    line = _one_line_cli_error(dataset_tool.main, [f'--source={root}', f'--dest={tmp_path / "file" / "out.zip"}'])
+    assert line.startswith('Error: --dest=') and 'not a folder' in line
+    monkeypatch.setattr(dataset_convert, 'encode_png', _disk_full(tmp_path / 'out.zip'))
+    line = _one_line_cli_error(dataset_tool.main, [f'--source={root}', f'--dest={tmp_path / "out.zip"}'])
+    assert line == f'Error: {tmp_path / "out.zip"}: No space left on device'
+    assert sorted(os.listdir(tmp_path)) == ['file', 'src']
+
+
+def test_fid_ref_on_a_bad_image_set_writes_nothing(tmp_path, monkeypatch):
+    root = write_random_dataset(tmp_path / 'data', num_images=8)
+    (tmp_path / 'data' / '00000' / 'img00000005.png').write_bytes(b'\x89PNG\r\n\x1a\n broken')
+    monkeypatch.setattr(fid, '_setup', lambda *args: (lambda x: x.flatten(1).float()[:, :4], 'cpu'))
+    line = _one_line_cli_error(fid.cli, ['ref', f'--data={root}', f'--dest={tmp_path / "ref.npz"}'])
+    assert 'cannot read 00000/img00000005.png' in line
+    assert not (tmp_path / 'ref.npz').exists()
+    monkeypatch.setattr(metric_utils.np, 'savez', _disk_full(tmp_path / 'ref.npz'))
+    (tmp_path / 'data' / '00000' / 'img00000005.png').unlink()
+    line = _one_line_cli_error(fid.cli, ['ref', f'--data={root}', f'--dest={tmp_path / "ref.npz"}'])
+    assert line == f'Error: {tmp_path / "ref.npz"}: No space left on device'
+    assert _one_line_cli_error(fid.cli, ['ref', f'--data={root}', f'--dest={tmp_path / "data"}.npz/x.npz'])
+
+
+def test_generate_os_errors(tmp_path, monkeypatch):
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16,
+                              channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    checkpoint.save_network_snapshot(str(tmp_path / 'net.pt'), net)
+    (tmp_path / 'file').write_text('')
+    args = [f'--network={tmp_path / "net.pt"}', '--seeds=0-1', '--steps=2', '--device=cpu']
+    line = _one_line_cli_error(generate.cli, args + [f'--outdir={tmp_path / "file"}'])
+    assert line.startswith(f'Error: --outdir={tmp_path / "file"}: ') and 'not a folder' in line
+    monkeypatch.setattr(PIL.Image.Image, 'save', _disk_full(tmp_path / 'out' / '000000.png'))
+    line = _one_line_cli_error(generate.cli, args + [f'--outdir={tmp_path / "out"}'])
+    assert line == f'Error: {tmp_path / "out" / "000000.png"}: No space left on device'
+    assert not [name for name in os.listdir(tmp_path / 'out') if name.endswith('.tmp')]

@@ -117,6 +117,33 @@ class Dataset(torch.utils.data.Dataset):
     def has_labels(self):
         return any(x != 0 for x in self.label_shape)
 
+MAX_CLASSES = 100000   # the most classes a dataset.json may imply (ImageNet-21k has 21,841): a larger index is a typo
+
+
+def label_array(values, where):
+    """dataset.json labels (one per image, in order) -> int64 class indices [N] or float32 vectors [N, D]; ragged,
+    non-numeric, negative, NaN/infinite labels and class indices of MAX_CLASSES or more are a UserError."""
+    try:
+        labels = np.array(values)
+    except ValueError:
+        raise dnnlib.UserError(f'{where}: labels differ in length (each must be one class index, or all vectors '
+                               f'of one length)') from None
+    if labels.ndim not in (1, 2) or labels.dtype.kind not in 'iuf' or (labels.ndim == 1 and labels.dtype.kind == 'f') \
+            or any(isinstance(value, bool) for value in values):
+        raise dnnlib.UserError(f'{where}: labels must be class indices or equal-length numeric vectors')
+    if labels.ndim == 2:
+        with np.errstate(over='ignore'):
+            labels = labels.astype(np.float32)
+        if not np.all(np.isfinite(labels)):
+            raise dnnlib.UserError(f'{where}: label vectors must hold finite numbers (found NaN or infinity, or a '
+                                   f'value beyond float32)')
+        return labels
+    if labels.size and labels.min() < 0:
+        raise dnnlib.UserError(f'{where}: negative class label {labels.min()}')
+    if labels.size and labels.max() >= MAX_CLASSES:
+        raise dnnlib.UserError(f'{where}: class label {labels.max()} implies more than {MAX_CLASSES} classes')
+    return labels.astype(np.int64)
+
 #----------------------------------------------------------------------------
 # EDM-format folder or zip: PNGs (any PIL image extension) named 00000/img00000000.png and dataset.json.
 
@@ -173,12 +200,16 @@ class ImageFolderDataset(Dataset):
                 return f.read()
         return self._get_zipfile().read(fname)
 
-    def _read_image(self, fname):
-        """One image file -> uint8 CHW array, as stored (PIL decode, no conversion)."""
+    def _read_image(self, fname, expected_hw=None):
+        """One image file -> uint8 CHW array, as stored (PIL decode, no conversion); with `expected_hw`, an image
+        of another size is refused from its header, before it is decoded (decompression bombs)."""
         try:
             with PIL.Image.open(io.BytesIO(self._read_file(fname))) as img:
+                if expected_hw is not None and (img.height, img.width) != tuple(expected_hw):
+                    raise dnnlib.UserError(f'{self._path}: {fname} is {img.width}x{img.height}, the first image is '
+                                           f'{expected_hw[1]}x{expected_hw[0]}')
                 image = np.array(img)
-        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
+        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as e:
             raise dnnlib.UserError(f'{self._path}: cannot read {fname} ({e})') from None
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise dnnlib.UserError(f'{self._path}: {fname} is not an 8-bit grey or colour image')
@@ -187,7 +218,7 @@ class ImageFolderDataset(Dataset):
 
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
-        image = self._read_image(fname)
+        image = self._read_image(fname, expected_hw=self.image_shape[1:])
         if list(image.shape) != self.image_shape:
             raise dnnlib.UserError(f'{self._path}: {fname} has shape {list(image.shape)}, the first image has {self.image_shape}')
         return image
@@ -206,13 +237,7 @@ class ImageFolderDataset(Dataset):
         missing = [fname for fname in self._image_fnames if fname not in labels]
         if missing:
             raise dnnlib.UserError(f'{where}: no label for {missing[0]}')
-        labels = np.array([labels[fname] for fname in self._image_fnames])
-        if labels.ndim not in (1, 2) or labels.dtype.kind not in 'iuf' or (labels.ndim == 1 and labels.dtype.kind == 'f'):
-            raise dnnlib.UserError(f'{where}: labels must be class indices or equal-length numeric vectors')
-        labels = labels.astype(np.int64 if labels.ndim == 1 else np.float32)
-        if labels.ndim == 1 and labels.min() < 0:
-            raise dnnlib.UserError(f'{where}: negative class label')
-        return labels
+        return label_array([labels[fname] for fname in self._image_fnames], where)
 
     def __getstate__(self):
         return dict(self.__dict__, _zipfile=None, _zip_pid=None)

@@ -128,9 +128,7 @@ def check_dest(dest):
         return
     if os.path.lexists(dest):
         raise dnnlib.UserError(f'--dest: {dest} already exists; choose a new name or remove it')
-    parent = os.path.dirname(os.path.abspath(dest))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise dnnlib.UserError(f'--dest: {parent} is not a folder')
+    dnnlib.util.check_output_dir(os.path.dirname(os.path.abspath(dest)), '--dest')
 
 #----------------------------------------------------------------------------
 # Output.
@@ -146,7 +144,7 @@ def open_dest(dest):
         return
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(os.path.abspath(dest)) + '.', suffix='.tmp')
+    tmp = tempfile.mkdtemp(dir=parent, prefix=dnnlib.util.partial_prefix(dest), suffix='.tmp')
     try:
         yield lambda name, data: _write_member(tmp, name, data)
         os.chmod(tmp, 0o777 & ~current_umask())

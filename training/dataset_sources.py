@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
+from training.dataset import MAX_CLASSES
 
 CIFAR10_BATCHES = tuple(f'cifar-10-batches-py/data_batch_{batch}' for batch in range(1, 6))
 GREY_MODES = ('L', '1')
@@ -169,6 +170,10 @@ def _toplevel_labels(rel_names):
     return {name: classes[folder] for name, folder in toplevel.items()}
 
 
+def _is_class_index(label):
+    return isinstance(label, int) and not isinstance(label, bool) and 0 <= label < MAX_CLASSES
+
+
 class ImageFilesSource:
     """Images in a folder or a zip: `rel_names` in source order, `open_member(rel)` opens one for reading."""
 
@@ -182,9 +187,10 @@ class ImageFilesSource:
         labels = _parse_labels_json(labels_json, meta_name) if labels_json is not None else None
         labels = labels or _toplevel_labels(rel_names)
         self.labels = [labels.get(rel) for rel in rel_names]
-        unlabelled = [rel for rel, label in zip(rel_names, self.labels) if labels and not isinstance(label, int)]
+        unlabelled = [rel for rel, label in zip(rel_names, self.labels) if labels and not _is_class_index(label)]
         if unlabelled:
-            raise dnnlib.UserError(f'{meta_name}: no integer label for "{unlabelled[0]}"')
+            raise dnnlib.UserError(f'{meta_name}: no class index (an integer in [0, {MAX_CLASSES})) for '
+                                   f'"{unlabelled[0]}"')
 
     def _member(self, i):
         try:
