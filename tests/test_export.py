@@ -211,3 +211,9 @@ def test_upload_writes_a_model_card(run_dir, tmp_path, monkeypatch):
                      ('upload_folder', 'someone/ect-shapes', ['README.md', 'config.json', 'model.safetensors'])]
     result = CliRunner().invoke(export.main, [str(run_dir / SNAPSHOT), f'--outdir={tmp_path / "x"}', '--upload=bad'])
     assert result.exit_code == 2 and 'OWNER/REPO' in result.output and not os.path.exists(tmp_path / 'x')
+
+
+def test_evaluate_scores_an_export_into_its_folder(exported):
+    from metrics import evaluate
+    outdir = str(exported[0])
+    assert evaluate.find_snapshots(outdir) == (outdir, [outdir])
