@@ -1,0 +1,150 @@
+"""The schedule search: ternary and golden-section searches on known functions, the recording objective, and
+schedule_search.py end to end with a tiny ECM and a stand-in detector."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import fid
+import schedule_search
+from tests.test_fid_cli import _tiny_ecm_snapshot
+from tests.test_metrics import TinyDetector, save_torchscript
+from training import editing, samplers, ternary_search
+from metrics import detectors, metric_utils
+
+
+class Counted:
+    def __init__(self, f):
+        self.f, self.calls = f, []
+
+    def __call__(self, x):
+        self.calls.append(x)
+        return self.f(x)
+
+
+@pytest.mark.parametrize('seed', range(40))
+def test_ternary_search_finds_the_minimum_of_unimodal_functions(seed):
+    rng = np.random.default_rng(seed)
+    left = int(rng.integers(0, 20))
+    right = left + int(rng.integers(0, 60))
+    x0, power = rng.uniform(left - 5, right + 5), rng.choice([1.0, 2.0, 0.5])
+    f = Counted(lambda p: abs(p - x0) ** power)
+    winner = ternary_search.ternary_search(f, left, right)
+    points = np.arange(left, right + 1)
+    assert winner == points[np.argmin([abs(p - x0) ** power for p in points])]
+    assert all(left <= p <= right for p in f.calls)
+    assert len(set(f.calls)) <= schedule_search.ternary_upper_bound(left, right)
+
+
+def test_ternary_search_probes_as_the_official_script():
+    f = Counted(lambda p: (p - 30) ** 2)
+    assert ternary_search.ternary_search(f, 0, 39) == 30
+    assert f.calls[:2] == [13, 26]    # int(0 + 39/3), int(39 - 39/3)
+    assert f.calls[2:4] == [21, 30]   # bracket [13, 39]: int(13 + 26/3), int(39 - 26/3)
+
+
+def test_ternary_search_refuses_an_empty_range():
+    with pytest.raises(dnnlib.UserError, match='empty'):
+        ternary_search.ternary_search(lambda p: p, 5, 4)
+
+
+@pytest.mark.parametrize('x0', [0.13, 0.5, 0.97])
+def test_golden_section_search_brackets_the_minimum(x0):
+    f = Counted(lambda u: (u - x0) ** 2 + 0.1 * abs(u - x0))
+    best = ternary_search.golden_section_search(f, 0.0, 1.0, 20)
+    assert len(f.calls) == 20
+    assert abs(best - x0) <= ternary_search.GOLDEN ** 18 + 1e-12   # the final bracket's width
+    assert f.f(best) == min(f.f(u) for u in f.calls)
+
+
+def test_objective_memoises_and_records(tmp_path):
+    paths = (tmp_path / 'a.csv', tmp_path / 'a.json')
+    seen = []
+    objective = ternary_search.Objective(Counted(lambda p: (p - 2) ** 2), lambda p: dict(ts=[0, p, 9]), paths,
+                                         on_point=seen.append)
+    for p in [4, 1, 4, 2]:
+        objective(p)
+    assert [row['point'] for row in seen] == [4, 1, 2]
+    assert objective.score_fn.calls == [4, 1, 2]
+    rows = list(csv.DictReader(open(paths[0])))
+    assert [(r['point'], r['ts'], float(r['fid'])) for r in rows] == [('4', '0,4,9', 4.0), ('1', '0,1,9', 1.0),
+                                                                      ('2', '0,2,9', 0.0)]
+    assert json.load(open(paths[1]))['lowest']['point'] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end.
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('search')
+    net = _tiny_ecm_snapshot(root / 'net.pt').eval()
+    det_path = save_torchscript(root / 'det.pt', TinyDetector())
+    feats = np.random.default_rng(3).standard_normal([40, 6]) * 0.2
+    ref_path = root / 'ref.npz'
+    np.savez(ref_path, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    return dict(root=root, net=net, det=det_path, ref=str(ref_path))
+
+
+def _run(setup, outdir, *args):
+    result = CliRunner().invoke(schedule_search.cli, [f'--network={setup["root"] / "net.pt"}', f'--ref={setup["ref"]}',
+                                                      f'--outdir={outdir}', f'--detector={setup["det"]}', '--num=6',
+                                                      '--batch=6', '--device=cpu', *args], catch_exceptions=False)
+    return result
+
+
+def _fid(setup, t_steps):
+    detector = detectors.load_detector_module(setup['det'])
+    detector = detectors.ModuleDetector(detector, name='tiny', call_kwargs=dict(return_features=True))
+    stats = fid.network_stats(setup['net'], detector, list(range(6)), 'consistency', dict(t_steps=t_steps), 6, 'cpu')
+    return fid.fid_from_stats(stats, metric_utils.load_ref(setup['ref']))
+
+
+def test_grid_search_end_to_end(setup, tmp_path):
+    result = _run(setup, tmp_path, '--steps=10', '--begin=0', '--end=9')
+    assert result.exit_code == 0, result.output
+    record = json.load(open(tmp_path / 'schedule-search.json'))
+    scores = {row['point']: row['fid'] for row in record['points']}
+    assert len(list(csv.DictReader(open(tmp_path / 'schedule-search.csv')))) == len(scores) >= 4
+    # Each point's score is the FID of the schedule it names: t(ts) on the 10-point Karras grid, then 0.
+    for row in record['points'][:3]:
+        expected_t = [editing.karras_time(i, 10) for i in row['ts'][:-1]] + [0.0]
+        np.testing.assert_allclose(row['t_steps'], expected_t, rtol=1e-12)
+        assert row['fid'] == pytest.approx(_fid(setup, tuple(row['t_steps'])), rel=1e-6)
+    # The winner is what the ternary search decides on the recorded scores, and the printed flags give its times.
+    assert record['winner']['point'] == ternary_search.ternary_search(scores.__getitem__, 0, 9)
+    t_steps = record['winner']['t_steps']
+    flags = f'--t-max={t_steps[0]:.6g} ' + (f'--mid_t={",".join(f"{t:.6g}" for t in t_steps[1:-1])}'
+                                           if len(t_steps) > 2 else '--steps=1')
+    assert record['generate_flags'] == flags
+    assert result.output.strip().splitlines()[-1].endswith(flags)
+
+
+def test_continuous_search_end_to_end(setup, tmp_path):
+    result = _run(setup, tmp_path, '--mid_t-range=0.2,5', '--evals=4')
+    assert result.exit_code == 0, result.output
+    record = json.load(open(tmp_path / 'schedule-search.json'))
+    assert len(record['points']) == 4
+    assert all(0.2 <= row['mid_t'] <= 5 for row in record['points'])
+    best = min(record['points'], key=lambda row: row['fid'])
+    assert record['winner'] == best
+    assert best['fid'] == pytest.approx(_fid(setup, samplers.make_consistency_steps(80.0, [best['mid_t']])), rel=1e-6)
+    assert f'--mid_t={best["mid_t"]:.6g}' in result.output
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--begin=0', '--end=5', '--steps=10'], '--end: the last index must be steps - 1'),
+    (['--begin=x'], '--begin=x'),
+    (['--mid_t-range=5,1'], '--mid_t-range=5.0,1.0'),
+])
+def test_bad_flags_fail_before_sampling(setup, tmp_path, args, message):
+    result = _run(setup, tmp_path, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / 'schedule-search.json').exists()
