@@ -13,16 +13,14 @@ schedule-search.json) as soon as it is measured; the winner is printed as the fl
 import os
 
 import click
-import torch
-import tqdm
 
 import dnnlib
-import fid
-import generate
-from generate import CommandError
-from metrics import metric_main, metric_utils
+from metrics import detectors, metric_main, metric_utils
 from torch_utils import distributed as dist
-from training import editing, samplers, ternary_search
+from torch_utils import progress
+from training import checkpoint_cm, editing, networks_cm, samplers, samplers_karras, ternary_search
+from training.cli_common import parse_float_list, user_errors
+from training.generation import generate_images
 
 # ----------------------------------------------------------------------------------------------------------
 # Points -> sampler settings.
@@ -35,19 +33,32 @@ def parse_indices(text, flag):
         raise dnnlib.UserError(f'{flag}={text}: expected grid indices such as 0 or 0,22') from None
 
 
+def is_openai_net(net):
+    """True for openai's consistency-form networks (cd_*.pt, ct_*.pt), sampled by karras_sample's multistep."""
+    if isinstance(net, networks_cm.KarrasDenoiser):
+        if not net.is_consistency:
+            raise dnnlib.UserError('--network: an EDM-form (edm_*.pt) network is a diffusion model, not a consistency '
+                                   'model; pass a cd_*/ct_* network or --parameterization=consistency')
+        return True
+    return False
+
+
 def grid_schedule(net, ts, steps, t_min, t_max, rho):
-    """(sampler, kwargs) for the grid schedule `ts`: the consistency sampler at the Karras-grid times of ts
-    (the last index, steps - 1, stands for the final 0)."""
+    """(sampler, kwargs) of the grid schedule `ts`: openai's multistep sampler for openai networks; for our ECMs the
+    consistency sampler at the Karras-grid times of ts (the last index, steps - 1, standing for the final 0)."""
+    if is_openai_net(net):
+        return samplers_karras.karras_sample, dict(sampler='multistep', ts=list(ts), steps=steps, sigma_min=t_min,
+                                                   sigma_max=t_max, rho=rho)
     if ts[-1] != steps - 1:
         raise dnnlib.UserError(f'--end: the last index must be steps - 1 = {steps - 1} (the clean end), got {ts[-1]}')
     times = [editing.karras_time(i, steps, t_min, t_max, rho) for i in ts[:-1]]
     return 'consistency', dict(t_steps=samplers.make_consistency_steps(times[0], times[1:]))
 
 
-def winner_flags(sampler, kwargs, ts=None, steps=None):
+def winner_flags(kwargs):
     """The generate.py flags of a schedule."""
-    if ts is not None and sampler != 'consistency':
-        return f'--ts={",".join(map(str, ts))} --steps={steps}'
+    if kwargs.get('sampler') == 'multistep':
+        return f'--sampler=multistep --ts={",".join(map(str, kwargs["ts"]))} --steps={kwargs["steps"]}'
     t_steps = kwargs['t_steps']
     if len(t_steps) == 2:
         return f'--t-max={t_steps[0]:.6g} --steps=1'
@@ -55,7 +66,7 @@ def winner_flags(sampler, kwargs, ts=None, steps=None):
 
 
 class FIDScore:
-    """FID of `num` samples (seeds first_seed ...) of `net` under the schedule a point stands for."""
+    """FID of the images of `seeds` (the same for every point) under the schedule a point stands for."""
 
     def __init__(self, net, schedule_fn, detector, ref, seeds, batch_size, device):
         self.net, self.schedule_fn, self.detector, self.ref = net, schedule_fn, detector, ref
@@ -63,9 +74,12 @@ class FIDScore:
 
     def __call__(self, point):
         sampler, kwargs = self.schedule_fn(point)
-        with torch.no_grad():
-            stats = fid.network_stats(self.net, self.detector, self.seeds, sampler, kwargs, self.batch_size, self.device)
-        return fid.fid_from_stats(stats, self.ref)
+        batches = generate_images(self.net, self.seeds, None, sampler, kwargs, self.batch_size, self.device,
+                                  dist.get_rank(), dist.get_world_size())
+        stats = metric_utils.compute_generator_stats(batches, self.detector, metric_utils.FeatureStats(),
+                                                     self.device, num_images=len(self.seeds))
+        mu, sigma = stats.get_mean_cov()
+        return metric_utils.frechet_distance(mu, sigma, self.ref['mu'], self.ref['sigma'])
 
 # ----------------------------------------------------------------------------------------------------------
 # The two searches.
@@ -94,12 +108,14 @@ def grid_search(net, begin, end, steps, t_min, t_max, rho, make_objective):
         schedule(p)  # Bad indices fail here, before any sampling.
     objective = make_objective(schedule, describe, ternary_upper_bound(begin[-1], end[0]))
     p = ternary_search.ternary_search(objective, begin[-1], end[0])
-    ts = tuple(dict.fromkeys(begin + (p,) + end))
-    return objective, p, winner_flags(*schedule(p), ts=ts, steps=steps)
+    return objective, p, winner_flags(schedule(p)[1])
 
 
-def continuous_search(mid_t_range, num_evals, t_max, rho, make_objective):
+def continuous_search(net, mid_t_range, num_evals, t_max, rho, make_objective):
     """Golden-section search of a 2-step mid_t in u = t^(1/rho) over `mid_t_range`; (objective, winner u, flags)."""
+    if is_openai_net(net):
+        raise dnnlib.UserError('--mid_t-range: openai networks sample on the grid of --steps; search it with '
+                               '--begin/--end')
     if len(mid_t_range) != 2 or not 0 < mid_t_range[0] < mid_t_range[1] < t_max:
         raise dnnlib.UserError(f'--mid_t-range={",".join(map(str, mid_t_range))}: need LO,HI with 0 < LO < HI < {t_max}')
     lo, hi = mid_t_range
@@ -109,7 +125,7 @@ def continuous_search(mid_t_range, num_evals, t_max, rho, make_objective):
 
     objective = make_objective(schedule, lambda u: dict(mid_t=u ** rho), num_evals)
     u = ternary_search.golden_section_search(objective, lo ** (1 / rho), hi ** (1 / rho), num_evals)
-    return objective, u, winner_flags(*schedule(u))
+    return objective, u, winner_flags(schedule(u)[1])
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
@@ -119,14 +135,13 @@ def _result_paths(outdir):
     return os.path.join(outdir, 'schedule-search.csv'), os.path.join(outdir, 'schedule-search.json')
 
 
-def _objective_factory(score_setup, outdir, bar_holder):
+def _objective_factory(score_setup, outdir, bars):
     """make_objective(schedule, describe, total) -> a recording Objective with a progress bar (rank 0)."""
-    rank0 = dist.get_rank() == 0
-    paths = _result_paths(outdir) if rank0 else None
+    paths = _result_paths(outdir) if dist.get_rank() == 0 else None
 
     def make_objective(schedule, describe, total):
-        bar = tqdm.tqdm(total=total, desc='schedule search', unit='point', disable=not rank0)
-        bar_holder.append(bar)
+        bar = progress.bar(total=total, desc='schedule search', unit='point')
+        bars.append(bar)
 
         def on_point(row):
             bar.set_postfix_str(f'{row.get("ts", row.get("mid_t"))}: fid {row["fid"]:.4g}')
@@ -135,8 +150,25 @@ def _objective_factory(score_setup, outdir, bar_holder):
     return make_objective
 
 
+def load_consistency_network(network, allow_unsafe_pickle, resolution, parameterization, num_head_channels):
+    net, _ = checkpoint_cm.load_network_file(network, allow_unsafe_pickle=allow_unsafe_pickle, resolution=resolution,
+                                             parameterization=parameterization, num_head_channels=num_head_channels)
+    if not is_openai_net(net) and not samplers.is_consistency_net(net):
+        raise dnnlib.UserError(f'--network={network}: a diffusion model; the search needs a consistency model')
+    return net
+
+
+def run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho, make_objective):
+    """(objective, winner point, generate.py flags) of the grid or the continuous search."""
+    if mid_t_range is not None:
+        return continuous_search(net, parse_float_list(mid_t_range, '--mid_t-range'), num_evals, t_max, rho,
+                                 make_objective)
+    end = parse_indices(str(steps - 1) if end is None else end, '--end')
+    return grid_search(net, parse_indices(begin, '--begin'), end, steps, t_min, t_max, rho, make_objective)
+
+
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
-@click.option('--network', help='Consistency network: snapshot, pickle or openai .pt', metavar='PATH|URL', required=True)
+@click.option('--network', help='Consistency network: snapshot, pickle or openai cd_*/ct_*.pt', metavar='PATH|URL', required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', required=True)
 @click.option('--outdir', help='Where to write schedule-search.csv / .json', metavar='DIR', default='.', show_default=True)
 @click.option('--num', '--num_samples', 'num_samples', help='Samples per point', metavar='INT', type=click.IntRange(min=2), default=10000, show_default=True)
@@ -144,34 +176,39 @@ def _objective_factory(score_setup, outdir, bar_holder):
 @click.option('--steps', help='Grid size of the ts indices', metavar='INT', type=click.IntRange(min=2), default=40, show_default=True)
 @click.option('--begin', help='Fixed leading ts indices; the search starts at the last', metavar='LIST', default='0', show_default=True)
 @click.option('--end', help='Fixed trailing ts indices; the search ends at the first', metavar='LIST', default=None, show_default='steps - 1')
-@click.option('--mid_t-range', '--mid-t-range', 'mid_t_range', help='Search a 2-step mid_t continuously in [LO, HI] instead', metavar='LO,HI', default=None)
+@click.option('--mid_t-range', '--mid-t-range', 'mid_t_range', help='ECMs: search a 2-step mid_t continuously in [LO, HI] instead', metavar='LO,HI', default=None)
 @click.option('--evals', 'num_evals', help='Evaluations of the continuous search', metavar='INT', type=click.IntRange(min=2), default=12, show_default=True)
-@click.option('--sigma_min', 't_min', help='Grid: lowest time', metavar='FLOAT', type=float, default=0.002, show_default=True)
-@click.option('--sigma_max', 't_max', help='Grid: highest time (and the first step)', metavar='FLOAT', type=float, default=80.0, show_default=True)
-@click.option('--rho', help='Grid exponent', metavar='FLOAT', type=float, default=7.0, show_default=True)
-@fid._common_options
+@click.option('--sigma_min', 't_min', help='Grid: lowest time', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max', 't_max', help='Grid: highest time (and the first step)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True)
+@click.option('--rho', help='Grid exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
+@click.option('--resolution', help='openai .pt: image size  [default: from the file name]', metavar='INT', type=click.IntRange(min=8), default=None)
+@click.option('--parameterization', help='openai .pt: form  [default: from the file name]', type=click.Choice(networks_cm.PARAMETERIZATIONS), default=None)
+@click.option('--num_head_channels', help='openai .pt: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--kind', help='Feature network', type=click.Choice(['inception', 'dinov2', 'vgg16']), default='inception', show_default=True)
+@click.option('--detector', help='Feature network file  [default: official]', metavar='PATH|URL', default=None)
+@click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--allow-unsafe-pickle', help='Trust the network and detector files (legacy pickles, TorchScript)', is_flag=True)
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', default=None)
+@progress.no_progress_option
 def cli(network, ref_path, outdir, num_samples, first_seed, steps, begin, end, mid_t_range, num_evals, t_min, t_max,
-        rho, kind, detector, batch_size, allow_unsafe_pickle, device):
-    """Find the intermediate time(s) of a few-step consistency schedule with the lowest FID."""
-    try:
+        rho, resolution, parameterization, num_head_channels, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
+    """Find the intermediate time of a few-step consistency schedule with the lowest FID."""
+    bars = []
+    with user_errors(), progress.disabled_if(no_progress):
+        dist.init()
+        device = dist.resolve_device(device)
         ref = metric_utils.load_ref(ref_path)
-        generate.check_outdir(outdir)
-        net, _ = generate.load_network(network, allow_unsafe_pickle)
-        det, device = fid._setup(kind, detector, allow_unsafe_pickle, device)
+        if os.path.exists(outdir) and not os.path.isdir(outdir):
+            raise dnnlib.UserError(f'--outdir={outdir}: exists and is not a directory')
+        net = load_consistency_network(network, allow_unsafe_pickle, resolution, parameterization,
+                                       num_head_channels).to(device)
+        det = detectors.get_detector(kind, detector, allow_unsafe_pickle, device=device)
         metric_main.check_ref_width(ref, det, [net.img_channels, net.img_resolution, net.img_resolution], device)
-        setup = dict(net=net.to(device), detector=det, ref=ref, seeds=list(range(first_seed, first_seed + num_samples)),
+        setup = dict(net=net, detector=det, ref=ref, seeds=list(range(first_seed, first_seed + num_samples)),
                      batch_size=batch_size, device=device)
-        bars = []
         make_objective = _objective_factory(setup, outdir, bars)
-        if mid_t_range is not None:
-            objective, winner, flags = continuous_search(generate.parse_float_list([mid_t_range], '--mid_t-range'), num_evals,
-                                                 t_max, rho, make_objective)
-        else:
-            end = parse_indices(str(steps - 1) if end is None else end, '--end')
-            objective, winner, flags = grid_search(net, parse_indices(begin, '--begin'), end, steps, t_min, t_max, rho,
-                                           make_objective)
-    except dnnlib.UserError as e:
-        raise CommandError(str(e)) from None
+        objective, winner, flags = run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho,
+                                              make_objective)
     for bar in bars:
         bar.total = bar.n
         bar.close()

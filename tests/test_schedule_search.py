@@ -14,8 +14,8 @@ import fid
 import schedule_search
 from tests.test_fid_cli import _tiny_ecm_snapshot
 from tests.test_metrics import TinyDetector, save_torchscript
-from training import editing, samplers, ternary_search
 from metrics import detectors, metric_utils
+from training import checkpoint_cm, editing, samplers, samplers_karras, ternary_search
 
 
 class Counted:
@@ -92,17 +92,16 @@ def setup(tmp_path_factory):
     return dict(root=root, net=net, det=det_path, ref=str(ref_path))
 
 
-def _run(setup, outdir, *args):
-    result = CliRunner().invoke(schedule_search.cli, [f'--network={setup["root"] / "net.pt"}', f'--ref={setup["ref"]}',
-                                                      f'--outdir={outdir}', f'--detector={setup["det"]}', '--num=6',
-                                                      '--batch=6', '--device=cpu', *args], catch_exceptions=False)
-    return result
+def _run(setup, outdir, *args, network=None):
+    network = network or setup['root'] / 'net.pt'
+    return CliRunner().invoke(schedule_search.cli, [f'--network={network}', f'--ref={setup["ref"]}', f'--outdir={outdir}',
+                                                    f'--detector={setup["det"]}', '--allow-unsafe-pickle', '--num=6',
+                                                    '--batch=6', '--device=cpu', *args], catch_exceptions=False)
 
 
-def _fid(setup, t_steps):
-    detector = detectors.load_detector_module(setup['det'])
-    detector = detectors.ModuleDetector(detector, name='tiny', call_kwargs=dict(return_features=True))
-    stats = fid.network_stats(setup['net'], detector, list(range(6)), 'consistency', dict(t_steps=t_steps), 6, 'cpu')
+def _fid(setup, sampler, kwargs, net=None):
+    detector = detectors.get_detector('inception', setup['det'], allow_unsafe_pickle=True)
+    stats = fid.network_stats(net or setup['net'], detector, list(range(6)), sampler, kwargs, 6, 'cpu')
     return fid.fid_from_stats(stats, metric_utils.load_ref(setup['ref']))
 
 
@@ -116,7 +115,7 @@ def test_grid_search_end_to_end(setup, tmp_path):
     for row in record['points'][:3]:
         expected_t = [editing.karras_time(i, 10) for i in row['ts'][:-1]] + [0.0]
         np.testing.assert_allclose(row['t_steps'], expected_t, rtol=1e-12)
-        assert row['fid'] == pytest.approx(_fid(setup, tuple(row['t_steps'])), rel=1e-6)
+        assert row['fid'] == pytest.approx(_fid(setup, 'consistency', dict(t_steps=tuple(row['t_steps']))), rel=1e-6)
     # The winner is what the ternary search decides on the recorded scores, and the printed flags give its times.
     assert record['winner']['point'] == ternary_search.ternary_search(scores.__getitem__, 0, 9)
     t_steps = record['winner']['t_steps']
@@ -134,8 +133,25 @@ def test_continuous_search_end_to_end(setup, tmp_path):
     assert all(0.2 <= row['mid_t'] <= 5 for row in record['points'])
     best = min(record['points'], key=lambda row: row['fid'])
     assert record['winner'] == best
-    assert best['fid'] == pytest.approx(_fid(setup, samplers.make_consistency_steps(80.0, [best['mid_t']])), rel=1e-6)
+    t_steps = samplers.make_consistency_steps(80.0, [best['mid_t']])
+    assert best['fid'] == pytest.approx(_fid(setup, 'consistency', dict(t_steps=t_steps)), rel=1e-6)
     assert f'--mid_t={best["mid_t"]:.6g}' in result.output
+
+
+def test_openai_network_searches_multistep_ts(setup, fixtures_dir, tmp_path):
+    path = tmp_path / 'cd_lsun_like.pt'   # A cd_* name: the consistency form.
+    path.write_bytes((fixtures_dir / 'openai_cm' / 'tiny_lsun_like.pt').read_bytes())
+    result = _run(setup, tmp_path, '--steps=8', '--resolution=16', '--num_head_channels=8', network=path)
+    assert result.exit_code == 0, result.output
+    record = json.load(open(tmp_path / 'schedule-search.json'))
+    net, _ = checkpoint_cm.load_network_file(str(path), resolution=16, num_head_channels=8)
+    row = record['points'][0]
+    kwargs = dict(sampler='multistep', ts=row['ts'], steps=8)
+    assert row['fid'] == pytest.approx(_fid(setup, samplers_karras.karras_sample, kwargs, net=net), rel=1e-6)
+    winner_ts = ','.join(map(str, record['winner']['ts']))
+    assert result.output.strip().splitlines()[-1].endswith(f'--sampler=multistep --ts={winner_ts} --steps=8')
+    result = _run(setup, tmp_path, '--mid_t-range=0.5,2', '--resolution=16', '--num_head_channels=8', network=path)
+    assert result.exit_code == 2 and '--begin/--end' in result.output
 
 
 @pytest.mark.parametrize('args, message', [
