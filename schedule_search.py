@@ -18,7 +18,7 @@ import dnnlib
 from metrics import detectors, metric_main, metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import checkpoint_cm, editing, networks_cm, samplers, samplers_karras, ternary_search
+from training import checkpoint_cm, networks_cm, samplers, samplers_karras, ternary_search
 from training.cli_common import parse_float_list, user_errors
 from training.generation import generate_images
 
@@ -51,7 +51,7 @@ def grid_schedule(net, ts, steps, t_min, t_max, rho):
                                                    sigma_max=t_max, rho=rho)
     if ts[-1] != steps - 1:
         raise dnnlib.UserError(f'--end: the last index must be steps - 1 = {steps - 1} (the clean end), got {ts[-1]}')
-    times = [editing.karras_time(i, steps, t_min, t_max, rho) for i in ts[:-1]]
+    times = samplers_karras.multistep_times(ts[:-1], steps, t_min, t_max, rho)
     return 'consistency', dict(t_steps=samplers.make_consistency_steps(times[0], times[1:]))
 
 
@@ -98,7 +98,7 @@ def ternary_upper_bound(left, right):
 def grid_search(net, begin, end, steps, t_min, t_max, rho, make_objective):
     """Ternary search over p in [begin[-1], end[0]] of ts = begin + (p,) + end; (objective, winner p, flags)."""
     def schedule(p):
-        ts = editing.check_ts(tuple(dict.fromkeys(begin + (p,) + end)), steps)
+        ts = samplers_karras.check_ts(dict.fromkeys(begin + (p,) + end), steps)
         return grid_schedule(net, ts, steps, t_min, t_max, rho)
 
     def describe(p):

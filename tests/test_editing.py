@@ -103,7 +103,8 @@ def test_mask_errors():
     with pytest.raises(dnnlib.UserError, match='patch size'):
         editing.SuperResolution(8).degrade(torch.zeros([1, 3, 12, 12]))
     with pytest.raises(dnnlib.UserError, match='--ts'):
-        editing.check_ts((0, 39, 12), 40)
+        editing.iterative_edit(None, editing.Colorization(), torch.zeros([1, 3, 8, 8]), torch.zeros([1, 3, 8, 8]),
+                               ts=(0, 39, 12))
 
 
 def _reference_edit(denoise, known_fn, degraded, x, ts, steps, draws):

@@ -17,6 +17,7 @@ import PIL.ImageFont
 import torch
 
 import dnnlib
+from training import samplers_karras
 
 LUMA = (0.2989, 0.5870, 0.1140)    # The official grey-level weights of R, G, B.
 DEFAULT_TS = (0, 12, 24, 39)       # Documented default schedule (4 NFE) on the default 40-point grid.
@@ -209,33 +210,16 @@ def batch_masks(mask, image_indices, group_size=7):
 # The iterative procedure.
 
 
-# The multistep time grid of openai's sampler (Song et al. 2023, Sec. 4 / EDM Eq. 5): index ts_i of a
-# `steps`-point Karras grid from t_max down to t_min, t = (t_max^(1/rho) + ts/(steps-1)·(t_min^(1/rho) - t_max^(1/rho)))^rho.
-def karras_time(index, steps, t_min=0.002, t_max=80.0, rho=7.0):
-    hi, lo = t_max ** (1 / rho), t_min ** (1 / rho)
-    return (hi + index / (steps - 1) * (lo - hi)) ** rho
-
-
-def check_ts(ts, steps):
-    """`ts` as a tuple of ints after checking it increases strictly inside [0, steps - 1]."""
-    ts = tuple(int(t) for t in ts)
-    if steps < 2 or len(ts) < 2 or any(a >= b for a, b in zip(ts[:-1], ts[1:])) or ts[0] < 0 or ts[-1] > steps - 1:
-        raise dnnlib.UserError(f'--ts={",".join(map(str, ts))} --steps={steps}: ts needs at least 2 indices, '
-                               f'strictly increasing, in [0, steps - 1]')
-    return ts
-
-
 # Zero-shot editing (Song et al. 2023, Algorithm 4): x = f(x, t_i) clamped to [-1, 1], its known part replaced
 # by the degraded images, then re-noised to t_{i+1} (clipped to [t_min, t_max]) with std sqrt(t_{i+1}² − t_min²).
 # Returns (result, degraded images). A normal tensor is drawn on every step, in float32 like the official code.
 def iterative_edit(denoise, operator, images, latents, ts=DEFAULT_TS, steps=DEFAULT_STEPS, t_min=0.002, t_max=80.0,
                    rho=7.0, randn_like=torch.randn_like):
-    ts = check_ts(ts, steps)
+    times = samplers_karras.multistep_times(samplers_karras.check_ts(ts, steps), steps, t_min, t_max, rho)
     degraded = operator.degrade(images.to(torch.float64))
     x = latents.to(torch.float64) * t_max
-    for cur, nxt in zip(ts[:-1], ts[1:]):
-        t = karras_time(cur, steps, t_min, t_max, rho)
+    for t, t_next in zip(times[:-1], times[1:]):
         x0 = operator.replace(degraded, denoise(x, t).to(torch.float64).clamp(-1, 1))
-        t_next = min(max(karras_time(nxt, steps, t_min, t_max, rho), t_min), t_max)
+        t_next = min(max(t_next, t_min), t_max)
         x = x0 + randn_like(x.to(torch.float32)).to(torch.float64) * math.sqrt(t_next ** 2 - t_min ** 2)
     return x, degraded
