@@ -123,28 +123,28 @@ def check_transfer(options, dataset):
     """--transfer exists and (when the data is there) fits it."""
     if options.transfer is None:
         return
-    from training import checkpoint, training_loop
+    from training import checkpoint, runtime
     check_transfer_file(options.transfer)
     src = checkpoint.load_network(options.transfer)
     if dataset is not None:
-        training_loop.check_transfer_compatible(src, dataset, options.transfer)
+        runtime.check_transfer_compatible(src, dataset, options.transfer)
 
 
 def check_data(options, data_source=None):
     """--data / --cond / batch split / --transfer compatibility, checked by building the dataset; returns the
     dataset name. A missing --data that `data_source` would build (a dry run) is reported and not opened."""
-    from training import training_loop
+    from training import runtime
     path = options.dataset_kwargs['path']
     if path is None:
         raise dnnlib.UserError('--data: required (a dataset folder or zip in EDM format)')
-    training_loop.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
+    runtime.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
     if not os.path.exists(path) and data_source is not None:
         dist.print0(f'--data: {path} does not exist yet; a real run builds it from {data_source}')
         check_transfer(options, None)
         return os.path.splitext(os.path.basename(path))[0]
     if not os.path.exists(path):
         raise dnnlib.UserError(f'--data: no such file or directory: {path}')
-    dataset = training_loop.build_dataset(options.dataset_kwargs)
+    dataset = runtime.build_dataset(options.dataset_kwargs)
     check_transfer(options, dataset)
     return dataset.name
 
@@ -226,8 +226,8 @@ def resolve_resume(resume, outdir, desc, nosubdir):
 def check_resume(state_path):
     """Read the state once up front so a truncated or foreign file is reported before any work."""
     if state_path is not None:
-        from training import training_loop
-        training_loop.load_state(state_path)
+        from training.checkpoint import TrainingState
+        TrainingState.read(state_path)
 
 
 def make_run_dir(outdir, desc, nosubdir, dry_run):
@@ -244,7 +244,7 @@ def make_run_dir(outdir, desc, nosubdir, dry_run):
 def save_options(run_dir, options):
     os.makedirs(run_dir, exist_ok=True)
     with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
-        json.dump(options, f, indent=2)
+        json.dump(options.to_dict(), f, indent=2)
 
 
 def _broadcast(value):
@@ -270,24 +270,34 @@ def prepare(kw):
     run_dir = None
     if dist.get_rank() == 0:
         run_dir = resume_dir or make_run_dir(kw['outdir'], desc, kw['nosubdir'], kw['dry_run'])
-    run_dir, options.resume_state = _broadcast((run_dir, resume_state))
-    dist.print0(json.dumps(options, indent=2))
+    run_dir, resume_state = _broadcast((run_dir, resume_state))
+    options = options.replace(resume_state=resume_state)
+    dist.print0(json.dumps(options.to_dict(), indent=2))
     dist.print0(f'Run directory: {run_dir}' + (f'\nResuming from: {resume_state}' if resume_state else ''))
     if dist.get_rank() == 0:
         save_options(run_dir, options)
     return options, run_dir
 
 
+def make_callbacks(options):
+    """The training callbacks of a run: metric evaluation when metrics are asked for."""
+    if not (options.metrics or options.eval_init_metrics):
+        return []
+    from metrics.training_callback import MetricsCallback
+    return [MetricsCallback()]
+
+
 def launch(options, run_dir):
     """Tee stdout/stderr into log.txt (rank 0) and run the training loop; returns its outcome."""
     from training import training_loop
+    callbacks = make_callbacks(options)
     if dist.get_rank() != 0:
-        return training_loop.training_loop(run_dir=run_dir, **options)
+        return training_loop.training_loop(options, run_dir, callbacks)
     streams = sys.stdout, sys.stderr
     with open(os.path.join(run_dir, 'log.txt'), 'a', encoding='utf-8') as log:
         sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
         try:
-            outcome = training_loop.training_loop(run_dir=run_dir, **options)
+            outcome = training_loop.training_loop(options, run_dir, callbacks)
             print(f'Training {outcome}.')
             return outcome
         finally:
@@ -302,7 +312,7 @@ def launch(options, run_dir):
 @click.option('--arch', help='Network architecture', type=click.Choice(list(presets.ARCHS)))
 @click.option('--arch-kwargs', help='Extra network constructor kwargs as JSON, e.g. \'{"model_channels":64}\'', metavar='JSON', type=str)
 @click.option('--precond', help='Preconditioning', type=click.Choice(list(presets.PRECONDS)))
-@click.option('--loss', help='ect (consistency tuning) or edm (diffusion pretraining)', type=click.Choice(list(presets.LOSSES)))
+@click.option('--loss', help='Training method: ect (consistency tuning) or edm (diffusion pretraining)', type=click.Choice(list(presets.LOSSES)))
 @click.option('--duration', help='Training length in Mimg', metavar='MIMG', type=float)
 @click.option('--batch', help='Global batch size', metavar='INT', type=int)
 @click.option('--batch-gpu', help='Micro-batch per GPU and round (gradient accumulation)', metavar='INT', type=int)

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
+from training import runtime  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 
 
@@ -53,11 +54,11 @@ def synchronize(device):
 
 def time_steps(options, data, precision, device, iters, warmup):
     """(seconds per step list, peak GiB or None on the CPU, parameter count) for one precision."""
-    tl.setup_runtime(0, precision)
-    batch_gpu, rounds = tl.check_batch(options.batch_size, options.batch_gpu, 1)
-    net = tl.build_network(options.network_kwargs, data, None, device)
-    loss_fn, optimizer, base_lr, _, ema, scaler = tl.build_training_parts(
-        net, options.loss_kwargs, options.optimizer_kwargs, options.lr_kwargs, options.ema_kwargs, precision, device)
+    runtime.setup_runtime(0, precision)
+    batch_gpu, rounds = runtime.check_batch(options.batch_size, options.batch_gpu, 1)
+    state = tl.build_state(options.replace(precision=precision, transfer=None), data, device)
+    net, optimizer, ema, scaler = state.net, state.optimizer, state.ema, state.scaler
+    loss_fn, base_lr = state.method.loss, options.optimizer_kwargs['lr']
     iterator = synthetic_batches(data, batch_gpu)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)

@@ -3,14 +3,17 @@
 A preset is a flat dict of option values, the same keys the command line sets (`train.py --preset=NAME`
 fills them, explicit flags override them). Components are named by dotted class name, so a new recipe is
 data only: add an entry to PRESETS. `resolve(preset_name, overrides)` turns preset + overrides into the
-EasyDict of training options that `training.training_loop.training_loop(**options)` takes, with every
-component as dict(class_name=..., **kwargs).
+training.options.TrainingOptions that `training.training_loop.training_loop(options, run_dir)` takes, with
+every component as dict(class_name=..., **kwargs). The training method is `method_kwargs`: given as a dict it
+is used as is (any method, e.g. dict(class_name='training.methods.toy.ToyMethod', ...), see
+docs/ADDING_A_METHOD.md); when None it is ECT or EDM pretraining (`loss`) built from the flat keys below.
 
 Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   data, cond, arch, precond, network_kwargs (extra network constructor kwargs), dropout, dropout_res,
   duration_mimg, batch, batch_gpu, tick_kimg, double_ticks (None or inf: the stage never grows), snap_ticks,
   dump_ticks, sample_ticks, eval_ticks, metrics, metrics_ref, max_hours, seed, precision,
-  transfer ('none' disables a preset's initial checkpoint), loss ('ect' | 'edm'), q, k, b, c,
+  transfer ('none' disables a preset's initial checkpoint), method_kwargs (dict(class_name, **kwargs) or None),
+  loss ('ect' | 'edm', when method_kwargs is None), q, k, b, c,
   mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
@@ -25,6 +28,7 @@ import math
 import os
 
 import dnnlib
+from training.options import TrainingOptions
 from training.samplers import CIFAR10_MID_T, IMAGENET64_MID_T
 
 CIFAR10_VP_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
@@ -56,7 +60,7 @@ EDM2_PRECOND = 'training.networks_edm2.Precond'
 MAPPINGS = {'sigmoid': 'training.loss.SigmoidMapping', 'constant': 'training.loss.ConstantMapping'}
 WEIGHTINGS = {'ict': 'training.loss.InverseGapWeighting', 'edm2': 'training.loss.InverseSquareWeighting',
               'none': 'training.loss.NoWeighting'}
-LOSSES = {'ect': 'training.loss.ECTLoss', 'edm': 'training.loss.EDMLoss'}
+LOSSES = {'ect': 'training.methods.ect.ECT', 'edm': 'training.methods.edm.EDM'}   # --loss -> training method
 PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16')
 GRID_SAMPLERS = ('consistency', 'edm')
 
@@ -65,7 +69,7 @@ DEFAULTS = dict(
     data=None, cond=False, arch='ddpmpp', precond='ecm', network_kwargs={}, dropout=0.0, dropout_res=None,
     duration_mimg=25.6, batch=128, batch_gpu=None, tick_kimg=12.8, double_ticks=None,
     snap_ticks=50, dump_ticks=100, sample_ticks=50, eval_ticks=None, metrics=[], max_hours=None,
-    seed=0, precision='fp32', transfer=None, loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid',
+    seed=0, precision='fp32', transfer=None, method_kwargs=None, loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid',
     weighting='ict', P_mean=-1.1, P_std=2.0, sigma_data=0.5,
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
@@ -127,7 +131,8 @@ PRESETS = {
     'cifar10-ecm-1gpu-hour': dict(_CIFAR10_ECM, q=256, double_ticks=None, max_hours=1.0,
                                   ema=dict(class_name='training.ema.ConstantEMA', beta=0.9993)),
     # EDM diffusion pretraining of DDPM++ (EDM's CIFAR-10 recipe, Karras et al. 2022 Table 7), for users without
-    # a checkpoint. EDM's --augment=0.12 is not reproduced: this project has no augmentation pipe.
+    # a checkpoint. EDM's --augment=0.12 (its non-leaking augmentation pipeline) is not reproduced: this project
+    # has no augmentation pipeline (--xflip is the only data augmentation), so expect EDM's FID without it.
     'cifar10-edm-pretrain': dict(
         arch='ddpmpp', precond='edm', cond=False, dropout=0.13, transfer=None,
         duration_mimg=200.0, batch=512, tick_kimg=50.0, double_ticks=None,
@@ -198,16 +203,21 @@ def _network_kwargs(o):
     return kwargs
 
 
-def _loss_kwargs(o):
+def _method_kwargs(o):
+    """The training method: o.method_kwargs as given, else ECT or EDM pretraining (--loss) from the flat keys."""
+    if o.method_kwargs is not None:
+        if not isinstance(o.method_kwargs, dict) or 'class_name' not in o.method_kwargs:
+            raise dnnlib.UserError(f'method_kwargs: expected dict(class_name=..., **kwargs), got {o.method_kwargs!r}')
+        return copy.deepcopy(o.method_kwargs)
     loss = _choice('--loss', o.loss, LOSSES)
+    common = dict(class_name=LOSSES[loss], P_mean=float(o.P_mean), P_std=float(o.P_std), sigma_data=float(o.sigma_data))
     if loss == 'edm':
-        return dict(class_name=LOSSES[loss], P_mean=float(o.P_mean), P_std=float(o.P_std), sigma_data=float(o.sigma_data))
+        return common
     mapping = dict(class_name=MAPPINGS[_choice('--mapping', o.mapping, MAPPINGS)], q=float(o.q))
     if o.mapping == 'sigmoid':
         mapping.update(k=float(o.k), b=float(o.b))
     weighting = dict(class_name=WEIGHTINGS[_choice('--weighting', o.weighting, WEIGHTINGS)])
-    return dict(class_name=LOSSES[loss], P_mean=float(o.P_mean), P_std=float(o.P_std), sigma_data=float(o.sigma_data),
-                c=float(o.c), mapping=mapping, weighting=weighting)
+    return dict(common, double_ticks=_double_ticks(o.double_ticks), c=float(o.c), mapping=mapping, weighting=weighting)
 
 
 def _ema_kwargs(o):
@@ -257,27 +267,27 @@ def _double_ticks(value):
 
 
 def build_options(o):
-    """Training options (kwargs of training.training_loop.training_loop) from flat options `o`."""
+    """The training.options.TrainingOptions of flat options `o`."""
     _check_numbers(o)
-    return dnnlib.EasyDict(
+    return TrainingOptions(
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
                             xflip=bool(o.xflip), cache=bool(o.cache)),
         data_loader_kwargs=dict(num_workers=int(o.workers), pin_memory=True, prefetch_factor=2),
         network_kwargs=_network_kwargs(o),
-        loss_kwargs=_loss_kwargs(o),
+        method_kwargs=_method_kwargs(o),
         optimizer_kwargs=_optimizer_kwargs(o),
         lr_kwargs=dict(class_name='training.training_loop.LearningRateSchedule',
                        decay_batches=float(o.lr_decay_batches), rampup_kimg=float(o.lr_rampup_kimg)),
         ema_kwargs=_ema_kwargs(o),
         total_kimg=float(o.duration_mimg) * 1000, batch_size=int(o.batch),
-        batch_gpu=None if o.batch_gpu is None else int(o.batch_gpu),
-        tick_kimg=float(o.tick_kimg), double_ticks=_double_ticks(o.double_ticks),
+        batch_gpu=None if o.batch_gpu is None else int(o.batch_gpu), tick_kimg=float(o.tick_kimg),
         snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,
         eval_ticks=o.eval_ticks, metrics=list(o.metrics), eval_init_metrics=list(o.eval_init_metrics),
-        metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours, seed=int(o.seed),
-        precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer, mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
-        find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref, tensorboard=bool(o.tensorboard),
-        detector_files=dict(o.detector_files),
+        metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours,
+        seed=int(o.seed), precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer,
+        mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
+        find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref,
+        tensorboard=bool(o.tensorboard), detector_files=dict(o.detector_files),
     )
 
 

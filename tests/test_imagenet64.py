@@ -23,7 +23,9 @@ from metrics import metric_main
 from tests.conftest import load_npz_meta, write_random_dataset
 from torch_utils import persistence
 from training import checkpoint, phema, samplers
+from training import runtime
 from training import training_loop as tl
+from training.checkpoint import TrainingState
 from training.networks_edm2 import MPConv, Precond, normalize
 
 # docs/ECT.md §6 ImageNet-64 column and §5 / §7, typed here from docs/ECT.md, not read from the code.
@@ -123,10 +125,10 @@ def test_preset_matches_spec(size):
     o = presets.resolve(f'imagenet64-ecm-{size}', dict(data='img64.zip'))
     assert o.batch_size == SPEC['batch'] and o.total_kimg == pytest.approx(SPEC['total_mimg'] * 1000)
     assert o.total_kimg * 1000 / o.batch_size == pytest.approx(SPEC['iters'])
-    assert o.tick_kimg == SPEC['tick_kimg'] and o.double_ticks == SPEC['double']
-    assert o.total_kimg / o.tick_kimg / o.double_ticks == pytest.approx(SPEC['stages'])
-    loss = o.loss_kwargs
-    assert loss['class_name'] == 'training.loss.ECTLoss'
+    loss = o.method_kwargs
+    assert o.tick_kimg == SPEC['tick_kimg'] and loss['double_ticks'] == SPEC['double']
+    assert o.total_kimg / o.tick_kimg / loss['double_ticks'] == pytest.approx(SPEC['stages'])
+    assert loss['class_name'] == 'training.methods.ect.ECT'
     assert (loss['P_mean'], loss['P_std'], loss['c'], loss['sigma_data']) == (SPEC['P_mean'], SPEC['P_std'], SPEC['c'],
                                                                               SPEC['sigma_data'])
     assert loss['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=SPEC['q'], k=SPEC['k'], b=SPEC['b'])
@@ -142,7 +144,7 @@ def test_preset_matches_spec(size):
     assert opt['class_name'] == 'torch.optim.Adam' and opt['lr'] == want['lr'] and tuple(opt['betas']) == SPEC['betas']
     assert o.lr_kwargs['decay_batches'] == SPEC['decay_batches'] and o.lr_kwargs['rampup_kimg'] == 0
     assert o.mid_t == [SPEC['mid_t']] and o.transfer == EDM2_CDN + want['pkl']
-    json.dumps(o)   # training_options.json must be writable
+    json.dumps(o.to_dict())   # training_options.json must be writable
 
 
 @pytest.mark.parametrize('size', list(SIZES))
@@ -164,7 +166,7 @@ def test_preset_network_is_the_edm2_img64_network(size, edm2_forward):
 
 def test_preset_components_build():
     o = presets.resolve('imagenet64-ecm-s', dict(data='img64.zip'))
-    loss = dnnlib.util.construct_class_by_name(**o.loss_kwargs)
+    loss = dnnlib.util.construct_class_by_name(**o.method_kwargs).loss_fn
     t = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
     torch.testing.assert_close(loss.weighting(t, t / 2), 1 / t ** 2 + 1 / 0.25)
     schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)
@@ -189,8 +191,8 @@ def test_arch_kwargs_override_keeps_the_rest_of_the_preset():
 def test_official_edm2_pickle_transfers(data_dir, official, capsys):
     src, path = official
     options = tiny_imagenet_options(data_dir, path)
-    dataset = tl.build_dataset(options.dataset_kwargs)
-    net = tl.build_network(options.network_kwargs, dataset, options.transfer, torch.device('cpu'), seed=5)
+    dataset = runtime.build_dataset(options.dataset_kwargs)
+    net = runtime.build_network(options.network_kwargs, dataset, options.transfer, torch.device('cpu'), seed=5)
     report = capsys.readouterr().out
     assert 'skipped 3 absent from the target' in report and 'logvar_linear.weight' in report
     assert net.training and net.ecm_sigma_min == 0.003 and net.label_dim == NUM_CLASSES
@@ -241,9 +243,11 @@ def _record_weights_per_pass(net):
 
 def test_prediction_and_target_passes_see_the_same_weights_and_masks(data_dir, official):
     options = tiny_imagenet_options(data_dir, official[1])
-    dataset = tl.build_dataset(options.dataset_kwargs)
-    net = tl.build_network(options.network_kwargs, dataset, options.transfer, torch.device('cpu'))
-    loss_fn = dnnlib.util.construct_class_by_name(**options.loss_kwargs)
+    dataset = runtime.build_dataset(options.dataset_kwargs)
+    net = runtime.build_network(options.network_kwargs, dataset, options.transfer, torch.device('cpu'))
+    method = dnnlib.util.construct_class_by_name(**options.method_kwargs)
+    method.setup(net, torch.device('cpu'))   # the training passes' form (boundary=False), as in training
+    loss_fn, net_kwargs = method.loss_fn, method.net_kwargs
     before = {k: v.clone() for k, v in net.state_dict().items()}
     calls, handles = _record_weights_per_pass(net)
     x0 = torch.rand(6, 3, RES, RES) * 2 - 1
@@ -251,7 +255,7 @@ def test_prediction_and_target_passes_see_the_same_weights_and_masks(data_dir, o
     eps = torch.randn_like(x0)
     t = torch.full([6, 1, 1, 1], 0.7)
     torch.manual_seed(3)
-    f_t, f_r = loss_fn.prediction_and_target(net, x0, t, t.clone(), eps, labels)   # r = t: identical inputs
+    f_t, f_r = loss_fn.prediction_and_target(net, x0, t, t.clone(), eps, labels, net_kwargs)   # r = t: same inputs
     for handle in handles:
         handle.remove()
     assert len(calls) == 2 and len(calls[0]) == len(calls[1]) > 0
@@ -259,17 +263,15 @@ def test_prediction_and_target_passes_see_the_same_weights_and_masks(data_dir, o
     assert torch.equal(f_t.detach(), f_r)                   # ... and its dropout masks (dropout 0.4 everywhere)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())   # forwards wrote nothing
     torch.manual_seed(3)
-    f_t2, f_r2 = loss_fn.prediction_and_target(net, x0, t, t.clone(), eps, labels, shared_dropout=False)
+    f_t2, f_r2 = loss_fn.prediction_and_target(net, x0, t, t.clone(), eps, labels, net_kwargs, shared_dropout=False)
     assert (f_t2 - f_r2).abs().max() > 1e-3   # dropout is active: fresh masks would differ
 
 
 def test_forced_weight_normalisation_once_per_optimiser_step(data_dir, official):
     options = tiny_imagenet_options(data_dir, official[1])
-    dataset = tl.build_dataset(options.dataset_kwargs)
-    net = tl.build_network(options.network_kwargs, dataset, options.transfer, torch.device('cpu'))
-    loss_fn, optimizer, base_lr, _schedule, _ema, _scaler = tl.build_training_parts(
-        net, options.loss_kwargs, options.optimizer_kwargs, options.lr_kwargs, options.ema_kwargs, 'fp32',
-        torch.device('cpu'))
+    dataset = runtime.build_dataset(options.dataset_kwargs)
+    state = tl.build_state(options, dataset, torch.device('cpu'))
+    net, optimizer, base_lr = state.net, state.optimizer, options.optimizer_kwargs['lr']
     calls = []
     real_normalize = net.normalize_weights_
 
@@ -277,11 +279,11 @@ def test_forced_weight_normalisation_once_per_optimiser_step(data_dir, official)
         calls.append(sum(len(s) for s in optimizer.state.values()))   # optimiser state exists: after the step
         real_normalize()
     net.normalize_weights_ = spy
-    batch_gpu, rounds = tl.check_batch(16, 8, 1)   # two accumulation rounds per step
-    iterator = tl.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
+    batch_gpu, rounds = runtime.check_batch(16, 8, 1)   # two accumulation rounds per step
+    iterator = runtime.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
     for step in range(3):
         weights_before = [p.detach().clone() for p in net.parameters()]
-        tl.training_step(net, net, loss_fn, optimizer, iterator, rounds, 16, base_lr, torch.device('cpu'))
+        tl.training_step(net, net, state.method.loss, optimizer, iterator, rounds, 16, base_lr, torch.device('cpu'))
         assert len(calls) == step + 1 and calls[-1] > 0
         assert any(not torch.equal(a, b) for a, b in zip(weights_before, net.parameters()))
         for module in net.modules():
@@ -316,11 +318,11 @@ def run_dir(tmp_path_factory, data_dir, official):
 def test_run_trains_with_class_labels_from_the_transfer(run_dir, official):
     out, _ = run_dir
     options = json.loads((out / 'training_options.json').read_text())
-    assert options['network_kwargs']['ecm_sigma_min'] == 0.003 and options['loss_kwargs']['c'] == 0.06
+    assert options['network_kwargs']['ecm_sigma_min'] == 0.003 and options['method_kwargs']['c'] == 0.06
     assert options['dataset_kwargs']['use_labels'] is True
     log = (out / 'log.txt').read_text()
     assert 'Transfer from' in log and 'Training done.' in log
-    state = tl.load_state(out / 'training-state-latest.pt')
+    state = TrainingState.read(out / 'training-state-latest.pt')
     assert state['progress']['cur_nimg'] == 2 * 32 * BATCH
     net_weight = state['net']['unet.emb_label.weight']
     assert net_weight.shape == (TINY_ARCH['model_channels'] * 2, NUM_CLASSES)

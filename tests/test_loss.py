@@ -8,6 +8,9 @@ import torch
 
 import dnnlib
 from training import loss as loss_lib
+from training.methods.base import Progress
+from training.methods.ect import ECT, curriculum_stage
+from training.methods.edm import EDM
 
 #----------------------------------------------------------------------------
 # Helpers.
@@ -24,8 +27,8 @@ class ToyDenoiser(torch.nn.Module):
         self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
         self.calls = []
 
-    def forward(self, x, sigma, class_labels=None, boundary=True, augment_labels=None):
-        self.calls.append(dict(boundary=boundary, augment_labels=augment_labels, sigma=sigma.detach().clone()))
+    def forward(self, x, sigma, class_labels=None, boundary=True):
+        self.calls.append(dict(boundary=boundary, sigma=sigma.detach().clone()))
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
@@ -118,18 +121,37 @@ def test_curriculum_stage_follows_ticks_and_doubling():
     tick_nimg = 12800
     for cur_nimg in [0, 1, 12799, 12800, tick_nimg * 250 - 1, tick_nimg * 250, tick_nimg * 500 + 7, 25_600_000]:
         expected = (cur_nimg // tick_nimg) // 250
-        assert loss_lib.curriculum_stage(cur_nimg, 12.8, 250) == expected
-    assert loss_lib.curriculum_stage(tick_nimg * 250, 12.8, 250) == 1
-    assert loss_lib.curriculum_stage(6400 * 500 * 3, 6.4, 500) == 3
-    assert loss_lib.curriculum_stage(6400 * 500 * 3 - 1, 6.4, 500) == 2
-    assert loss_lib.curriculum_stage(10**9, 12.8, None) == 0
-    assert loss_lib.curriculum_stage(10**9, 12.8, math.inf) == 0
+        assert curriculum_stage(cur_nimg, 12.8, 250) == expected
+    assert curriculum_stage(tick_nimg * 250, 12.8, 250) == 1
+    assert curriculum_stage(6400 * 500 * 3, 6.4, 500) == 3
+    assert curriculum_stage(6400 * 500 * 3 - 1, 6.4, 500) == 2
+    assert curriculum_stage(10**9, 12.8, None) == 0
+    assert curriculum_stage(10**9, 12.8, math.inf) == 0
 
 
 @pytest.mark.parametrize('args', [(100, 0, 10), (100, 12.8, 0), (100, -1, 10), (100, 12.8, -5)])
 def test_curriculum_stage_rejects_bad_settings(args):
     with pytest.raises(dnnlib.UserError):
-        loss_lib.curriculum_stage(*args)
+        curriculum_stage(*args)
+
+def test_ect_method_schedule_follows_progress_and_logs_changes(capsys):
+    method = ECT(double_ticks=2, mapping=dict(class_name='training.loss.ConstantMapping', q=2))
+    tick_nimg = 8
+    stages = []
+    for cur_nimg in range(0, 8 * tick_nimg, 4):
+        progress = Progress(cur_nimg=cur_nimg, batch_size=4, total_nimg=64, tick_kimg=tick_nimg / 1000)
+        stages.append(method.schedule(progress)['stage'])
+        assert method.loss_fn.stage == stages[-1] == (cur_nimg // tick_nimg) // 2
+    assert stages[-1] == 3
+    log = capsys.readouterr().out.splitlines()
+    assert log == [f'Curriculum stage {s} at {s * 2 * tick_nimg / 1e3:.1f} kimg' for s in range(4)]
+    assert method.state_dict() == dict(stage=3) and method.snapshot_metadata() == dict(stage=3)
+    resumed = ECT(double_ticks=2)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.loss_fn.stage == 3
+    assert ECT(double_ticks=None).schedule(Progress(10**9, 128, 10**9, 12.8)) == dict(stage=0)
+    with pytest.raises(dnnlib.UserError, match='--double'):
+        ECT(double_ticks=0)
 
 #----------------------------------------------------------------------------
 # ECT loss.
@@ -170,31 +192,37 @@ def test_ect_loss_matches_float64_reference(stage, c, weighting):
     np.testing.assert_allclose(got, expected, rtol=2e-4)
 
 
-def test_ect_loss_passes_boundary_false_and_augment_labels():
+@pytest.mark.parametrize('method', [ECT(), EDM()])
+def test_methods_pass_boundary_false_decided_once_in_setup(method, monkeypatch):
     net = _toy()
-    loss_fn = loss_lib.ECTLoss()
+    method.setup(net, torch.device('cpu'))
+    assert method.net_kwargs == {'boundary': False}
+    # The decision is made once: loss() never inspects the network again.
+    monkeypatch.setattr(loss_lib.inspect, 'signature', lambda *a, **k: pytest.fail('signature inspected per call'))
     images = torch.randn(4, 3, 6, 6)
-    augment = lambda x: (x.flip(3), torch.full([x.shape[0], 9], 0.25))
-    loss_fn(net, images, augment_pipe=augment)
+    method.loss(net, images)
     assert net.calls and all(call['boundary'] is False for call in net.calls)
-    assert all(torch.equal(call['augment_labels'], torch.full([4, 9], 0.25)) for call in net.calls)
     net.calls.clear()
     net.eval()  # the form must not depend on net.training
-    loss_fn(net, images)
-    assert all(call['boundary'] is False and call['augment_labels'] is None for call in net.calls)
+    method.loss(net, images)
+    assert net.calls and all(call['boundary'] is False for call in net.calls)
 
 
-def test_ect_call_uses_augmented_images_and_documented_draw_order():
+def test_method_loss_before_setup_is_an_error():
+    with pytest.raises(RuntimeError, match='setup'):
+        ECT().loss(_toy(), torch.randn(2, 3, 6, 6))
+
+
+def test_ect_call_uses_documented_draw_order():
     net = _toy()
     loss_fn = loss_lib.ECTLoss()
     images = torch.randn(4, 3, 6, 6)
-    augment = lambda x: (x.flip(3) * 0.5, None)
     torch.manual_seed(7)
-    got = loss_fn(net, images, augment_pipe=augment)
+    got = loss_fn(net, images)
     torch.manual_seed(7)
     rnd_normal = torch.randn([4, 1, 1, 1])
     eps = torch.randn([4, 3, 6, 6])
-    expected = loss_fn.loss_from_noise(net, images.flip(3) * 0.5, rnd_normal, eps)
+    expected = loss_fn.loss_from_noise(net, images, rnd_normal, eps)
     assert torch.equal(got, expected)
 
 
@@ -265,11 +293,12 @@ def test_shared_dropout_masks_make_prediction_and_target_identical(kind):
 
 def test_ect_loss_uses_tuning_form_of_ecm_precond():
     net = _dropout_net().eval()
-    loss_fn = loss_lib.ECTLoss()
+    method = ECT()
+    method.setup(net, torch.device('cpu'))
     x0 = torch.randn(2, 3, 8, 8)
     eps = torch.randn_like(x0)
-    t, r = loss_fn.times(torch.tensor([0.5, 1.0]).reshape(-1, 1, 1, 1))
-    f_t, _ = loss_fn.prediction_and_target(net, x0, t, r, eps)
+    t, r = method.loss_fn.times(torch.tensor([0.5, 1.0]).reshape(-1, 1, 1, 1))
+    f_t, _ = method.loss_fn.prediction_and_target(net, x0, t, r, eps, net_kwargs=method.net_kwargs)
     with torch.no_grad():
         tuning = net(x0 + t * eps, t, None, boundary=False)
         evaluation = net(x0 + t * eps, t, None)
@@ -314,7 +343,7 @@ def test_edm_loss_matches_float64_reference():
     x0 = torch.rand(len(N_VALUES), 3, 6, 6) * 2 - 1
     eps = torch.randn_like(x0)
     rnd_normal = torch.from_numpy(N_VALUES).float().reshape(-1, 1, 1, 1)
-    got = loss_fn.loss_from_noise(net, x0, rnd_normal, eps).detach().double().numpy()
+    got = loss_fn.loss_from_noise(net, x0, rnd_normal, eps, net_kwargs=dict(boundary=False)).detach().double().numpy()
     sigma = np.exp(-1.2 + 1.2 * N_VALUES.astype(np.float32).astype(np.float64))
     denoised = _toy_f64(net, x0.double() + torch.from_numpy(sigma).reshape(-1, 1, 1, 1) * eps.double(), sigma)
     lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2

@@ -1,5 +1,6 @@
 """Presets resolve to the recipes of docs/ECT.md §6 (numbers transcribed here from that table, not from the code)."""
 
+import dataclasses
 import json
 import math
 
@@ -19,11 +20,11 @@ def test_cifar10_ecm_matches_spec():
     assert o.batch_size == SPEC_CIFAR10['batch']
     assert o.total_kimg == pytest.approx(SPEC_CIFAR10['total_mimg'] * 1000)
     assert o.total_kimg * 1000 / o.batch_size == pytest.approx(SPEC_CIFAR10['iters'])
-    assert o.tick_kimg == SPEC_CIFAR10['tick_kimg'] and o.double_ticks == SPEC_CIFAR10['double']
+    loss = o.method_kwargs
+    assert o.tick_kimg == SPEC_CIFAR10['tick_kimg'] and loss['double_ticks'] == SPEC_CIFAR10['double']
     # 8 stages over the run: 25.6 Mimg / 12.8 kimg = 2000 ticks, / 250 = 8.
-    assert o.total_kimg / o.tick_kimg / o.double_ticks == pytest.approx(8)
-    loss = o.loss_kwargs
-    assert loss['class_name'] == 'training.loss.ECTLoss'
+    assert o.total_kimg / o.tick_kimg / loss['double_ticks'] == pytest.approx(8)
+    assert loss['class_name'] == 'training.methods.ect.ECT'
     assert (loss['P_mean'], loss['P_std'], loss['c'], loss['sigma_data']) == (-1.1, 2.0, 0.0, 0.5)
     assert loss['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2, k=8, b=1)
     assert loss['weighting'] == dict(class_name='training.loss.InverseGapWeighting')
@@ -38,21 +39,23 @@ def test_cifar10_ecm_matches_spec():
     assert o.lr_kwargs['decay_batches'] == 0 and o.lr_kwargs['rampup_kimg'] == 0
     assert o.ema_kwargs == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
     assert o.mid_t == [0.821] and o.transfer == SPEC_CIFAR10['url']
-    json.dumps(o)   # training_options.json must be writable
+    json.dumps(o.to_dict())   # training_options.json must be writable
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.batch_size = 64   # options are frozen: one source of truth for the whole run
 
 
 def test_cifar10_one_gpu_hour_matches_spec():
     o = presets.resolve('cifar10-ecm-1gpu-hour', dict(data='x'))
-    assert o.loss_kwargs['mapping']['q'] == 256 and o.double_ticks is None   # never doubles
+    assert o.method_kwargs['mapping']['q'] == 256 and o.method_kwargs['double_ticks'] is None   # never doubles
     assert o.ema_kwargs['beta'] == 0.9993 and o.max_hours == 1.0
-    assert o.batch_size == 128 and o.loss_kwargs['P_mean'] == -1.1 and o.loss_kwargs['P_std'] == 2.0
+    assert o.batch_size == 128 and o.method_kwargs['P_mean'] == -1.1 and o.method_kwargs['P_std'] == 2.0
     assert o.network_kwargs['dropout'] == 0.2 and o.optimizer_kwargs['lr'] == 1e-4
 
 
 def test_edm_pretrain_preset():
     o = presets.resolve('cifar10-edm-pretrain', dict(data='x'))
     # docs/ECT.md §3: diffusion pretraining uses the EDM loss with P_mean -1.2, P_std 1.2.
-    assert o.loss_kwargs == dict(class_name='training.loss.EDMLoss', P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    assert o.method_kwargs == dict(class_name='training.methods.edm.EDM', P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     assert o.transfer is None and o.grid_sampler == 'edm'
     assert o.ema_kwargs['class_name'] == 'training.ema.HalfLifeEMA' and o.ema_kwargs['halflife_kimg'] == 500
 
@@ -60,11 +63,11 @@ def test_edm_pretrain_preset():
 def test_overrides_and_components_build():
     o = presets.resolve('cifar10-ecm', dict(data='x', q=4, c=0.06, weighting='edm2', mapping='constant', lr=2e-4,
                                             ema_beta=0.999, precision='bf16', lr_decay_batches=2000))
-    assert o.loss_kwargs['mapping'] == dict(class_name='training.loss.ConstantMapping', q=4)
-    assert o.loss_kwargs['weighting']['class_name'] == 'training.loss.InverseSquareWeighting'
+    assert o.method_kwargs['mapping'] == dict(class_name='training.loss.ConstantMapping', q=4)
+    assert o.method_kwargs['weighting']['class_name'] == 'training.loss.InverseSquareWeighting'
     assert o.optimizer_kwargs['lr'] == 2e-4 and o.ema_kwargs['beta'] == 0.999 and o.precision == 'bf16'
-    loss = dnnlib.util.construct_class_by_name(**o.loss_kwargs)
-    assert loss.c == 0.06 and loss.mapping.q == 4
+    method = dnnlib.util.construct_class_by_name(**o.method_kwargs)
+    assert method.loss_fn.c == 0.06 and method.loss_fn.mapping.q == 4
     schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)
     assert schedule(8000 * 128, 128) == pytest.approx(1 / math.sqrt(4))
 
@@ -82,3 +85,11 @@ def test_bad_overrides(overrides, flag):
 def test_unknown_preset():
     with pytest.raises(dnnlib.UserError, match='--preset'):
         presets.resolve('imagenet64-ecm-xxl', {})
+
+
+def test_method_kwargs_name_any_method():
+    toy = dict(class_name='training.methods.edm.EDM', P_mean=-1.0)
+    o = presets.resolve('cifar10-ecm', dict(data='x', method_kwargs=toy, q=4))
+    assert o.method_kwargs == toy   # used as given: the ECT flags do not apply to another method
+    with pytest.raises(dnnlib.UserError, match='method_kwargs'):
+        presets.resolve('cifar10-ecm', dict(data='x', method_kwargs=dict(P_mean=-1.0)))

@@ -159,17 +159,18 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
         options = json.load(f)
     assert options['transfer'] == presets.QUICKSTART_CHECKPOINT
     assert options['dataset_kwargs']['path'] == presets.QUICKSTART_DATA == options['metrics_ref']
-    assert options['loss_kwargs']['class_name'] == 'training.loss.ECTLoss'
-    assert options['loss_kwargs']['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2.0, k=8.0, b=1.0)
-    assert options['loss_kwargs']['weighting']['class_name'] == 'training.loss.InverseGapWeighting'
+    method = options['method_kwargs']
+    assert method['class_name'] == 'training.methods.ect.ECT'
+    assert method['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2.0, k=8.0, b=1.0)
+    assert method['weighting']['class_name'] == 'training.loss.InverseGapWeighting'
     assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
     assert options['ema_kwargs']['class_name'] == 'training.ema.ConstantEMA'
     assert options['network_kwargs']['class_name'] == 'training.networks.ECMPrecond'
     assert options['metrics'] == ['fd_randnet', 'two_step_fd_randnet']
     assert options['eval_init_metrics'] == ['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet']
-    assert options['total_kimg'] / options['tick_kimg'] / options['double_ticks'] >= 2   # the curriculum advances
+    assert options['total_kimg'] / options['tick_kimg'] / method['double_ticks'] >= 2   # the curriculum advances
     # The sizes the README and the preset's comment state: 48 kimg at batch 32, a stage every 4 ticks, EMA 0.99.
-    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], options['double_ticks']) == (48, 32, 2, 4)
+    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], method['double_ticks']) == (48, 32, 2, 4)
     assert options['ema_kwargs']['beta'] == 0.99 and options['optimizer_kwargs']['lr'] == 1e-3
     net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)                          # safe snapshot loader
     assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
@@ -177,7 +178,7 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
                                               label_dim=0)
     assert not checkpoint.transfer_weights(net, ecm).not_in_source                         # every weight transfers
     pretrain = presets.resolve('quickstart-pretrain', {})
-    assert pretrain.loss_kwargs['class_name'] == 'training.loss.EDMLoss'
+    assert pretrain.method_kwargs['class_name'] == 'training.methods.edm.EDM'
     assert {k: v for k, v in pretrain.network_kwargs.items() if k != 'class_name'} == \
         {k: v for k, v in options['network_kwargs'].items() if k != 'class_name'}
 

@@ -22,8 +22,10 @@ from configs import presets
 from tests.conftest import write_random_dataset
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import runtime
 from training import training_loop as tl
-from training.loss import ECTLoss
+from training.checkpoint import TrainingState
+from training.methods.ect import ECT
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_NET = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
@@ -45,39 +47,39 @@ def tiny_options(data, **overrides):
 
 
 class FixedNoiseLoss:
-    """A deterministic per-sample loss in the EDM calling convention: sigma fixed per image from its pixels."""
+    """A deterministic per-sample loss (a method's `loss` signature): sigma fixed per image from its pixels."""
 
-    def __call__(self, net, images, labels=None, augment_pipe=None):
+    def __call__(self, net, images, labels=None):
         sigma = (images.mean(dim=[1, 2, 3], keepdim=True).abs() + 0.5)
         out = net(images + sigma * torch.cos(images * 7), sigma, labels, boundary=False)
         return (out - images).square().flatten(1).sum(1)
 
 
-class SignallingLoss(ECTLoss):
-    """ECTLoss that sends this process SIGUSR1 during its `signal_at`-th call (a cluster pre-emption)."""
+class SignallingECT(ECT):
+    """ECT whose loss sends this process SIGUSR1 during its `signal_at`-th call (a cluster pre-emption)."""
 
     def __init__(self, signal_at=3, **kwargs):
         super().__init__(**kwargs)
         self.signal_at = signal_at
         self.calls = 0
 
-    def __call__(self, **kwargs):
+    def loss(self, net, images, labels=None):
         self.calls += 1
         if self.calls == self.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return super().__call__(**kwargs)
+        return super().loss(net, images, labels)
 
 
 def build_net(data, seed=0):
     options = tiny_options(data)
-    dataset = tl.build_dataset(options.dataset_kwargs)
-    return dataset, tl.build_network(dict(options.network_kwargs, dropout=0.0), dataset, None, torch.device('cpu'), seed)
+    dataset = runtime.build_dataset(options.dataset_kwargs)
+    return dataset, runtime.build_network(dict(options.network_kwargs, dropout=0.0), dataset, None, torch.device('cpu'), seed)
 
 
 def grads_after(net, dataset, batch_size, batch_gpu):
     net.zero_grad(set_to_none=True)
-    batch_gpu, rounds = tl.check_batch(batch_size, batch_gpu, dist.get_world_size())
-    iterator = tl.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
+    batch_gpu, rounds = runtime.check_batch(batch_size, batch_gpu, dist.get_world_size())
+    iterator = runtime.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
     tl.accumulate_gradients(net, FixedNoiseLoss(), iterator, rounds, batch_size, torch.device('cpu'))
     return [p.grad.detach().clone() for p in net.parameters()]
 
@@ -93,7 +95,7 @@ def test_gradient_accumulation_is_invariant(data_dir):
     net64 = net.double()
     net64.zero_grad(set_to_none=True)
     images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))]).double() / 127.5 - 1
-    order = tl.InfiniteSampler(len(dataset), seed=0)
+    order = runtime.InfiniteSampler(len(dataset), seed=0)
     idx = [next(it) for it in [iter(order)] for _ in range(8)]
     FixedNoiseLoss()(net64, images[idx]).mean().backward()
     for a, p in zip(whole, net64.parameters()):
@@ -105,9 +107,9 @@ def _ddp_worker(rank, port, data, out_dir):
     torch.set_num_threads(1)
     dist.init()
     dataset, net = build_net(data)
-    ddp = tl.wrap_ddp(net, torch.device('cpu'), False)
-    batch_gpu, rounds = tl.check_batch(8, 2, dist.get_world_size())
-    iterator = tl.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
+    ddp = runtime.wrap_ddp(net, torch.device('cpu'), False)
+    batch_gpu, rounds = runtime.check_batch(8, 2, dist.get_world_size())
+    iterator = runtime.build_data_iterator(dataset, dict(num_workers=0), batch_gpu, 0, 0, torch.device('cpu'))
     tl.accumulate_gradients(ddp, FixedNoiseLoss(), iterator, rounds, 8, torch.device('cpu'))
     torch.save([p.grad for p in net.parameters()], os.path.join(out_dir, f'grads{rank}.pt'))
     torch.distributed.destroy_process_group()
@@ -130,13 +132,12 @@ def test_two_process_ddp_equals_single_process(data_dir, tmp_path):
 
 def run_loop(run_dir, data, **kwargs):
     os.makedirs(run_dir, exist_ok=True)
-    options = tiny_options(data, dropout=0.2)
-    options.update(kwargs)
-    return tl.training_loop(run_dir=str(run_dir), **options)
+    options = tiny_options(data, dropout=0.2).replace(**kwargs)
+    return tl.training_loop(options, str(run_dir))
 
 
 def final_weights(run_dir):
-    state = tl.load_state(os.path.join(run_dir, 'training-state-latest.pt'))
+    state = TrainingState.read(os.path.join(run_dir, 'training-state-latest.pt'))
     return state, {**{f'net.{k}': v for k, v in state['net'].items()},
                    **{f'ema.{k}': v for k, v in state['ema'][''].items()}}
 
@@ -153,7 +154,7 @@ def assert_same_weights(run_a, run_b):
     state_b, weights_b = final_weights(run_b)
     assert state_a['progress']['cur_nimg'] == state_b['progress']['cur_nimg'] == 24
     assert state_a['progress']['cur_tick'] == state_b['progress']['cur_tick'] == 3
-    assert state_a['progress']['stage'] == state_b['progress']['stage'] == 2   # double_ticks=1: one stage per tick
+    assert state_a['method']['stage'] == state_b['method']['stage'] == 2   # double_ticks=1: one stage per tick
     for name, value in weights_a.items():
         torch.testing.assert_close(weights_b[name], value, rtol=0, atol=1e-6, msg=name)
 
@@ -188,11 +189,11 @@ def test_resume_at_tick_boundary_is_exact(uninterrupted, data_dir, tmp_path, cap
 
 def test_preemption_signal_writes_state_and_resume_is_exact(uninterrupted, data_dir, tmp_path):
     first = tmp_path / 'first'
-    loss = dict(tiny_options(data_dir).loss_kwargs, class_name='test_training.SignallingLoss', signal_at=3)
-    assert run_loop(first, data_dir, loss_kwargs=loss) == 'preempted'
-    state = tl.load_state(first / 'training-state-latest.pt')
+    method = dict(tiny_options(data_dir).method_kwargs, class_name='test_training.SignallingECT', signal_at=3)
+    assert run_loop(first, data_dir, method_kwargs=method) == 'preempted'
+    state = TrainingState.read(first / 'training-state-latest.pt')
     assert state['progress']['cur_nimg'] == 12 and state['progress']['tick_start_nimg'] == 8   # mid-tick
-    assert not isinstance(signal.getsignal(signal.SIGUSR1), tl.PreemptionHandler)   # handler uninstalled
+    assert not isinstance(signal.getsignal(signal.SIGUSR1), runtime.PreemptionHandler)   # handler uninstalled
     second = tmp_path / 'second'
     assert run_loop(second, data_dir, resume_state=str(first / 'training-state-latest.pt')) == 'done'
     assert_same_weights(uninterrupted, second)
@@ -203,11 +204,11 @@ def test_corrupt_state_is_a_clear_error(uninterrupted, tmp_path):
     truncated = tmp_path / 'training-state-000001.pt'
     truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(dnnlib.UserError, match='training-state-000001.pt'):
-        tl.load_state(truncated)
+        TrainingState.read(truncated)
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(b'not a state at all')
     with pytest.raises(dnnlib.UserError, match='garbage.pt'):
-        tl.load_state(garbage)
+        TrainingState.read(garbage)
 
 
 def test_fp16_scaler_skips_step_with_inf_gradients():
@@ -262,12 +263,12 @@ def test_dry_run_writes_options(data_dir, tmp_path):
     assert re.fullmatch(r'00000-data\d*-uncond-ecm-gpus1-batch128-fp32', run_dir.name)
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['network_kwargs']['class_name'] == 'training.networks.ECMPrecond'
-    assert options['loss_kwargs']['class_name'] == 'training.loss.ECTLoss'
-    assert options['loss_kwargs']['mapping']['class_name'] == 'training.loss.SigmoidMapping'
+    assert options['method_kwargs']['class_name'] == 'training.methods.ect.ECT'
+    assert options['method_kwargs']['mapping']['class_name'] == 'training.loss.SigmoidMapping'
     assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
     assert options['ema_kwargs'] == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
-    assert options['mid_t'] == [0.5, 1.0] and options['loss_kwargs']['P_mean'] == -1.0
-    assert options['double_ticks'] is None
+    assert options['mid_t'] == [0.5, 1.0] and options['method_kwargs']['P_mean'] == -1.0
+    assert options['method_kwargs']['double_ticks'] is None
     assert options['detector_files'] == {}   # the official detectors
 
 
@@ -303,7 +304,7 @@ def test_bad_values_give_one_line_errors(data_dir, tmp_path, extra, message):
 
 
 def test_transfer_resolution_mismatch(data_dir, tmp_path):
-    src = tl.build_network(dict(tiny_options(data_dir).network_kwargs), type('D', (), dict(
+    src = runtime.build_network(dict(tiny_options(data_dir).network_kwargs), type('D', (), dict(
         resolution=16, num_channels=3, label_dim=0))(), None, torch.device('cpu'))
     path = tmp_path / 'net16.pt'
     checkpoint.save_network_snapshot(path, src)
@@ -315,8 +316,8 @@ def test_transfer_copies_weights(data_dir, tmp_path):
     dataset, src = build_net(data_dir, seed=1)
     path = tmp_path / 'net8.pt'
     checkpoint.save_network_snapshot(path, src)
-    net = tl.build_network(dict(tiny_options(data_dir).network_kwargs), dataset, str(path), torch.device('cpu'), seed=2)
-    fresh = tl.build_network(dict(tiny_options(data_dir).network_kwargs), dataset, None, torch.device('cpu'), seed=2)
+    net = runtime.build_network(dict(tiny_options(data_dir).network_kwargs), dataset, str(path), torch.device('cpu'), seed=2)
+    fresh = runtime.build_network(dict(tiny_options(data_dir).network_kwargs), dataset, None, torch.device('cpu'), seed=2)
     assert net.training
     for (name, a), b, c in zip(net.state_dict().items(), src.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
@@ -341,7 +342,7 @@ def test_resume_auto_continues_same_run_dir(data_dir, tmp_path):
     code, output = invoke(args + ['--resume=auto', '--duration=0.000008'])
     assert code == 0, output
     assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]   # continued in place, no new directory
-    state = tl.load_state(run_dir / 'training-state-latest.pt')
+    state = TrainingState.read(run_dir / 'training-state-latest.pt')
     assert state['progress']['cur_nimg'] == 8
     assert 'Resumed from' in (run_dir / 'log.txt').read_text()
 
@@ -364,6 +365,7 @@ def test_run_ecm_usage():
 
 def test_metric_detectors_are_loaded_once_per_run(monkeypatch, tmp_path):
     from metrics import metric_main
+    from metrics.training_callback import evaluate_metrics
     loads, used = [], []
     monkeypatch.setattr(metric_main, 'load_metric_detector',
                         lambda metric, url=None, device='cpu': loads.append((metric, url)) or object())
@@ -373,7 +375,7 @@ def test_metric_detectors_are_loaded_once_per_run(monkeypatch, tmp_path):
     cache = {}
     nets = [('', torch.nn.Identity()), ('-b0.99', torch.nn.Identity())]
     for kimg in (8, 16):   # two evaluations of two EMA nets with two metrics sharing the Inception detector
-        tl.evaluate_metrics(['fid50k_full', 'two_step_fid50k_full'], nets, 'ref.npz', [0.821], str(tmp_path),
-                            f'network-snapshot-{kimg:06d}', 'cpu', detectors=cache,
-                            detector_files=dict(detector='inception.pkl', dinov2='dinov2.pth'))
+        evaluate_metrics(['fid50k_full', 'two_step_fid50k_full'], nets, 'ref.npz', [0.821], str(tmp_path),
+                         f'network-snapshot-{kimg:06d}', 'cpu', detectors=cache,
+                         detector_files=dict(detector='inception.pkl', dinov2='dinov2.pth'))
     assert loads == [('fid50k_full', 'inception.pkl')] and len(used) == 8 and all(d is used[0] for d in used)

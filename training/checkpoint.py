@@ -23,6 +23,8 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
+from torch_utils import distributed as dist
+from torch_utils import misc
 from torch_utils import persistence
 
 SNAPSHOT_FORMAT = 'ect-network-snapshot'
@@ -562,7 +564,7 @@ def transfer_weights(src_net, dst_net):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training state.
+# Training state files: low-level save/load of plain data.
 
 def save_training_state(path, state):
     """Atomically write the training state (tensors, python primitives, lists, tuples and dicts only)."""
@@ -579,3 +581,97 @@ def load_training_state(path):
     if not isinstance(state, dict):
         raise UserError(f'{name}: not a training state file')
     return state
+
+# ----------------------------------------------------------------------------------------------------------
+# The training state of a run: one dataclass, one save/read/resume path.
+
+
+@dataclasses.dataclass
+class LoopProgress:
+    """The loop's counters (saved in every training state; the sampler position is cur_nimg)."""
+    cur_nimg: int = 0           # images seen, all ranks together
+    cur_tick: int = 0           # ticks completed
+    tick_start_nimg: int = 0    # cur_nimg at the start of the current tick
+    elapsed_sec: float = 0.0    # training time before now, over all resumes
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything a run needs to continue exactly: the trained network, its EMAs, the method's state, the
+    optimiser, the fp16 GradScaler and the loop's progress; the RNG states of every rank are gathered when it is
+    saved. The data order is a function of (seed, images seen), so progress.cur_nimg is the sampler position."""
+    FORMAT = 'ect-training-state'
+    VERSION = 2
+
+    net: torch.nn.Module                # the trained network (not DDP-wrapped)
+    ema: object                         # EMA tracker(s) of net (training.ema.*: state_dict/load_state_dict/get)
+    method: object                      # the training method (training.methods.base.Method)
+    optimizer: torch.optim.Optimizer    # optimiser of net's parameters
+    scaler: object = None               # torch.amp.GradScaler under fp16, else None
+    progress: LoopProgress = dataclasses.field(default_factory=LoopProgress)
+
+    def to_dict(self, options=None):
+        """The plain-data record of the state (a collective when distributed: every rank's RNG is gathered)."""
+        return dict(format=self.FORMAT, version=self.VERSION, net=self.net.state_dict(), ema=self.ema.state_dict(),
+                    method=self.method.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    progress=dataclasses.asdict(self.progress), rng=_gather_rng_states(),
+                    world_size=dist.get_world_size(), sampler_position=self.progress.cur_nimg,
+                    options=json.loads(json.dumps(options)))
+
+    def save(self, run_dir, options=None):
+        """training-state-{kimg:06d}.pt and training-state-latest.pt (every rank calls; rank 0 writes, atomically)."""
+        data = self.to_dict(options)
+        if dist.get_rank() != 0:
+            return
+        for name in (f'training-state-{self.progress.cur_nimg // 1000:06d}.pt', 'training-state-latest.pt'):
+            save_training_state(os.path.join(run_dir, name), data)
+
+    @classmethod
+    def read(cls, path):
+        """The record of a training-state file, checked; a file that is not one is a UserError naming it."""
+        data = load_training_state(path)
+        if data.get('format') != cls.FORMAT or data.get('version') != cls.VERSION:
+            raise UserError(f'{path}: not an ECT training state of version {cls.VERSION} (format '
+                            f'{data.get("format")!r}, version {data.get("version")!r})')
+        missing = [k for k in ('net', 'ema', 'method', 'optimizer', 'progress', 'rng') if k not in data]
+        if missing:
+            raise UserError(f'{path}: training state lacks {missing}')
+        return data
+
+    def resume(self, path, seed):
+        """Load everything from the file at `path` into this state, the RNG states of this rank last."""
+        data = self.read(path)
+        try:
+            self.net.load_state_dict(data['net'])
+            self.optimizer.load_state_dict(data['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f'--resume: {path} does not match this network/optimiser configuration: '
+                            f'{str(e).splitlines()[0]}') from None
+        self.ema.load_state_dict(data['ema'])
+        self.method.load_state_dict(data['method'])
+        if self.scaler is not None and data.get('scaler') is not None:
+            self.scaler.load_state_dict(data['scaler'])
+        self.progress = LoopProgress(**data['progress'])
+        _restore_rng(data['rng'], seed, self.progress.cur_nimg)
+
+
+def _gather_rng_states():
+    """The RNG states of every rank, in rank order (a collective)."""
+    states = misc.get_rng_states()
+    if dist.get_world_size() == 1:
+        return [states]
+    gathered = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
+
+
+def _restore_rng(rng, seed, cur_nimg):
+    """This rank's RNG states from `rng` (one per rank); with a different number of ranks the run cannot continue
+    bit-for-bit, so each rank is reseeded from (seed, images seen) instead and that is said."""
+    if len(rng) == dist.get_world_size():
+        misc.set_rng_states(rng[dist.get_rank()])
+        return
+    dist.print0(f'Resume: the state was written by {len(rng)} processes, this run has {dist.get_world_size()}; '
+                f'reseeding RNGs (the continuation is statistically, not bitwise, equivalent)')
+    misc.set_seed(seed + cur_nimg, dist.get_rank())

@@ -1,14 +1,15 @@
-"""Loss functions: Easy Consistency Tuning (ECT) and EDM diffusion pretraining, EDM calling convention.
+"""Loss formulas: Easy Consistency Tuning (ECT) and EDM diffusion pretraining (per-sample losses).
 
-`loss_fn(net=net, images=images, labels=labels, augment_pipe=None)` returns per-sample losses of shape [N].
-The training loop adds them up and divides by the GLOBAL batch size (`reduce_loss`), so a batch split into
-any number of accumulation rounds, on any number of ranks, gives the same gradient.
+`loss_fn(net, images, labels, net_kwargs)` returns per-sample losses of shape [N]; `net_kwargs` are the extra
+keyword arguments of every network call (`tuning_kwargs(net)`, decided once by the training method's setup).
+The training loop adds the losses up and divides by the GLOBAL batch size (`reduce_loss`), so a batch split
+into any number of accumulation rounds, on any number of ranks, gives the same gradient. The methods in
+`training/methods/` own these losses together with their schedules (e.g. ECT's curriculum stage).
 
 Mapping functions (t, stage) -> r and regular weightings (t, r) -> w are components built by dotted class
 name like every other component, so a new one needs no edit outside its own class.
 """
 
-import fractions
 import inspect
 import math
 
@@ -16,22 +17,6 @@ import numpy as np
 import torch
 
 import dnnlib
-
-#----------------------------------------------------------------------------
-# Curriculum.
-
-# Discretisation curriculum, docs/ECT.md §4: stage = floor(tick / double), tick = floor(cur_nimg / (tick_kimg·1000)).
-def curriculum_stage(cur_nimg, tick_kimg, double_ticks):
-    """The curriculum stage for `cur_nimg` images seen; double_ticks None or inf = the stage never grows."""
-    if not tick_kimg > 0:
-        raise dnnlib.UserError(f'--tick: must be positive, got {tick_kimg}')
-    if double_ticks is None or double_ticks == math.inf:
-        return 0
-    if not double_ticks > 0:
-        raise dnnlib.UserError(f'--double: must be positive (or inf for never), got {double_ticks}')
-    tick_nimg = fractions.Fraction(tick_kimg).limit_denominator(10**6) * 1000  # exact for e.g. 12.8 kimg
-    tick = math.floor(fractions.Fraction(int(cur_nimg)) / tick_nimg)
-    return math.floor(tick / fractions.Fraction(double_ticks).limit_denominator(10**6))
 
 
 def reduce_loss(per_sample_loss, global_batch_size):
@@ -146,34 +131,27 @@ def _unwrap(net):
         net = inner
 
 
-def tuning_kwargs(net, augment_labels=None):
-    """Keyword arguments for a training-pass call of `net`.
+def tuning_kwargs(net):
+    """Keyword arguments for every training-pass call of `net` (a method's setup decides them once).
 
     Preconditioners whose forward() names a `boundary` argument (ECMPrecond, EDM2 Precond with a σmin)
     get boundary=False, the tuning-pass (EDM) form; the choice never depends on `net.training`.
-    augment_labels are passed only when an augmentation pipe produced them.
     """
-    kwargs = {}
-    if 'boundary' in inspect.signature(_unwrap(net).forward).parameters:
-        kwargs['boundary'] = False
-    if augment_labels is not None:
-        kwargs['augment_labels'] = augment_labels
-    return kwargs
+    return dict(boundary=False) if 'boundary' in inspect.signature(_unwrap(net).forward).parameters else {}
 
 
 class _NoiseLoss:
-    """EDM calling convention on top of loss_from_noise(net, images, rnd_normal, eps, labels, augment_labels)."""
+    """Per-sample losses of a batch on top of loss_from_noise(net, images, rnd_normal, eps, labels, net_kwargs)."""
 
     def sample_noise(self, images):
         """The random inputs of one step: standard normals n [N,1,...,1] for the noise level, and eps."""
         rnd_normal = torch.randn([images.shape[0]] + [1] * (images.ndim - 1), device=images.device)
         return rnd_normal, torch.randn_like(images)
 
-    def __call__(self, net, images, labels=None, augment_pipe=None):
-        """Per-sample losses [N]; the augment pipe (if any) runs first, as in EDM."""
-        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        rnd_normal, eps = self.sample_noise(y)
-        return self.loss_from_noise(net, y, rnd_normal, eps, labels, augment_labels)
+    def __call__(self, net, images, labels=None, net_kwargs=None):
+        """Per-sample losses [N] with freshly drawn noise (n first, then eps)."""
+        rnd_normal, eps = self.sample_noise(images)
+        return self.loss_from_noise(net, images, rnd_normal, eps, labels, net_kwargs)
 
 
 def _check_lognormal(owner, P_mean, P_std, sigma_data):
@@ -206,7 +184,7 @@ class ECTLoss(_NoiseLoss):
         self.stage = 0
 
     def set_stage(self, stage):
-        """Set the curriculum stage (the loop calls this every step with curriculum_stage(...))."""
+        """Set the curriculum stage (training.methods.ect.ECT.schedule does, before every step)."""
         self.stage = _check_stage(stage)
 
     def times(self, rnd_normal):
@@ -214,7 +192,7 @@ class ECTLoss(_NoiseLoss):
         t = (rnd_normal * self.P_std + self.P_mean).exp()
         return t, _clamp_r(self.mapping(t, self.stage), t)
 
-    def prediction_and_target(self, net, x0, t, r, eps, labels=None, augment_labels=None, shared_dropout=True):
+    def prediction_and_target(self, net, x0, t, r, eps, labels=None, net_kwargs=None, shared_dropout=True):
         """(f_t, f_r) of docs/ECT.md §3 steps 3-5: f_t with gradients, f_r without, same dropout masks.
 
         The global CPU RNG state (and the CUDA RNG state of x0's device) is saved before the prediction and
@@ -222,7 +200,7 @@ class ECTLoss(_NoiseLoss):
         global streams afterwards continue exactly as if only the prediction pass had run.
         shared_dropout=False lets the target draw fresh masks (for ablations and tests).
         """
-        kwargs = tuning_kwargs(net, augment_labels)
+        kwargs = net_kwargs or {}
         cuda_devices = [x0.device] if x0.device.type == 'cuda' else []
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda_devices]
@@ -239,10 +217,10 @@ class ECTLoss(_NoiseLoss):
         return f_t, torch.where(target_needed, f_r, x0.to(f_t.dtype))
 
     # docs/ECT.md §3 steps 6-8: L = w(t, r)·(sqrt(‖f_t − f_r‖² + c²) − c).
-    def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, augment_labels=None):
-        """Per-sample ECT losses [N] for given noise (images already augmented)."""
+    def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, net_kwargs=None):
+        """Per-sample ECT losses [N] for given noise."""
         t, r = self.times(rnd_normal)
-        f_t, f_r = self.prediction_and_target(net, images, t, r, eps, labels, augment_labels)
+        f_t, f_r = self.prediction_and_target(net, images, t, r, eps, labels, net_kwargs)
         d = (f_t - f_r).square().flatten(1).sum(dim=1)
         adaptive = (d + self.c ** 2).sqrt() - self.c
         return adaptive * self.weighting(t, r).flatten()
@@ -261,9 +239,9 @@ class EDMLoss(_NoiseLoss):
         self.P_mean, self.P_std, self.sigma_data = _check_lognormal('EDMLoss', P_mean, P_std, sigma_data)
 
     # EDM eq. 2 with λ(σ) = (σ² + σd²)/(σ·σd)², σ = exp(P_mean + P_std·n).
-    def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, augment_labels=None):
-        """Per-sample EDM losses [N] for given noise (images already augmented)."""
+    def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, net_kwargs=None):
+        """Per-sample EDM losses [N] for given noise."""
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        denoised = net(images + sigma * eps, sigma, labels, **tuning_kwargs(net, augment_labels))
+        denoised = net(images + sigma * eps, sigma, labels, **(net_kwargs or {}))
         return (weight * (denoised - images).square()).flatten(1).sum(dim=1)

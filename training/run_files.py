@@ -1,0 +1,131 @@
+"""The files of a run directory besides training states: sample grids, network snapshots, stats.jsonl, and the
+status line of a tick.
+
+Files: grid-{kimg:06d}{suffix}-{tag}.png (tag: 1step/2step for consistency sampling, heun for EDM's sampler),
+network-snapshot-{kimg:06d}{suffix}.pt (+ network-snapshot-latest{suffix}.pt), stats.jsonl (one JSON line per
+tick) and, when asked for, TensorBoard events. `suffix` names the EMA ('' or e.g. '-b0.9999') or a network a
+method exports (training.methods.base.Method.snapshot_networks).
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import training_stats
+from training import checkpoint
+from training import samplers
+from training.callbacks import Callback
+from training.generation import save_grid_png
+
+def grid_inputs(net, num_images, device, seed=0):
+    """Fixed latents and labels of the sample grids (per-seed generators, so every tick shows the same noise)."""
+    rnd = samplers.StackedRandomGenerator(device, range(seed, seed + num_images))
+    latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution])
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[num_images], device=device)]
+    return latents, labels, rnd
+
+
+def grid_runs(grid_sampler, mid_t):
+    """[(tag, sampler, kwargs)] of the grids: EDM Heun, or 1-step and (1 + len(mid_t))-step consistency sampling."""
+    if grid_sampler == 'edm':
+        return [('heun', samplers.edm_sampler, {})]
+    steps = [samplers.make_consistency_steps(samplers.T_MAX)]
+    if mid_t:
+        steps.append(samplers.make_consistency_steps(samplers.T_MAX, list(mid_t)))
+    return [(f'{len(t_steps) - 1}step', samplers.consistency_sampler, dict(t_steps=t_steps)) for t_steps in steps]
+
+
+def save_grids(net, run_dir, prefix, runs, device, num_images=64):
+    """{prefix}-{tag}.png for every (tag, sampler, kwargs) of `runs`, from fixed per-seed latents."""
+    paths = []
+    for tag, sampler, kwargs in runs:
+        latents, labels, rnd = grid_inputs(net, num_images, device)
+        x = sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
+        paths.append(os.path.join(run_dir, f'{prefix}-{tag}.png'))
+        save_grid_png(paths[-1], samplers.to_uint8(x))
+    return paths
+
+
+@torch.no_grad()
+def save_sample_grids(ema, run_dir, kimg, mid_t, grid_sampler, device, num_images=64):
+    """grid-{kimg:06d}{suffix}-{tag}.png for every EMA net (always in eval mode), from fixed per-seed latents."""
+    runs = grid_runs(grid_sampler, mid_t)
+    return [path for suffix, net in ema.get()
+            for path in save_grids(net, run_dir, f'grid-{kimg:06d}{suffix}', runs, device, num_images)]
+
+
+def save_snapshots(nets, run_dir, kimg, metadata):
+    """network-snapshot-{kimg:06d}{suffix}.pt and network-snapshot-latest{suffix}.pt for every (suffix, net)."""
+    for suffix, net in nets:
+        meta = dict(metadata, kimg=kimg, ema=suffix)
+        for name in (f'network-snapshot-{kimg:06d}{suffix}.pt', f'network-snapshot-latest{suffix}.pt'):
+            checkpoint.save_network_snapshot(os.path.join(run_dir, name), net, **meta)
+
+
+class StatsWriter(Callback):
+    """Appends one JSON line per tick to stats.jsonl (single write on an O_APPEND file) and, optionally,
+    TensorBoard scalars (needs the `tensorboard` package, not a core dependency)."""
+
+    def __init__(self,
+                 run_dir,            # where stats.jsonl (and TensorBoard events) go
+                 tensorboard=False,  # also write TensorBoard events
+                 ):
+        self.path = os.path.join(run_dir, 'stats.jsonl')
+        self.writer = None
+        if tensorboard:
+            try:
+                import torch.utils.tensorboard as tb
+            except ImportError:
+                raise dnnlib.UserError('--tensorboard: the tensorboard package is not installed '
+                                       '(pip install tensorboard); it is not a core dependency') from None
+            self.writer = tb.SummaryWriter(run_dir)
+
+    def on_stats(self, run, stats):
+        self.write(stats, run.state.progress.cur_nimg, time.time())
+
+    def write(self, stats, cur_nimg, timestamp):
+        line = json.dumps(dict(stats, timestamp=timestamp)) + '\n'
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode('utf-8'))
+        finally:
+            os.close(fd)
+        if self.writer is not None:
+            for name, value in stats.items():
+                self.writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
+            self.writer.flush()
+
+
+def _format_time(seconds):
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 3600:
+        return f'{s // 60}m {s % 60:02d}s'
+    return f'{s // 3600}h {(s // 60) % 60:02d}m'
+
+
+def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, device, scalars):
+    """The EDM-style status line of a tick (also reports the timing/resource statistics); `scalars` are the
+    method's schedule values (e.g. the curriculum stage), reported as Progress/<name>."""
+    gpumem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+    cpumem = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    sec_per_kimg = tick_sec / max(tick_nimg, 1) * 1e3
+    reports = [('Timing/sec_per_tick', tick_sec), ('Timing/sec_per_kimg', sec_per_kimg),
+               ('Timing/maintenance_sec', maintenance_sec), ('Resources/cpu_mem_gb', cpumem),
+               ('Resources/peak_gpu_mem_gb', gpumem), ('Progress/kimg', progress.cur_nimg / 1e3)]
+    for name, value in reports + [(f'Progress/{name}', value) for name, value in scalars.items()]:
+        training_stats.report0(name, value)
+    return ' '.join([
+        f'tick {progress.cur_tick:<5d}', f'kimg {progress.cur_nimg / 1e3:<9.1f}',
+        f'loss {collector.mean("Loss/loss"):<9.4g}', f'time {_format_time(progress.elapsed_sec):<9s}',
+        f'sec/tick {tick_sec:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}', f'img/s {tick_nimg / max(tick_sec, 1e-9):<8.1f}',
+        f'maintenance {maintenance_sec:<6.1f}', f'cpumem {cpumem:<6.2f}', f'gpumem {gpumem:<6.2f}',
+        *[f'{name} {value}' for name, value in scalars.items()]])

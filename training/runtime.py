@@ -1,0 +1,141 @@
+"""The run-time pieces of a training run: seeding, batch split, data, the trained network, DDP, pre-emption.
+
+Each is a small function the training loop (training/training_loop.py) calls once; train.py uses the checks
+(check_batch, build_dataset, check_transfer_compatible) to validate a run before it starts.
+"""
+
+import contextlib
+import inspect
+import signal
+import threading
+
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from training import checkpoint
+from training.dataset import InfiniteSampler
+
+
+def setup_runtime(seed, precision):
+    """Seed this rank and set the matmul precision switches; returns the device."""
+    misc.set_seed(seed, dist.get_rank())
+    allow_tf32 = precision == 'tf32'
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cudnn.benchmark = True
+    return dist.device()
+
+
+def check_batch(batch_size, batch_gpu, world_size):
+    """(batch_gpu, rounds): micro-batch size per rank and accumulation rounds; one UserError if inconsistent."""
+    if batch_size <= 0 or (batch_gpu is not None and batch_gpu <= 0):
+        raise dnnlib.UserError(f'--batch/--batch-gpu: must be positive, got {batch_size}/{batch_gpu}')
+    if batch_size % world_size != 0:
+        raise dnnlib.UserError(f'--batch: {batch_size} is not divisible by the number of processes {world_size}')
+    per_rank = batch_size // world_size
+    batch_gpu = per_rank if batch_gpu is None or batch_gpu > per_rank else batch_gpu
+    if per_rank % batch_gpu != 0:
+        raise dnnlib.UserError(f'--batch/--batch-gpu: batch {batch_size} is not divisible by processes '
+                               f'({world_size}) x batch-gpu ({batch_gpu})')
+    return batch_gpu, per_rank // batch_gpu
+
+
+def build_dataset(dataset_kwargs):
+    return dnnlib.util.construct_class_by_name(**dataset_kwargs)
+
+
+def build_data_iterator(dataset, data_loader_kwargs, batch_gpu, seed, start_nimg, device):
+    """Endless iterator of (uint8 images, labels) micro-batches continuing at global image `start_nimg`."""
+    sampler = InfiniteSampler(len(dataset), rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
+                              start_index=start_nimg)
+    kwargs = dict(data_loader_kwargs)
+    if kwargs.get('num_workers', 0) == 0:
+        kwargs.pop('prefetch_factor', None)
+    kwargs['pin_memory'] = kwargs.get('pin_memory', False) and device.type == 'cuda'
+    # A private generator: creating the iterator must not consume the global RNG (exact resume).
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+                                         generator=torch.Generator().manual_seed(seed), **kwargs)
+    return iter(loader)
+
+
+def check_transfer_compatible(src_net, dataset, name):
+    """UserError when a transferred network does not fit the data (resolution, channels, labels)."""
+    want = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    have = {key: getattr(src_net, key, None) for key in want}
+    if have != want:
+        raise dnnlib.UserError(f'--transfer: {name} is a network for {have} but the data (--data/--cond) gives {want}')
+
+
+def build_network(network_kwargs, dataset, transfer, device, seed=0):
+    """The trained network (train mode), initialised from `transfer` (docs/ECT.md §2) when given.
+
+    The random initialisation uses its own seed, identical on every rank (so the EMA copies made before DDP
+    broadcasts rank 0's weights agree too), without touching the per-rank RNG streams.
+    """
+    interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
+    if transfer is not None:
+        src = checkpoint.load_network(transfer)
+        check_transfer_compatible(src, dataset, transfer)
+        report = checkpoint.transfer_weights(src, net)
+        dist.print0(f'Transfer from {transfer}: {report.summary()}')
+    if hasattr(net, 'normalize_weights_'):
+        # EDM2 forced weight normalisation precedes every training forward in EDM2; once here and then after
+        # every optimiser step (optimizer_step) gives each step the same weights EDM2's would see.
+        net.normalize_weights_()
+    return net.train().requires_grad_(True).to(device)
+
+
+def wrap_ddp(net, device, find_unused_parameters):
+    """DDP around `net` when there are several processes (the net itself otherwise)."""
+    if dist.get_world_size() == 1:
+        return net
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    # Buffers (fixed resampling filters) are never trained: no per-forward sync (the option's newer name first).
+    no_buffer_sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(ddp_class).parameters \
+        else 'broadcast_buffers'
+    return ddp_class(net, device_ids=[device] if device.type == 'cuda' else None,
+                     find_unused_parameters=find_unused_parameters, **{no_buffer_sync: False})
+
+
+class PreemptionHandler:
+    """Turns SIGTERM/SIGUSR1 (cluster pre-emption) into a flag the loop reads at the next step boundary."""
+
+    def __init__(self,
+                 signums=(signal.SIGTERM, signal.SIGUSR1),   # signals that request a state dump and exit
+                 ):
+        self.signums = tuple(signums)
+        self.received = None
+        self._previous = {}
+
+    def __call__(self, signum, frame):
+        self.received = signum
+
+    @property
+    def requested(self):
+        return self.received is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Install the handler for the duration of the block (only possible from the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._previous = {s: signal.signal(s, self) for s in self.signums}
+        try:
+            yield self
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+
+
+def agree_any(*flags):
+    """The flags OR-ed over all ranks (one tiny all-reduce when distributed), so every rank stops together."""
+    local = torch.tensor([float(bool(f)) for f in flags])
+    if dist.get_world_size() > 1:
+        local = dist.all_reduce_sum(local)
+    return [bool(v > 0) for v in local.tolist()]
