@@ -28,8 +28,8 @@ SAFETENSORS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 EXPORT_FORMAT = 'ect-safetensors'
 EXPORT_VERSION = 1
-RECIPE_KEYS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs', 'lr_kwargs', 'ema_kwargs',
-               'batch_size', 'total_kimg', 'tick_kimg', 'double_ticks', 'precision', 'transfer', 'seed')
+RECIPE_KEYS = ('dataset_kwargs', 'network_kwargs', 'method_kwargs', 'loss_kwargs', 'optimizer_kwargs', 'lr_kwargs',
+               'ema_kwargs', 'batch_size', 'total_kimg', 'tick_kimg', 'double_ticks', 'precision', 'transfer', 'seed')
 
 
 def _safetensors_torch():
