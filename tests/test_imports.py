@@ -16,11 +16,6 @@ CLI_FLOOR = 3
 SCRIPT_TARGET = CLI_FLOOR + 1   # importing a top-level script counts as upward from every floor
 EXCLUDED = ('tests', 'bench')
 
-# Upward imports that another change is removing (the training loop's periodic evaluation becomes a callback
-# that train.py wires in). Delete an entry here when its import is gone; the last test insists on it.
-PENDING_UPWARD = {('training/training_loop.py', 'metrics')}
-
-
 def _modules():
     """Every .py file of the repository outside tests/, bench/ and hidden folders, as paths relative to the root."""
     paths = []
@@ -78,13 +73,8 @@ def test_detects_an_upward_import():
 
 
 def test_imports_only_run_downward():
-    upward = _upward_imports() - PENDING_UPWARD
+    upward = _upward_imports()
     assert not upward, f'upward imports (file, imported package): {sorted(upward)}'
-
-
-def test_pending_upward_imports_are_still_there():
-    stale = PENDING_UPWARD - _upward_imports()
-    assert not stale, f'these imports are gone; remove them from PENDING_UPWARD in tests/test_imports.py: {stale}'
 
 
 def _click_exception_subclasses():
