@@ -1,16 +1,19 @@
-"""Safe reading of detector files: NVIDIA's persistence pickles (inception-2015-12-05.pkl, vgg16.pkl), plain
-state dicts with the same tensor names, and TorchScript archives (only when the user trusts the file).
+"""Safe reading of detector files: NVIDIA's persistence pickles (inception-2015-12-05.pkl, vgg16.pkl), their
+TorchScript twins (inception-2015-12-05.pt, vgg16.pt, read as data), plain state dicts with the same tensor
+names, and the code of TorchScript archives (only when the user trusts the file).
 
 A detector pickle is read with a restricted unpickler: persistent records (`torch_utils.persistence.
 _reconstruct_persistent_obj`) and standard torch.nn modules (Sequential, MaxPool2d, Linear, ...) become inert
 records of their pickled state, tensors are rebuilt by training.checkpoint's allow-listed functions, any other
-global is refused, and the embedded source is never run. The tensors are then loaded into this project's own
-graph of the network (metrics.detector_nets). `torch.jit.load` runs the archive's TorchScript (its
-`__setstate__` can write files, e.g. with torch.from_file(..., shared=True)), so a TorchScript file is refused
-unless the user opts in for a file they trust.
+global is refused, and the embedded source is never run. A TorchScript archive's data.pkl is read the same
+way (its `__torch__` classes kept inert, storages read from the archive), never with `torch.jit.load`, which runs
+the archive's TorchScript (its `__setstate__` can write files, e.g. with torch.from_file(..., shared=True)); that
+needs the user's opt-in for a file they trust. The tensors are loaded into this project's own graph of the
+network (metrics.detector_nets).
 """
 
 import io
+import pickle
 import warnings
 import zipfile
 
@@ -57,6 +60,75 @@ def is_torchscript(data):
     except zipfile.BadZipFile:
         return False
     return any(name.split('/', 1)[-1].startswith('code/') for name in names)
+
+
+_STORAGE_DTYPES = dict(FloatStorage=torch.float32, DoubleStorage=torch.float64, HalfStorage=torch.float16,
+                       BFloat16Storage=torch.bfloat16, LongStorage=torch.int64, IntStorage=torch.int32,
+                       ShortStorage=torch.int16, CharStorage=torch.int8, ByteStorage=torch.uint8, BoolStorage=torch.bool)
+
+
+class _ScriptObject:
+    """Inert stand-in for a TorchScript class instance: keeps the state BUILD gives it (never the class's code)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _ScriptDataUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl as data: `__torch__` classes become _ScriptObject, storages are read
+    from the archive's data/ records, tensors rebuilt by checkpoint's allow-listed function, nothing else allowed."""
+
+    def __init__(self, archive, prefix, source):
+        super().__init__(io.BytesIO(archive.read(f'{prefix}data.pkl')))
+        self.archive, self.prefix, self.source = archive, prefix, source  # zip, its root folder, name for messages
+
+    def find_class(self, module, name):
+        if module == '__torch__' or module.startswith('__torch__.'):
+            return _ScriptObject
+        if module == 'torch' and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in (('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict')):
+            return checkpoint._SAFE_GLOBALS[(module, name)]
+        raise dnnlib.UserError(checkpoint.refusal(self.source, f'global "{module}.{name}"'))
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and pid[2].isdigit() and isinstance(pid[4], int)):
+            raise checkpoint._Refused('a malformed storage record')
+        data = self.archive.read(f'{self.prefix}data/{pid[2]}')
+        if len(data) != pid[4] * pid[1].itemsize:
+            raise checkpoint._Refused(f'storage {pid[2]} of the wrong size')
+        untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=pid[1], _internal=True)
+
+
+def _script_tensors(obj, prefix='', out=None):
+    """Dotted name -> tensor of the tensor attributes of a TorchScript module tree read as data."""
+    out = {} if out is None else out
+    state = getattr(obj, 'state', None)
+    for key, value in (state.items() if isinstance(state, dict) else ()):
+        if isinstance(value, torch.Tensor):
+            out[prefix + str(key)] = value
+        elif isinstance(value, _ScriptObject):
+            _script_tensors(value, f'{prefix}{key}.', out)
+    return out
+
+
+def torchscript_tensors(data, source):
+    """Dotted name -> tensor of a TorchScript archive, read without torch.jit.load: no code in it runs."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    pickles = [name for name in archive.namelist() if name.endswith('/data.pkl') and name.count('/') == 1]
+    if len(pickles) != 1:
+        raise dnnlib.UserError(f'{source}: not a TorchScript archive (expected one data.pkl)')
+    try:
+        root = _ScriptDataUnpickler(archive, pickles[0][:-len('data.pkl')], source).load()
+    except dnnlib.UserError:
+        raise
+    except checkpoint._Refused as e:
+        raise dnnlib.UserError(checkpoint.refusal(source, str(e))) from None
+    except Exception as e:
+        raise dnnlib.UserError(checkpoint.unreadable(source, 'TorchScript archive', e)) from None
+    return _script_tensors(root)
 
 
 def load_torchscript(data, source, allow_unsafe):

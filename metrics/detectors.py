@@ -3,8 +3,9 @@ and a fixed seeded random convolutional network (fd_randnet: needs no download).
 
 Every detector is called as `detector(images)` with uint8 images N,C,H,W (3 channels) and returns float32
 features N,D. The official Inception and VGG16 files are NVIDIA's persistence pickles of pure-Python networks;
-they are read without running any code (metrics.detector_files) and their tensors loaded into this project's own
-graphs (metrics.detector_nets). TorchScript files and code-executing pickle loads need the user's opt-in
+they (and their TorchScript twins) are read without running any code (metrics.detector_files) and their tensors
+loaded into this project's own graphs (metrics.detector_nets). Running a TorchScript file's code, or a pickle's,
+needs the user's opt-in
 (`allow_unsafe_pickle`, `--allow-unsafe-pickle`) for a file they trust.
 """
 
@@ -32,12 +33,18 @@ def load_detector_net(kind, url_or_path, allow_unsafe_pickle=False, cache_dir=No
     (TorchScript, or a pickle rebuilt by running its code) called with the official keyword arguments."""
     data = detector_files.read_bytes(url_or_path, cache_dir)
     net_kind = 'vgg16' if kind == 'vgg16' else 'inception'
-    if detector_files.is_torchscript(data):
+    if detector_files.is_torchscript(data) and allow_unsafe_pickle:
         return detector_files.load_torchscript(data, url_or_path, allow_unsafe_pickle), _CALL_KWARGS[kind]
     if allow_unsafe_pickle and data[:1] and data[0] == detector_files.PICKLE_PROTO:
         return detector_files.load_unsafe_pickle(data, url_or_path), _CALL_KWARGS[kind]
-    tensors = detector_files.read_detector_tensors(data, url_or_path)
-    return detector_nets.build_detector_net(net_kind, tensors, url_or_path), None
+    if not detector_files.is_torchscript(data):
+        return detector_nets.build_detector_net(net_kind, detector_files.read_detector_tensors(data, url_or_path),
+                                                url_or_path), None
+    tensors = detector_files.torchscript_tensors(data, url_or_path)  # NVIDIA's TorchScript twins (.pt), as data
+    try:
+        return detector_nets.build_detector_net(net_kind, tensors, url_or_path), None
+    except dnnlib.UserError as e:
+        raise dnnlib.UserError(f'{e} (a TorchScript file is read for its tensors only; its code is not run)') from None
 
 
 # ----------------------------------------------------------------------------------------------------------

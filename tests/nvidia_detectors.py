@@ -194,6 +194,17 @@ class VGG16(torch.nn.Module):
         return torch.relu(self.layers.fc2(torch.relu(self.layers.fc1(x.flatten(1)))))
 
 
+class FeatureTrace(torch.nn.Module):
+    """The stand-in's module tree (`layers`, `output`) behind a plain forward, for torch.jit.trace."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.layers, self.output = net.layers, net.output
+
+    def forward(self, x):
+        return self.output(self.layers(x).flatten(1))
+
+
 def tf_resize_reference(images, size):
     """tf.image.resize_bilinear(align_corners=False) of TF 1.x, written out: output pixel j samples source
     coordinate j * in / out, bilinear, indices clamped at the last pixel."""

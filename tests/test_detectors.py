@@ -66,6 +66,20 @@ def test_inception_state_dict_gives_the_same_fid_as_the_pickle(inception, tmp_pa
     assert fids[0] == pytest.approx(fids[1], rel=1e-4)
 
 
+def test_torchscript_twin_is_read_as_data_and_gives_the_pickle_s_features(inception, tmp_path):
+    """stylegan2-ada-pytorch's inception-2015-12-05.pt is the TorchScript form of the same network (same module
+    tree and tensor names); a TorchScript file made with torch.jit from the stand-in is read without
+    torch.jit.load and gives features identical to the pickle's."""
+    path, reference = inception
+    net = nvidia_detectors.make_standin('inception', seed=1).requires_grad_(False)
+    with torch.no_grad():
+        scripted = torch.jit.trace(nvidia_detectors.FeatureTrace(net), torch.rand(1, 3, 299, 299))
+    torch.jit.save(scripted, str(tmp_path / 'inception-2015-12-05.pt'))
+    images = _images(4)
+    from_script = detectors.get_detector('inception', str(tmp_path / 'inception-2015-12-05.pt'))(images)
+    torch.testing.assert_close(from_script, detectors.get_detector('inception', path)(images), rtol=0, atol=0)
+
+
 def test_nvidia_vgg16_pickle_features(tmp_path):
     net = nvidia_detectors.make_standin('vgg16', seed=2)
     path = nvidia_detectors.write_pickle(tmp_path / 'vgg16.pkl', net)
