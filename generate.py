@@ -21,9 +21,9 @@ import numpy as np
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import samplers
+from training import samplers, samplers_karras
 from training.cli_common import load_network, parse_float_list, parse_int_list, user_errors
-from training.generation import check_class_idx, generate_images, make_grid, save_png
+from training.generation import check_class_idx, generate_batches, make_grid, save_png
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing PNGs.
@@ -55,8 +55,44 @@ def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
     if grid and collected:
         save_png(os.path.join(outdir, 'grid.png'), make_grid(np.concatenate(collected)))
 
+
+def _png_batches(batches, npz_parts=None):
+    """(seeds, uint8 images) as EDM writes PNGs; with `npz_parts`, also collect openai's quantisation and labels."""
+    for batch_seeds, images, labels in batches:
+        if npz_parts is not None:
+            npz_parts.append((samplers_karras.to_uint8_openai(images).cpu().numpy(),
+                              None if labels is None else labels.cpu().numpy()))
+        yield batch_seeds, samplers.to_uint8(images)
+
+
+def save_npz(path, parts):
+    """openai's sample file: arr_0 uint8 N,H,W,C ((x + 1) 127.5, clamped, truncated), arr_1 int64 labels."""
+    arrays = [np.concatenate([images for images, _ in parts])]
+    if parts[0][1] is not None:
+        arrays.append(np.concatenate([labels for _, labels in parts]).astype(np.int64))
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        np.savez(f, *arrays)
+    dist.print0(f'Wrote {len(arrays[0])} images to "{path}"')
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
+
+
+def parse_ts(ts):
+    """'0,22,39' -> [0, 22, 39], or None; UserError naming --ts if malformed."""
+    if ts is None:
+        return None
+    try:
+        return [int(v) for v in ts.split(',')]
+    except ValueError:
+        raise dnnlib.UserError(f'--ts={ts}: expected integers such as 0,22,39') from None
+
+
+def set_fp16(net, fp16):
+    if fp16 and not hasattr(net, 'use_fp16'):
+        raise dnnlib.UserError('--fp16: this network has no float16 mode')
+    if fp16:
+        net.use_fp16 = True
 
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
@@ -66,43 +102,59 @@ def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
 @click.option('--subdirs', help='Create a subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random per seed]', metavar='INT', type=int, default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, heun otherwise]', type=click.Choice(['consistency', 'heun']), default=None)
-@click.option('--steps', 'num_steps', help='Consistency steps, or Heun steps N (NFE 2N-1)  [default: 2 / 18]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, onestep for openai CMs, heun otherwise]', type=click.Choice(['consistency', *samplers_karras.SAMPLERS]), default=None)
+@click.option('--steps', 'num_steps', help='Consistency steps, Heun steps N (NFE 2N-1), or openai\'s steps  [default: 2 / 18 / 40]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--ts', help='multistep: levels of the --steps grid, e.g. 0,22,39  [default: 0,22,39]', metavar='INT,INT[,...]', type=str, default=None)
+@click.option('--clip_denoised', help='openai samplers: clamp denoised outputs to [-1, 1]  [default: true]', metavar='BOOL', type=bool, default=None)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
 @click.option('--t-max', '--t_max', 't_max', help='Initial consistency time  [default: 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--sigma_min', help='Heun: lowest noise level  [default: 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--sigma_max', help='Heun: highest noise level  [default: 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--rho', help='Heun: time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--S_churn', 'S_churn', help='Heun: stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
-@click.option('--S_min', 'S_min', help='Heun: stochastic min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
-@click.option('--S_max', 'S_max', help='Heun: stochastic max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
-@click.option('--S_noise', 'S_noise', help='Heun: stochastic noise inflation  [default: 1]', metavar='FLOAT', type=float, default=None)
+@click.option('--S_churn', '--s_churn', 'S_churn', help='Heun: stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
+@click.option('--S_min', '--s_tmin', 'S_min', help='Heun: stochastic min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
+@click.option('--S_max', '--s_tmax', 'S_max', help='Heun: stochastic max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
+@click.option('--S_noise', '--s_noise', 'S_noise', help='Heun: stochastic noise inflation  [default: 1]', metavar='FLOAT', type=float, default=None)
+@click.option('--npz', help='Also write the batch as openai\'s evaluator reads it (arr_0 uint8 NHWC, arr_1 labels)', metavar='FILE', type=str, default=None)
+@click.option('--resolution', help='openai state dicts: image resolution  [default: from the released file name]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--parameterization', help='openai state dicts: denoiser form  [default: from the file name]', type=click.Choice(['edm', 'consistency']), default=None)
+@click.option('--num_head_channels', help='openai state dicts: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--fp16', help='Run the network in float16 (CUDA only)', is_flag=True)
 @click.option('--grid', help='Write one grid image (grid.png) instead of a PNG per seed', is_flag=True)
 @click.option('--allow-unsafe-pickle', help='Allow legacy pickles that execute embedded code', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @progress.no_progress_option
-def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num_steps, mid_t, t_max, grid,
-        allow_unsafe_pickle, device, no_progress, **heun_opts):
+def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num_steps, mid_t, t_max, ts, clip_denoised,
+        npz, resolution, parameterization, num_head_channels, fp16, grid, allow_unsafe_pickle, device, no_progress,
+        **heun_opts):
     """Generate images with a consistency or diffusion model; one PNG per seed, or one grid."""
     with user_errors(os_errors=True):
         dist.init()
         seeds = parse_int_list(seeds)
         device = dist.resolve_device(device)
         mid_t = parse_float_list(mid_t, '--mid_t')
+        ts = parse_ts(ts)
         check_outdir(outdir)
-        net, metadata = load_network(network, allow_unsafe_pickle)
+        if npz:
+            dnnlib.util.check_output_file(npz, '--npz')
+        net, metadata = load_network(network, allow_unsafe_pickle, resolution=resolution,
+                                     parameterization=parameterization, num_head_channels=num_head_channels)
         check_class_idx(net, class_idx)
+        set_fp16(net, fp16)
         heun_kwargs = {k: v for k, v in heun_opts.items() if v is not None}
-        sampler, sampler_kwargs = samplers.resolve_sampler(net, sampler, num_steps, mid_t, t_max, metadata,
-                                                           **heun_kwargs)
+        sampler, sampler_kwargs = samplers.resolve_sampler(net, sampler, num_steps, mid_t, t_max, metadata, ts,
+                                                           clip_denoised, **heun_kwargs)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if grid:  # One image needs every seed in one process: rank 0 samples them all.
+    if grid or npz:  # One file needs every seed in one process: rank 0 samples them all.
         seeds, rank, world_size = (seeds if rank == 0 else []), 0, 1
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler {sampler_kwargs} to "{outdir}"...')
     net = net.to(device)
-    images = generate_images(net, seeds, class_idx, sampler, sampler_kwargs, max_batch_size, device, rank, world_size)
+    batches = generate_batches(net, seeds, class_idx, sampler, sampler_kwargs, max_batch_size, device, rank, world_size)
+    npz_parts = [] if npz else None
     with user_errors(os_errors=True), progress.disabled_if(no_progress):
-        write_images(images, outdir, subdirs, grid, len(seeds), world_size)
+        write_images(_png_batches(batches, npz_parts), outdir, subdirs, grid, len(seeds), world_size)
+        if npz_parts:
+            save_npz(npz, npz_parts)
     dist.barrier()
     dist.print0('Done.')
 

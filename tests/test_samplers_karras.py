@@ -106,3 +106,17 @@ def test_bad_ts_is_refused(ts, steps):
 def test_unknown_sampler_is_refused():
     with pytest.raises(dnnlib.UserError, match='--sampler=lms'):
         samplers_karras.karras_sample(None, torch.zeros(1, 3, 4, 4), sampler='lms')
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_nfe_counts_network_calls(nets, openai_cm, case):
+    c, kwargs = _settings(openai_cm, case)
+    net = nets[(c['net'], 'edm' if c['form'] == 'edm' else 'consistency')]
+    calls = []
+
+    def counting_net(x, sigma, labels):
+        calls.append(1)
+        return net(x, sigma, labels)
+    samplers_karras.karras_sample(counting_net, torch.zeros(1, 3, 16, 16), None if c['class_label'] is None
+                                  else torch.tensor([c['class_label']]), **kwargs)
+    assert samplers_karras.karras_nfe(**kwargs) == len(calls)

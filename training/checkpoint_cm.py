@@ -226,12 +226,16 @@ def is_openai_state_dict(data):
 
 def load_network_file(path_or_url, *, allow_unsafe_pickle=False, resolution=None, parameterization=None,
                       num_head_channels=64):
-    """(network in eval mode on the CPU, metadata) of any network file: one of our snapshots, an official
-    EDM/EDM2/ECT pickle (metadata {}) or an openai consistency_models state dict (metadata {})."""
+    """(network in eval mode on the CPU, metadata) of any network file: an openai consistency_models state dict
+    (metadata {}), or whatever checkpoint.load_network_and_metadata reads (our snapshots, official pickles,
+    exported networks)."""
+    from training import export, hub  # Deferred: they import training.checkpoint.
+    if hub.is_hf_url(path_or_url) or export.is_safetensors_path(path_or_url):
+        return checkpoint.load_network_and_metadata(path_or_url, allow_unsafe_pickle=allow_unsafe_pickle)
     path = dnnlib.util.open_url(path_or_url, return_filename=True)  # URLs are downloaded to the cache once.
     name = os.fspath(path_or_url)
     if not zipfile.is_zipfile(path):
-        return checkpoint.load_network(path, allow_unsafe_pickle=allow_unsafe_pickle), {}
+        return checkpoint.load_network_and_metadata(path, allow_unsafe_pickle=allow_unsafe_pickle)
     data = checkpoint.read_weights_only(path, name, 'network file')
     if is_openai_state_dict(data):
         return karras_denoiser_from_state_dict(data, name, resolution, parameterization, num_head_channels), {}

@@ -60,8 +60,10 @@ def parse_float_list(values, flag):
     return floats or None
 
 
-def load_network(network, allow_unsafe_pickle=False):
-    """(network in eval mode on the CPU, snapshot metadata) of a path or URL: one of our snapshots or an official
-    pickle (metadata {})."""
-    from training import checkpoint  # Deferred: keeps `--help` of every command line light.
-    return checkpoint.load_network_and_metadata(network, allow_unsafe_pickle=allow_unsafe_pickle)
+def load_network(network, allow_unsafe_pickle=False, **state_dict_options):
+    """(network in eval mode on the CPU, snapshot metadata) of a path or URL: one of our snapshots, an official
+    pickle or an openai consistency_models state dict (metadata {}); `state_dict_options` (resolution,
+    parameterization, num_head_channels; None = default) serve the last."""
+    from training import checkpoint_cm  # Deferred: keeps `--help` of every command line light.
+    options = {k: v for k, v in state_dict_options.items() if v is not None}
+    return checkpoint_cm.load_network_file(network, allow_unsafe_pickle=allow_unsafe_pickle, **options)

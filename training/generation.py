@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 
 import dnnlib
-from training import samplers
+from training import samplers, samplers_karras
 
 
 def split_batches(seeds, batch_size, world_size=1):
@@ -31,20 +31,47 @@ def check_class_idx(net, class_idx):
         raise dnnlib.UserError(f'--class={class_idx}: must be in [0, {net.label_dim - 1}] for this network')
 
 
-def sample_batch(net, batch_seeds, class_idx=None, sampler='consistency', sampler_kwargs=None, device=None):
-    """Float64 images (N,C,H,W, in [-1, 1] unclipped) for `batch_seeds` with per-seed generators."""
+def batch_labels(net, rnd, batch_seeds, class_idx, device):
+    """Class indices (N,) for a batch, or None: EDM's convention draws one from each seed's generator right after
+    the latent (also under --class, so later draws do not shift); openai's networks draw none from it
+    (samplers_karras.seed_labels), as the official determ-indiv generator."""
+    if not net.label_dim:
+        return None
+    if samplers.is_karras_net(net):
+        drawn = None if class_idx is not None else samplers_karras.seed_labels(batch_seeds, net.label_dim, device)
+    else:
+        drawn = rnd.randint(net.label_dim, size=[len(batch_seeds)])
+    return drawn if class_idx is None else torch.full([len(batch_seeds)], class_idx, device=device)
+
+
+def sample_labeled_batch(net, batch_seeds, class_idx=None, sampler='consistency', sampler_kwargs=None, device=None):
+    """(images N,C,H,W in [-1, 1], class indices or None) for `batch_seeds` with per-seed generators; images are
+    float64 unclipped from our samplers, float32 clamped from openai's."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
     rnd = samplers.StackedRandomGenerator(device, batch_seeds)
     latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution])
-    class_labels = None
-    if net.label_dim:
-        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(batch_seeds)])]
-        if class_idx is not None:
-            class_labels = torch.zeros_like(class_labels)
-            class_labels[:, class_idx] = 1
+    labels = batch_labels(net, rnd, batch_seeds, class_idx, device)
+    class_labels = None if labels is None else torch.eye(net.label_dim, device=device)[labels]
     sampler_fn = samplers.SAMPLERS[sampler] if isinstance(sampler, str) else sampler
     with torch.no_grad():
-        return sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **(sampler_kwargs or {}))
+        return sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **(sampler_kwargs or {})), labels
+
+
+def sample_batch(net, batch_seeds, class_idx=None, sampler='consistency', sampler_kwargs=None, device=None):
+    """The images of sample_labeled_batch."""
+    return sample_labeled_batch(net, batch_seeds, class_idx, sampler, sampler_kwargs, device)[0]
+
+
+def generate_batches(net, seeds, class_idx=None, sampler=None, sampler_kwargs=None, batch_size=64, device=None,
+                     rank=0, world_size=1):
+    """An iterator of (batch seeds, float images, class indices or None) for this rank's share of `seeds`;
+    arguments as generate_images."""
+    check_class_idx(net, class_idx)  # Checked now, not at the first batch.
+    if sampler is None or (sampler_kwargs is None and isinstance(sampler, str)):
+        sampler, defaults = samplers.resolve_sampler(net, sampler)
+        sampler_kwargs = defaults if sampler_kwargs is None else sampler_kwargs
+    batches = [b for b in split_batches(seeds, batch_size, world_size)[rank::world_size] if b]
+    return ((b, *sample_labeled_batch(net, b, class_idx, sampler, sampler_kwargs, device)) for b in batches)
 
 
 def generate_images(net, seeds, class_idx=None, sampler=None, sampler_kwargs=None, batch_size=64, device=None,
@@ -52,17 +79,13 @@ def generate_images(net, seeds, class_idx=None, sampler=None, sampler_kwargs=Non
     """An iterator of (batch seeds, uint8 images N,H,W,C on `device`) for this rank's share of `seeds`.
 
     `net` must already be in eval() on `device` (default: the device of its parameters). `sampler` is
-    'consistency', 'heun' or a callable with the samplers' signature (None: chosen from the network, see
-    samplers.resolve_sampler); `sampler_kwargs` None means the recipe's defaults for that sampler. The images of
+    'consistency', 'heun', a name of samplers_karras.SAMPLERS, 'karras' (kwargs naming the sampler) or a callable
+    with the samplers' signature (None: chosen from the network, see samplers.resolve_sampler); `sampler_kwargs` None means the recipe's defaults for that sampler. The images of
     a seed do not depend on `batch_size`, `rank` or `world_size`; rank r takes batches r, r + world_size, ...
     (EDM's sharding).
     """
-    check_class_idx(net, class_idx)  # Checked now, not at the first batch.
-    if sampler is None or (sampler_kwargs is None and isinstance(sampler, str)):
-        sampler, defaults = samplers.resolve_sampler(net, sampler)
-        sampler_kwargs = defaults if sampler_kwargs is None else sampler_kwargs
-    batches = [b for b in split_batches(seeds, batch_size, world_size)[rank::world_size] if b]
-    return ((b, samplers.to_uint8(sample_batch(net, b, class_idx, sampler, sampler_kwargs, device))) for b in batches)
+    batches = generate_batches(net, seeds, class_idx, sampler, sampler_kwargs, batch_size, device, rank, world_size)
+    return ((b, samplers.to_uint8(images)) for b, images, _ in batches)
 
 # ----------------------------------------------------------------------------------------------------------
 # Grids and PNGs.

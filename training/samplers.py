@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from training import samplers_karras
 
 # Recipe defaults of consistency sampling (docs/ECT.md §5).
 T_MAX = 80.0                # first time step t_max of consistency sampling
@@ -151,8 +152,16 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 # Which sampler a network gets, with the recipe's defaults.
 
 
+def is_karras_net(net):
+    """True for openai consistency_models networks (training.networks_cm.KarrasDenoiser), in either form."""
+    return getattr(net, 'parameterization', None) in ('edm', 'consistency')
+
+
 def is_consistency_net(net):
-    """True for networks with an ECM evaluation form: EDM2 nets with `ecm_sigma_min` set, or ECMPrecond."""
+    """True for networks with a consistency evaluation form: EDM2 nets with `ecm_sigma_min` set, ECMPrecond, or
+    KarrasDenoiser in the consistency form."""
+    if is_karras_net(net):
+        return net.is_consistency
     if hasattr(net, 'ecm_sigma_min'):
         return net.ecm_sigma_min is not None
     return 'boundary' in inspect.signature(net.forward).parameters
@@ -179,12 +188,29 @@ def consistency_kwargs(net, num_steps=None, mid_t=None, t_max=T_MAX, metadata=No
     return dict(t_steps=make_consistency_steps(t_max, mid_t))
 
 
-def resolve_sampler(net, sampler=None, num_steps=None, mid_t=None, t_max=None, metadata=None, **heun_kwargs):
-    """(sampler name, sampler kwargs) for `net`: consistency for ECM networks, Heun for diffusion networks.
+def _default_sampler(net, ts):
+    if is_karras_net(net):
+        return ('multistep' if ts is not None else 'onestep') if net.is_consistency else 'heun'
+    return 'consistency' if is_consistency_net(net) else 'heun'
+
+
+def resolve_sampler(net, sampler=None, num_steps=None, mid_t=None, t_max=None, metadata=None, ts=None,
+                    clip_denoised=None, **heun_kwargs):
+    """(sampler name, sampler kwargs) for `net`: consistency for ECM networks, Heun for diffusion networks;
+    openai's networks (KarrasDenoiser) default to onestep (multistep with `ts`) or openai's Heun with 40 steps.
+    The names of samplers_karras.SAMPLERS select openai's karras_sample ('karras', kwargs naming the sampler) for
+    any network; 'heun' is openai's for KarrasDenoiser and EDM's for every other network.
 
     Options of the other sampler are refused (a UserError naming the flag) rather than silently ignored.
     """
-    sampler = sampler or ('consistency' if is_consistency_net(net) else 'heun')
+    sampler = sampler or _default_sampler(net, ts)
+    if sampler in samplers_karras.SAMPLERS and (sampler != 'heun' or is_karras_net(net)):
+        if mid_t is not None or t_max is not None:
+            raise dnnlib.UserError(f'--{"mid_t" if mid_t is not None else "t-max"}: only used by --sampler=consistency')
+        return 'karras', samplers_karras.karras_kwargs(sampler, num_steps, ts, clip_denoised, **heun_kwargs)
+    if ts is not None or clip_denoised is not None:
+        raise dnnlib.UserError(f'--{"ts" if ts is not None else "clip_denoised"}: only used by openai\'s samplers '
+                               f'({", ".join(samplers_karras.SAMPLERS)})')
     if sampler == 'consistency':
         if heun_kwargs:
             raise dnnlib.UserError(f'--{next(iter(heun_kwargs))}: only used by --sampler=heun')
@@ -200,10 +226,12 @@ def sampler_nfe(sampler, sampler_kwargs):
     """Network evaluations per image: len(t_steps) − 1 (consistency, default 2 steps), 2N − 1 (Heun, N = 18)."""
     if sampler == 'consistency':
         return len(sampler_kwargs.get('t_steps', (T_MAX, CIFAR10_MID_T, 0.0))) - 1
+    if sampler == 'karras':
+        return samplers_karras.karras_nfe(**sampler_kwargs)
     return 2 * sampler_kwargs.get('num_steps', HEUN_NUM_STEPS) - 1
 
 
-SAMPLERS = dict(consistency=consistency_sampler, heun=edm_sampler)
+SAMPLERS = dict(consistency=consistency_sampler, heun=edm_sampler, karras=samplers_karras.karras_sample)
 
 # ----------------------------------------------------------------------------------------------------------
 # Output conversion.

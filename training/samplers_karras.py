@@ -171,6 +171,49 @@ def karras_sample(net, latents, class_labels=None, randn_like=torch.randn_like, 
     return x.clamp(-1, 1)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Labels and options for generate.py, fid.py and metrics.
+
+LABEL_STREAM = 1 << 32      # Label generator of seed s: torch.Generator seeded LABEL_STREAM + s % 2^32.
+_CHURN_FLAGS = dict(S_churn='s_churn', S_min='s_tmin', S_max='s_tmax', S_noise='s_noise')
+
+
+def seed_labels(seeds, label_dim, device=None):
+    """One class index per seed (int64), from a generator of its own that the image's generator never sees, so
+    images equal openai's determ-indiv samples (whose labels come from the global RNG) given the same labels."""
+    gens = [torch.Generator().manual_seed(LABEL_STREAM + int(seed) % (1 << 32)) for seed in seeds]
+    return torch.stack([torch.randint(label_dim, [], generator=g) for g in gens]).to(device)
+
+
+def karras_kwargs(sampler, num_steps=None, ts=None, clip_denoised=None, **options):
+    """Keyword arguments of karras_sample from command-line options (EDM's S_* names or openai's s_* names);
+    an option the sampler does not use is a UserError naming its flag."""
+    kwargs = dict(sampler=sampler, steps=40 if num_steps is None else num_steps)
+    if ts is not None:
+        if sampler != 'multistep':
+            raise dnnlib.UserError(f'--ts: only used by --sampler=multistep, not {sampler}')
+        kwargs['ts'] = check_ts(ts, kwargs['steps'])
+    for flag, value in options.items():
+        name = _CHURN_FLAGS.get(flag, flag)
+        if name.startswith('s_') and sampler not in ('heun', 'dpm'):
+            raise dnnlib.UserError(f'--{name}: only used by --sampler=heun or dpm, not {sampler}')
+        if name not in ('sigma_min', 'sigma_max', 'rho') and not name.startswith('s_'):
+            raise dnnlib.UserError(f'--{flag}: not an option of --sampler={sampler}')
+        kwargs[name] = value
+    if clip_denoised is not None:
+        kwargs['clip_denoised'] = bool(clip_denoised)
+    return kwargs
+
+
+def karras_nfe(sampler='heun', steps=40, ts=None, **_):
+    """Network evaluations per image of karras_sample with these arguments."""
+    if sampler == 'onestep':
+        return 1
+    if sampler == 'multistep':
+        return len(DEFAULT_TS if ts is None else ts) - 1
+    return dict(heun=2 * steps - 1, dpm=2 * steps).get(sampler, steps)
+
+
 def to_uint8_openai(x):
     """Images in [-1, 1] (N,C,H,W) to uint8 N,H,W,C as openai's image_sample.py: ((x + 1) 127.5) clamped, truncated."""
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
