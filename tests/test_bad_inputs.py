@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 
 import PIL.Image
@@ -195,3 +196,49 @@ def test_generate_os_errors(tmp_path, monkeypatch):
     line = _one_line_cli_error(generate.cli, args + [f'--outdir={tmp_path / "out"}'])
     assert line == f'Error: {tmp_path / "out" / "000000.png"}: No space left on device'
     assert not [name for name in os.listdir(tmp_path / 'out') if name.endswith('.tmp')]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Network snapshots: checksums, absurd recorded sizes.
+
+def _tiny_snapshot(path):
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16,
+                              channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    checkpoint.save_network_snapshot(str(path), net, kimg=5)
+    return net
+
+
+def _flip_tensor_byte(path):
+    """Flip one byte inside the stored bytes of the largest tensor (torch.save keeps them raw in the archive)."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack('<HH', f.read(4))
+    offset = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_snapshot_with_a_flipped_byte_is_refused(tmp_path):
+    path = tmp_path / 'network-snapshot-000005.pt'
+    _tiny_snapshot(path)
+    checkpoint.load_network_snapshot(str(path))
+    _flip_tensor_byte(path)
+    with pytest.raises(dnnlib.UserError, match='network-snapshot-000005.pt: the network snapshot is damaged'):
+        checkpoint.load_network_snapshot(str(path))
+    line = _one_line_cli_error(generate.cli, [f'--network={path}', f'--outdir={tmp_path / "out"}', '--device=cpu'])
+    assert 'damaged' in line and not (tmp_path / 'out').exists()
+
+
+def test_snapshot_with_absurd_recorded_sizes_is_refused(tmp_path):
+    net = _tiny_snapshot(tmp_path / 'a.pt')
+    for channels, message in ((10 ** 5, 'would need .* GiB, more than the .* GiB of memory available'),
+                              (10 ** 9, 'a recorded constructor argument is 1000000000')):
+        data = torch.load(tmp_path / 'a.pt', weights_only=True)
+        data = {k: v for k, v in data.items() if k != 'sha256'}
+        data = checkpoint._with_checksum(dict(data, init_kwargs=dict(net.init_kwargs, model_channels=channels)))
+        torch.save(data, tmp_path / 'b.pt')
+        with pytest.raises(dnnlib.UserError, match=f'b.pt: .*{message}'):
+            checkpoint.load_network_snapshot(str(tmp_path / 'b.pt'))

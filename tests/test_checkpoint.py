@@ -281,7 +281,7 @@ def test_snapshot_round_trip(case, tmp_path):
     metadata = dict(kimg=100.5, stage=3, ema='ema_0.9999', mid_t=[0.821])
     checkpoint.save_network_snapshot(path, net, **metadata)
     raw = torch.load(path, weights_only=True)
-    assert raw['format'] == 'ect-network-snapshot' and raw['version'] == 1
+    assert raw['format'] == 'ect-network-snapshot' and raw['version'] == 2 and len(raw['sha256']) == 64
     assert raw['class_name'] == 'training.networks.ECMPrecond' and raw['init_kwargs'] == net.init_kwargs
     loaded, loaded_metadata = checkpoint.load_network_snapshot(path)
     assert loaded_metadata == metadata

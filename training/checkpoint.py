@@ -10,6 +10,7 @@ recorded constructor arguments, with their tensors loaded under a strict name an
 
 import collections
 import dataclasses
+import hashlib
 import importlib
 import io
 import json
@@ -19,6 +20,7 @@ import re
 import warnings
 
 import numpy as np
+import psutil
 import torch
 
 import dnnlib
@@ -28,7 +30,7 @@ from torch_utils import misc
 from torch_utils import persistence
 
 SNAPSHOT_FORMAT = 'ect-network-snapshot'
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2   # 2: with a checksum of the content (version 1 files, without, are still read)
 
 # Network classes that official records and our snapshots may name, by the module defining them here.
 _NETWORK_MODULES = {
@@ -233,13 +235,45 @@ def _network_class(class_name):
     return getattr(importlib.import_module(_NETWORK_CLASS_MODULE[class_name]), class_name)
 
 
+MAX_RECORDED_INT = 1 << 20   # largest integer a recorded constructor argument may hold (channels, resolution, ...)
+
+
+def _check_recorded_ints(value, name, cls):
+    """Recorded constructor arguments hold no absurd integer (a loop or an allocation of that size)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_recorded_ints(item, name, cls)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RECORDED_INT:
+        raise UserError(f'{name}: refusing to build {cls.__name__}: a recorded constructor argument is {value}, '
+                        f'beyond {MAX_RECORDED_INT}')
+
+
+def _check_memory(cls, init_args, init_kwargs):
+    """Build the network on the meta device (no memory) and refuse it if its tensors need more memory than is
+    available: absurd recorded sizes are a one-line refusal, not an out-of-memory crash."""
+    with torch.device('meta'):
+        probe = cls(*init_args, **init_kwargs)
+    needed = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise UserError(f'its tensors would need {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB '
+                        f'of memory available')
+
+
 def _instantiate(cls, init_args, init_kwargs, name):
     if not isinstance(init_args, (tuple, list)) or not isinstance(init_kwargs, dict):
         raise UserError(f'{name}: {cls.__name__} has malformed recorded constructor arguments')
+    _check_recorded_ints([init_args, init_kwargs], name, cls)
     try:
+        _check_memory(cls, init_args, init_kwargs)
         return cls(*init_args, **init_kwargs)
     except (TypeError, ValueError, dnnlib.UserError) as e:
         raise UserError(f'{name}: cannot build {cls.__name__} from its recorded constructor arguments: {e}') from None
+    except (MemoryError, RuntimeError) as e:
+        raise UserError(f'{name}: cannot build {cls.__name__} from its recorded constructor arguments '
+                        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
 
 
 def _name_list(names, limit=8):
@@ -429,6 +463,48 @@ def read_weights_only(file, name, what, mmap=False):
         raise UserError(refusal(name, refused) if refused else unreadable(name, f'{what} file', e)) from None
 
 
+def _feed_digest(h, value):
+    """Hash a plain structure: the kind, keys and length of each container, the dtype, shape and bytes of each
+    tensor, the repr of each primitive."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f'T{t.dtype}{list(t.shape)};'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        h.update(f'D{len(value)};'.encode())
+        for key, item in value.items():
+            h.update(f'{key!r}:'.encode())
+            _feed_digest(h, item)
+    elif isinstance(value, (list, tuple)):
+        h.update(f'{type(value).__name__[0]}{len(value)};'.encode())
+        for item in value:
+            _feed_digest(h, item)
+    else:
+        h.update(f'{value!r};'.encode())
+
+
+def content_sha256(value):
+    """SHA-256 of a plain structure (what save_network_snapshot and save_training_state store), independent of
+    how torch.save lays it out: a flipped byte in any tensor or field changes it."""
+    h = hashlib.sha256()
+    _feed_digest(h, value)
+    return h.hexdigest()
+
+
+def _with_checksum(data):
+    return dict(data, sha256=content_sha256(data))
+
+
+def _verify_checksum(data, name, what):
+    """The dict without its 'sha256' field, after checking the field against the content."""
+    stored = data.get('sha256')
+    content = {k: v for k, v in data.items() if k != 'sha256'}
+    if not isinstance(stored, str) or content_sha256(content) != stored:
+        raise UserError(f'{name}: the {what} is damaged: its content does not match its checksum'
+                        f'{"" if isinstance(stored, str) else " (no checksum stored)"}')
+    return content
+
+
 def _save_torch(path, data):
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(data, f)
@@ -467,20 +543,24 @@ def save_network_snapshot(path, net, **metadata):
     data = dict(format=SNAPSHOT_FORMAT, version=SNAPSHOT_VERSION, class_name=class_name,
                 init_kwargs=_plain(_constructor_kwargs(net), 'init_kwargs', allow_tensors=False),
                 state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()}, metadata=metadata)
-    _save_torch(path, data)
+    _save_torch(path, _with_checksum(data))
 
 
 def _check_snapshot(data, name):
+    """The snapshot's dict, checked (version 2 and later: against its checksum)."""
     if not isinstance(data, dict) or data.get('format') != SNAPSHOT_FORMAT:
         raise UserError(f'{name}: not an {SNAPSHOT_FORMAT} file')
-    if data.get('version') != SNAPSHOT_VERSION:
+    if data.get('version') not in (1, SNAPSHOT_VERSION):
         raise UserError(f'{name}: unsupported snapshot version {data.get("version")!r} (expected {SNAPSHOT_VERSION})')
+    if data['version'] >= 2:
+        data = _verify_checksum(data, name, 'network snapshot')
     if data.get('class_name') not in _NETWORK_CLASS_NAMES:
         raise UserError(f'{name}: refusing to build class "{data.get("class_name")}" (not on the allow-list of '
                         f'network classes)')
     for key in ('init_kwargs', 'state_dict', 'metadata'):
         if not isinstance(data.get(key), dict):
             raise UserError(f'{name}: snapshot field "{key}" is missing or not a dict')
+    return data
 
 
 def load_network_snapshot(path, *, name=None):
@@ -492,7 +572,7 @@ def load_network_snapshot(path, *, name=None):
 
 def network_from_snapshot(data, name):
     """(net, metadata) from the dict of a snapshot file already read by read_weights_only."""
-    _check_snapshot(data, name)
+    data = _check_snapshot(data, name)
     return build_network(data['class_name'], data['init_kwargs'], data['state_dict'], name), data['metadata']
 
 
