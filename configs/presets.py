@@ -141,6 +141,11 @@ PRESETS = {
         lr_decay_batches=0, lr_rampup_kimg=10000, ema=None, ema_mimg=0.5, grid_sampler='edm',
     ),
     **{f'imagenet64-ecm-{size}': _imagenet64_ecm(size) for size in IMAGENET64_SIZES},
+    # The toy method of docs/ADDING_A_METHOD.md: any training method is one module plus a preset like this one.
+    'toy-denoising': dict(
+        precond='edm', transfer=None, grid_sampler='edm', ema_beta=0.999,
+        method_kwargs=dict(class_name='training.methods.toy.ToyDenoising', sigma_start=1.0, sigma_end=80.0),
+    ),
     # EDM diffusion pretraining of the quickstart's checkpoint: checkpoints/quickstart-edm-shapes16.pt is the final
     # network-snapshot of `python train.py --preset=quickstart-pretrain` (made as `--duration=1 --max-hours=0.6`, which
     # stopped after 36 minutes on 2 shared CPU cores at 283,136 images = 4,424 steps: the duration below).

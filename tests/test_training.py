@@ -3,6 +3,7 @@
 Tiny SongUNet (16 channels, one level, no attention) at 8x8 on tiny synthetic EDM-format datasets.
 """
 
+import copy
 import json
 import os
 import pathlib
@@ -26,6 +27,7 @@ from training import runtime
 from training import training_loop as tl
 from training.checkpoint import TrainingState
 from training.methods.ect import ECT
+from training.methods.toy import ToyDenoising
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_NET = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
@@ -68,6 +70,41 @@ class SignallingECT(ECT):
         if self.calls == self.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
         return super().loss(net, images, labels)
+
+
+class TargetMethod(ToyDenoising):
+    """The toy method plus a network of its own: a target EMA of the trained net (mu per step), used as the
+    denoiser of a second loss term, saved in training states and exported with every snapshot."""
+
+    def __init__(self, mu=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.mu = mu
+        self.target = None
+
+    def setup(self, net, device):
+        super().setup(net, device)
+        self.target = copy.deepcopy(net).eval().requires_grad_(False).to(device)
+
+    def loss(self, net, images, labels=None):
+        sigma = torch.full([images.shape[0], 1, 1, 1], 0.5)
+        with torch.no_grad():
+            target = self.target(images + sigma * torch.randn_like(images), sigma, labels, **self.net_kwargs)
+        own = net(images + sigma * torch.randn_like(images), sigma, labels, **self.net_kwargs)
+        return super().loss(net, images, labels) + (own - target).square().flatten(1).sum(1)
+
+    def after_step(self, net, progress):
+        with torch.no_grad():
+            for t, p in zip(self.target.parameters(), net.parameters()):
+                t.lerp_(p.detach(), 1 - self.mu)
+
+    def state_dict(self):
+        return dict(target=self.target.state_dict())
+
+    def load_state_dict(self, state):
+        self.target.load_state_dict(state['target'])
+
+    def snapshot_networks(self):
+        return {'-target': self.target}
 
 
 def build_net(data, seed=0):
@@ -197,6 +234,27 @@ def test_preemption_signal_writes_state_and_resume_is_exact(uninterrupted, data_
     second = tmp_path / 'second'
     assert run_loop(second, data_dir, resume_state=str(first / 'training-state-latest.pt')) == 'done'
     assert_same_weights(uninterrupted, second)
+
+
+def test_method_with_its_own_network_resumes_exactly_and_exports_it(data_dir, tmp_path):
+    method = dict(class_name='test_training.TargetMethod', mu=0.5, sigma_start=10.0, sigma_end=10.0)
+    runs = {}
+    for name, kwargs in [('whole', {}), ('first', dict(total_kimg=TICK_KIMG))]:
+        runs[name] = tmp_path / name
+        assert run_loop(runs[name], data_dir, method_kwargs=method, snapshot_ticks=3, **kwargs) == 'done'
+    second = tmp_path / 'second'
+    assert run_loop(second, data_dir, method_kwargs=method,
+                    resume_state=str(runs['first'] / 'training-state-latest.pt')) == 'done'
+    whole, resumed = (TrainingState.read(d / 'training-state-latest.pt') for d in (runs['whole'], second))
+    first = TrainingState.read(runs['first'] / 'training-state-latest.pt')
+    assert whole['progress']['cur_nimg'] == resumed['progress']['cur_nimg'] == 24
+    for name, value in whole['method']['target'].items():
+        torch.testing.assert_close(resumed['method']['target'][name], value, rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(first['method']['target'][k], v) for k, v in whole['method']['target'].items())
+    target, meta = checkpoint.load_network_snapshot(runs['whole'] / 'network-snapshot-latest-target.pt')
+    assert meta['ema'] == '-target'
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, whole['method']['target'][name]), name
 
 
 def test_corrupt_state_is_a_clear_error(uninterrupted, tmp_path):

@@ -128,4 +128,4 @@ def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, devic
         f'loss {collector.mean("Loss/loss"):<9.4g}', f'time {_format_time(progress.elapsed_sec):<9s}',
         f'sec/tick {tick_sec:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}', f'img/s {tick_nimg / max(tick_sec, 1e-9):<8.1f}',
         f'maintenance {maintenance_sec:<6.1f}', f'cpumem {cpumem:<6.2f}', f'gpumem {gpumem:<6.2f}',
-        *[f'{name} {value}' for name, value in scalars.items()]])
+        *[f'{name} {value:.6g}' for name, value in scalars.items()]])
