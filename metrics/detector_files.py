@@ -120,14 +120,8 @@ def torchscript_tensors(data, source):
     pickles = [name for name in archive.namelist() if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
         raise dnnlib.UserError(f'{source}: not a TorchScript archive (expected one data.pkl)')
-    try:
-        root = _ScriptDataUnpickler(archive, pickles[0][:-len('data.pkl')], source).load()
-    except dnnlib.UserError:
-        raise
-    except checkpoint._Refused as e:
-        raise dnnlib.UserError(checkpoint.refusal(source, str(e))) from None
-    except Exception as e:
-        raise dnnlib.UserError(checkpoint.unreadable(source, 'TorchScript archive', e)) from None
+    root = _guarded_load(lambda: _ScriptDataUnpickler(archive, pickles[0][:-len('data.pkl')], source).load(),
+                         source, 'TorchScript archive')
     return _script_tensors(root)
 
 
@@ -145,15 +139,20 @@ def load_torchscript(data, source, allow_unsafe):
         raise dnnlib.UserError(checkpoint.unreadable(source, 'TorchScript file', e)) from None
 
 
-def _unpickle_tensors(data, source):
+def _guarded_load(load, source, what):
+    """load(); content a safe load refuses, or a file that cannot be read, is one UserError naming `source`."""
     try:
-        root = _DetectorUnpickler(io.BytesIO(data), source).load()
+        return load()
     except dnnlib.UserError:
         raise
     except checkpoint._Refused as e:
         raise dnnlib.UserError(checkpoint.refusal(source, str(e))) from None
     except Exception as e:
-        raise dnnlib.UserError(checkpoint.unreadable(source, 'detector pickle', e)) from None
+        raise dnnlib.UserError(checkpoint.unreadable(source, what, e)) from None
+
+
+def _unpickle_tensors(data, source):
+    root = _guarded_load(lambda: _DetectorUnpickler(io.BytesIO(data), source).load(), source, 'detector pickle')
     if not isinstance(root, (checkpoint._ModuleRecord, checkpoint._ContainerStub)):
         raise dnnlib.UserError(f'{source}: the pickle holds a {type(root).__name__}, not a detector network')
     return checkpoint._record_tensors(root, source)
