@@ -98,6 +98,7 @@ def cli_overrides(kw):
         P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
         lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
         xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], tensorboard=kw['tensorboard'] or None,
+        wandb=kw['wandb'],
     )
 
 
@@ -167,12 +168,17 @@ def check_extras(options):
     for flag, path in options.detector_files.items():
         if not dnnlib.util._is_url(path) and not os.path.isfile(path):
             raise dnnlib.UserError(f'--{flag}={path}: no such file')
+    check_trackers(options)
+
+
+def check_trackers(options):
+    """--tensorboard / --wandb: the optional packages are there and the W&B target is well formed."""
+    from training import trackers  # Deferred: only needed to check the tracker flags.
     if options.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401 (availability check only)
-        except ImportError:
-            raise dnnlib.UserError('--tensorboard: the tensorboard package is not installed (pip install '
-                                   'tensorboard); it is not a core dependency of this project') from None
+        trackers.import_tensorboard()
+    if options.wandb:
+        trackers.parse_wandb_target(options.wandb)
+        trackers.import_wandb()
 
 
 def describe(options, dataset_name, user_desc):
@@ -354,7 +360,8 @@ def launch(options, run_dir):
 @click.option('--xflip', help='Add x-flipped copies of the data', metavar='BOOL', type=bool)
 @click.option('--cache', help='Cache the dataset in RAM', metavar='BOOL', type=bool)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
-@click.option('--tensorboard', help='Also write TensorBoard events (needs the tensorboard package)', is_flag=True)
+@click.option('--tensorboard', help='Also write TensorBoard events: scalars, sample grids, metrics (needs the tensorboard package)', is_flag=True)
+@click.option('--wandb', help='Also log scalars, sample grids and metrics to Weights & Biases (offline without a login or network; needs the wandb package)', metavar='PROJECT[/RUN]', type=str, default=None)
 @click.option('--desc', help='String to append to the run directory name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Use --outdir itself as the run directory', is_flag=True)
 @click.option('--dry-run', help='Resolve, validate and save training_options.json, then exit', is_flag=True)

@@ -17,7 +17,7 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
-  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard,
+  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
   metric_samples (generated images per metric; None = the metric's published count).
@@ -74,7 +74,8 @@ DEFAULTS = dict(
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
-    find_unused_parameters=False, metrics_ref=None, tensorboard=False, data_source=None, data_max_images=None,
+    find_unused_parameters=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
+    data_max_images=None,
     eval_init_metrics=[], metric_samples=None, detector_files={},
 )
 
@@ -292,7 +293,7 @@ def build_options(o):
         seed=int(o.seed), precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer,
         mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
         find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref,
-        tensorboard=bool(o.tensorboard), detector_files=dict(o.detector_files),
+        tensorboard=bool(o.tensorboard), wandb=o.wandb or None, detector_files=dict(o.detector_files),
     )
 
 

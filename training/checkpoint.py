@@ -689,6 +689,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer    # optimiser of net's parameters
     scaler: object = None               # torch.amp.GradScaler under fp16, else None
     progress: LoopProgress = dataclasses.field(default_factory=LoopProgress)
+    trackers: dict = dataclasses.field(default_factory=dict)   # experiment-tracker ids (e.g. the W&B run id)
 
     def to_dict(self, options=None):
         """The plain-data record of the state (a collective when distributed: every rank's RNG is gathered)."""
@@ -697,6 +698,7 @@ class TrainingState:
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     progress=dataclasses.asdict(self.progress), rng=_gather_rng_states(),
                     world_size=dist.get_world_size(), sampler_position=self.progress.cur_nimg,
+                    trackers=json.loads(json.dumps(self.trackers)),
                     options=json.loads(json.dumps(options)))
 
     def save(self, run_dir, options=None):
@@ -733,6 +735,7 @@ class TrainingState:
         if self.scaler is not None and data.get('scaler') is not None:
             self.scaler.load_state_dict(data['scaler'])
         self.progress = LoopProgress(**data['progress'])
+        self.trackers = dict(data.get('trackers') or {})
         _restore_rng(data['rng'], seed, self.progress.cur_nimg)
 
 

@@ -37,7 +37,8 @@ class TrainingOptions:
     mid_t: list = dataclasses.field(default_factory=lambda: [CIFAR10_MID_T])    # intermediate times of 2-step grids
     grid_sampler: str = 'consistency'   # consistency | edm
     find_unused_parameters: bool = False    # DDP option for networks with parameters the loss never uses
-    tensorboard: bool = False           # also write TensorBoard events
+    tensorboard: bool = False           # also write TensorBoard events (scalars, grids, metrics)
+    wandb: str = None                   # 'PROJECT[/RUN]': also log to Weights & Biases (training.trackers)
     resume_state: str = None            # training-state file to continue from
 
     def replace(self, **changes):

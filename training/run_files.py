@@ -70,37 +70,24 @@ def save_snapshots(nets, run_dir, kimg, metadata):
 
 
 class StatsWriter(Callback):
-    """Appends one JSON line per tick to stats.jsonl (single write on an O_APPEND file) and, optionally,
-    TensorBoard scalars (needs the `tensorboard` package, not a core dependency)."""
+    """Appends one JSON line per tick to stats.jsonl (single write on an O_APPEND file). Experiment trackers
+    (TensorBoard, W&B) are callbacks of their own: training.trackers."""
 
     def __init__(self,
-                 run_dir,            # where stats.jsonl (and TensorBoard events) go
-                 tensorboard=False,  # also write TensorBoard events
+                 run_dir,            # where stats.jsonl goes
                  ):
         self.path = os.path.join(run_dir, 'stats.jsonl')
-        self.writer = None
-        if tensorboard:
-            try:
-                import torch.utils.tensorboard as tb
-            except ImportError:
-                raise dnnlib.UserError('--tensorboard: the tensorboard package is not installed '
-                                       '(pip install tensorboard); it is not a core dependency') from None
-            self.writer = tb.SummaryWriter(run_dir)
 
     def on_stats(self, run, stats):
-        self.write(stats, run.state.progress.cur_nimg, time.time())
+        self.write(stats, time.time())
 
-    def write(self, stats, cur_nimg, timestamp):
+    def write(self, stats, timestamp):
         line = json.dumps(dict(stats, timestamp=timestamp)) + '\n'
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode('utf-8'))
         finally:
             os.close(fd)
-        if self.writer is not None:
-            for name, value in stats.items():
-                self.writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
-            self.writer.flush()
 
 
 def _format_time(seconds):
@@ -112,9 +99,16 @@ def _format_time(seconds):
     return f'{s // 3600}h {(s // 60) % 60:02d}m'
 
 
-def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, device, scalars):
+def eta_sec(progress, tick_sec, tick_nimg, maintenance_sec, total_nimg):
+    """Estimated seconds to `total_nimg`: the images still to train at this tick's pace, maintenance included."""
+    remaining = max(total_nimg - progress.cur_nimg, 0)
+    return remaining * (tick_sec + maintenance_sec) / max(tick_nimg, 1)
+
+
+def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, device, scalars, total_nimg=None):
     """The EDM-style status line of a tick (also reports the timing/resource statistics); `scalars` are the
-    method's schedule values (e.g. the curriculum stage), reported as Progress/<name>."""
+    method's schedule values (e.g. the curriculum stage), reported as Progress/<name>; with `total_nimg`, the
+    line ends with the estimated time left (eta)."""
     gpumem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
     cpumem = psutil.Process(os.getpid()).memory_info().rss / 2**30
     sec_per_kimg = tick_sec / max(tick_nimg, 1) * 1e3
@@ -128,4 +122,6 @@ def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, devic
         f'loss {collector.mean("Loss/loss"):<9.4g}', f'time {_format_time(progress.elapsed_sec):<9s}',
         f'sec/tick {tick_sec:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}', f'img/s {tick_nimg / max(tick_sec, 1e-9):<8.1f}',
         f'maintenance {maintenance_sec:<6.1f}', f'cpumem {cpumem:<6.2f}', f'gpumem {gpumem:<6.2f}',
-        *[f'{name} {value:.6g}' for name, value in scalars.items()]])
+        *[f'{name} {value:.6g}' for name, value in scalars.items()],
+        *([f'eta {_format_time(eta_sec(progress, tick_sec, tick_nimg, maintenance_sec, total_nimg))}']
+          if total_nimg is not None else [])])

@@ -23,6 +23,7 @@ from torch_utils import misc
 from torch_utils import training_stats
 from training import run_files
 from training import runtime
+from training import trackers
 from training.callbacks import RunContext
 from training.checkpoint import TrainingState
 from training.loss import reduce_loss
@@ -154,8 +155,8 @@ class Trainer:
         self.data_iterator = runtime.build_data_iterator(dataset, o.data_loader_kwargs, batch_gpu, o.seed,
                                                          state.progress.cur_nimg, device)
         self.lr_schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)
-        self.callbacks = ([run_files.StatsWriter(run_dir, o.tensorboard)] if dist.get_rank() == 0 else []) \
-            + list(callbacks)
+        self.callbacks = ([run_files.StatsWriter(run_dir)] if dist.get_rank() == 0 else []) \
+            + trackers.tracker_callbacks(o, run_dir) + list(callbacks)
         self.scalars = {}   # the method's schedule values of the last step
 
     def progress(self):
@@ -169,6 +170,7 @@ class Trainer:
         o, s = self.run_ctx.options, self.run_ctx.state
         self.scalars = s.method.schedule(self.progress())
         lr = o.optimizer_kwargs['lr'] * self.lr_schedule(s.progress.cur_nimg, o.batch_size)
+        training_stats.report0('Progress/lr', lr)
         training_step(self.ddp, s.net, s.method.loss, s.optimizer, self.data_iterator, self.num_rounds,
                       o.batch_size, lr, self.run_ctx.device, AUTOCAST_DTYPES[o.precision], s.scaler)
         s.progress.cur_nimg += o.batch_size
@@ -200,7 +202,8 @@ class Trainer:
         p = self.run_ctx.state.progress
         collector.update()
         dist.print0(run_files.tick_status(collector, p, tick_sec, p.cur_nimg - p.tick_start_nimg, maintenance_sec,
-                                          self.run_ctx.device, self.scalars))
+                                          self.run_ctx.device, self.scalars,
+                                          int(round(self.run_ctx.options.total_kimg * 1000))))
         p.cur_tick += 1
         p.tick_start_nimg = p.cur_nimg
         self.maintenance(stopping)
