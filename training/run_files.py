@@ -15,7 +15,6 @@ import numpy as np
 import psutil
 import torch
 
-import dnnlib
 from torch_utils import training_stats
 from training import checkpoint
 from training import samplers
