@@ -9,9 +9,9 @@ import types
 import pytest
 from click.testing import CliRunner
 
-import dataset_tool
 import train
 from training import checkpoint, run_records, trackers
+from training.dataset_convert import convert_dataset
 
 
 def short_run_args(root, data, *extra):
@@ -23,7 +23,7 @@ def short_run_args(root, data, *extra):
 @pytest.fixture(scope='module')
 def data_zip(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
-    dataset_tool.run('procedural:shapes', path, 48, None, None)
+    convert_dataset('procedural:shapes', path, 48, None, None)
     return path
 
 
