@@ -62,7 +62,7 @@ def metric_series(records):
         kimg = run_records.snapshot_kimg(name)
         if kimg is None:
             continue
-        suffix = name.rsplit('.', 1)[0].split('snapshot-', 1)[-1].lstrip('0123456789') if 'snapshot-' in name else ''
+        suffix = run_records.snapshot_suffix(name)
         for key, value in run_records.record_value(record):
             series.setdefault((key, suffix), []).append((kimg, value))
     return {k: ([x for x, _ in sorted(v)], [y for _, y in sorted(v)]) for k, v in series.items()}

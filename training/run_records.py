@@ -70,6 +70,15 @@ def snapshot_kimg(name):
     return float(match.group(1)) if match else None
 
 
+def snapshot_suffix(name):
+    """The suffix after the kimg of a snapshot file name (the EMA, e.g. '-0.050' of network-snapshot-000048-0.050.pt;
+    '' when there is none)."""
+    name = os.path.basename(str(name or ''))
+    if 'snapshot-' not in name:
+        return ''
+    return name.rsplit('.', 1)[0].split('snapshot-', 1)[-1].lstrip('0123456789')
+
+
 def record_value(record):
     """(label suffix, value) pairs of a metric record's results, e.g. [('fid50k_full', 3.85)]."""
     return [(key, float(value)) for key, value in record.get('results', {}).items()

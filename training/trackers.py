@@ -75,7 +75,7 @@ def metric_scalars(records):
     out = []
     for record in records:
         name = str(record.get('snapshot_pkl') or '')
-        suffix = name.rsplit('.', 1)[0].split('snapshot-', 1)[-1].lstrip('0123456789') if 'snapshot-' in name else ''
+        suffix = run_records.snapshot_suffix(name)
         out += [(f'metrics/{key}{suffix}', value, run_records.snapshot_kimg(name))
                 for key, value in run_records.record_value(record)]
     return out
