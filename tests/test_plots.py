@@ -82,9 +82,9 @@ def test_runs_are_overlaid(recorded_run, tmp_path):
     written = plots.make_plots([str(recorded_run), str(other)], str(tmp_path / 'out'))
     assert written == {str(tmp_path / 'out' / 'training.png'): 4, str(tmp_path / 'out' / 'metrics.png'): 2}
     runs = plots.load_runs([str(recorded_run), str(other)])
-    loss_axis = plots.training_figure(runs).axes[0]
-    assert [len(line.get_xdata()) for line in loss_axis.lines] == [3, 4]
-    assert [t.get_text() for t in loss_axis.get_legend().get_texts()] == [recorded_run.name, 'other-run']
+    figure = plots.training_figure(runs)
+    assert [len(line.get_xdata()) for line in figure.axes[0].lines] == [3, 4]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [recorded_run.name, 'other-run']
 
 
 def test_clear_messages(tmp_path, monkeypatch):

@@ -71,7 +71,6 @@ def metric_series(records):
 def save_png(fig, path):
     """Write a matplotlib Figure as a PNG, atomically."""
     _Figure, FigureCanvasAgg = _matplotlib()
-    fig.tight_layout()
     FigureCanvasAgg(fig)
     with dnnlib.util.atomic_write(path, 'wb') as f:
         fig.savefig(f, format='png', dpi=100)
@@ -81,7 +80,7 @@ def save_png(fig, path):
 def training_figure(runs):
     """The Figure of training.png: one axis per TRAINING_PANELS entry, one line per run."""
     Figure, _FigureCanvasAgg = _matplotlib()
-    fig = Figure(figsize=(10, 7))
+    fig = Figure(figsize=(10, 7), layout='constrained')
     axes = fig.subplots(2, 2).flatten()
     for ax, (title, stat, convert) in zip(axes, TRAINING_PANELS):
         for label, stats, _metrics in runs:
@@ -92,8 +91,17 @@ def training_figure(runs):
             ax.text(0.5, 0.5, f'{stat} not recorded', ha='center', va='center', transform=ax.transAxes)
         ax.set(title=title, xlabel='kimg')
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize='small')
+    name_runs(fig, axes[0], runs)
     return fig
+
+
+def name_runs(fig, ax, runs):
+    """One run: its name as the figure title; several: one legend of the runs (the lines of `ax`) below the plots."""
+    if len(runs) == 1:
+        fig.suptitle(runs[0][0], fontsize='medium')
+    else:
+        fig.legend(*ax.get_legend_handles_labels(), loc='outside lower center', ncols=min(len(runs), 3),
+                   fontsize='small')
 
 
 def metrics_figure(runs):
@@ -105,18 +113,20 @@ def metrics_figure(runs):
     Figure, _FigureCanvasAgg = _matplotlib()
     cols = min(len(names), 3)
     rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.5 * rows))
+    fig = Figure(figsize=(4.5 * cols, 3.5 * rows + 0.5), layout='constrained')
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax, name in zip(axes, names):
         for label, _stats, metrics in runs:
             for (key, suffix), (xs, ys) in metric_series([r for r in metrics if r.get('metric') == name]).items():
-                parts = [label] + ([key] if key != name else []) + ([f'EMA{suffix}'] if suffix else [])
-                ax.plot(xs, ys, marker='o', label=' '.join(parts))
+                parts = [key] * (key != name) + [f'EMA{suffix}'] * bool(suffix)
+                ax.plot(xs, ys, marker='o', label=' '.join([label] * (len(runs) > 1) + parts) or label)
         ax.set(title=name, xlabel='kimg of the snapshot')
         ax.grid(alpha=0.3)
-        ax.legend(fontsize='small')
+        if len(ax.lines) > len(runs):   # several results or EMAs per run: name them on the axis
+            ax.legend(fontsize='small')
     for ax in axes[len(names):]:
         fig.delaxes(ax)
+    name_runs(fig, axes[0], runs)
     return fig
 
 
