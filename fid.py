@@ -21,8 +21,8 @@ from metrics import metric_main
 from metrics import metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import samplers
-from training.cli_common import load_network, parse_float_list, user_errors
+from training import samplers, samplers_karras
+from training.cli_common import load_network, parse_float_list, parse_int_list, user_errors
 from training.generation import generate_images
 
 _KINDS = ['inception', 'dinov2', 'vgg16']
@@ -138,21 +138,27 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 
 @cli.command()
 @click.option('--network', 'network', help='Network: official pickle, snapshot or model.safetensors folder; path, URL or hf://OWNER/REPO[/FILE]', metavar='PATH|URL', type=str, required=True)
-@click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma)', metavar='NPZ|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma; openai/ADM reference batches too)', metavar='NPZ|URL', type=str, required=True)
 @click.option('--num', '--num-images', 'num_samples', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', 'first_seed', help='First seed (seeds seed .. seed+num-1)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, heun otherwise]', type=click.Choice(['consistency', 'heun']), default=None)
-@click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), or Heun steps', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, onestep for openai CMs, heun otherwise]', type=click.Choice(['consistency', *samplers_karras.SAMPLERS]), default=None)
+@click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), Heun steps, or openai\'s steps', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
+@click.option('--ts', help='multistep: levels of the --steps grid, e.g. 0,22,39', metavar='INT,INT[,...]', type=str, default=None)
+@click.option('--resolution', help='openai state dicts: image resolution  [default: from the released file name]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--parameterization', help='openai state dicts: denoiser form  [default: from the file name]', type=click.Choice(['edm', 'consistency']), default=None)
+@click.option('--num_head_channels', help='openai state dicts: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @_common_options
-def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, kind, detector, batch_size,
-        allow_unsafe_pickle, device, no_progress):
+def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, ts, resolution, parameterization,
+        num_head_channels, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
     """FID (or FD) of a network, sampling in memory (no PNGs written)."""
     with user_errors():
         ref_arrays = metric_utils.load_ref(ref_path, kind=kind)
         mid_t = parse_float_list(mid_t, '--mid_t')
-        model, metadata = load_network(network, allow_unsafe_pickle)
-        sampler, sampler_kwargs = samplers.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata)
+        ts = parse_int_list(ts, '--ts') if ts is not None else None
+        model, metadata = load_network(network, allow_unsafe_pickle, resolution=resolution,
+                                       parameterization=parameterization, num_head_channels=num_head_channels)
+        sampler, sampler_kwargs = samplers.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata, ts)
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
         metric_main.check_ref_width(ref_arrays, detector, [model.img_channels, model.img_resolution, model.img_resolution], device)
     seeds = list(range(first_seed, first_seed + num_samples))

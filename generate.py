@@ -78,16 +78,6 @@ def save_npz(path, parts):
 # Command line.
 
 
-def parse_ts(ts):
-    """'0,22,39' -> [0, 22, 39], or None; UserError naming --ts if malformed."""
-    if ts is None:
-        return None
-    try:
-        return [int(v) for v in ts.split(',')]
-    except ValueError:
-        raise dnnlib.UserError(f'--ts={ts}: expected integers such as 0,22,39') from None
-
-
 def set_fp16(net, fp16):
     if fp16 and not hasattr(net, 'use_fp16'):
         raise dnnlib.UserError('--fp16: this network has no float16 mode')
@@ -133,7 +123,7 @@ def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num
         seeds = parse_int_list(seeds)
         device = dist.resolve_device(device)
         mid_t = parse_float_list(mid_t, '--mid_t')
-        ts = parse_ts(ts)
+        ts = parse_int_list(ts, '--ts') if ts is not None else None
         check_outdir(outdir)
         if npz:
             dnnlib.util.check_output_file(npz, '--npz')

@@ -249,6 +249,17 @@ def _edm2_ref_arrays(f, kind):
     return {k: v for k, v in data[key].items() if isinstance(v, np.ndarray)}
 
 
+# openai/ADM reference batches (e.g. VIRTUAL_imagenet64_labeled.npz) hold their images and labels next to mu and
+# sigma (pool_3 of the same TF Inception graph as NVIDIA's detector); statistics never need those two.
+_IMAGE_BATCH_KEYS = ('arr_0', 'arr_1')
+
+
+def _npz_ref_arrays(f):
+    """The arrays of a reference .npz, leaving out the images and labels of openai's reference batches unread."""
+    with np.load(f, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files if key not in _IMAGE_BATCH_KEYS}
+
+
 def load_ref(url_or_path, need_features=False, kind='inception'):
     """The arrays of a reference .npz, or of EDM2's reference .pkl (its statistics of detector `kind`), a path or
     URL, checked for the keys a metric needs."""
@@ -256,7 +267,7 @@ def load_ref(url_or_path, need_features=False, kind='inception'):
         with dnnlib.util.open_url(url_or_path) as f:
             is_pickle = f.read(1) == b'\x80'
             f.seek(0)
-            ref = _edm2_ref_arrays(f, kind) if is_pickle else dict(np.load(f, allow_pickle=False))
+            ref = _edm2_ref_arrays(f, kind) if is_pickle else _npz_ref_arrays(f)
     except dnnlib.UserError as e:
         raise dnnlib.UserError(f'--ref={url_or_path}: {e}') from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile):
