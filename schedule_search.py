@@ -18,8 +18,8 @@ import dnnlib
 from metrics import detectors, metric_main, metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import checkpoint_cm, networks_cm, samplers, samplers_karras, ternary_search
-from training.cli_common import parse_float_list, user_errors
+from training import networks_cm, samplers, samplers_karras, ternary_search
+from training.cli_common import load_consistency_network, parse_float_list, user_errors
 from training.generation import generate_images
 
 # ----------------------------------------------------------------------------------------------------------
@@ -34,20 +34,15 @@ def parse_indices(text, flag):
 
 
 def is_openai_net(net):
-    """True for openai's consistency-form networks (cd_*.pt, ct_*.pt), sampled by karras_sample's multistep."""
-    if isinstance(net, networks_cm.KarrasDenoiser):
-        if not net.is_consistency:
-            raise dnnlib.UserError('--network: an EDM-form (edm_*.pt) network is a diffusion model, not a consistency '
-                                   'model; pass a cd_*/ct_* network or --parameterization=consistency')
-        return True
-    return False
+    """True for openai's networks (cd_*.pt, ct_*.pt), sampled by karras_sample's multistep sampler."""
+    return isinstance(net, networks_cm.KarrasDenoiser)
 
 
 def grid_schedule(net, ts, steps, t_min, t_max, rho):
     """(sampler, kwargs) of the grid schedule `ts`: openai's multistep sampler for openai networks; for our ECMs the
     consistency sampler at the Karras-grid times of ts (the last index, steps - 1, standing for the final 0)."""
     if is_openai_net(net):
-        return samplers_karras.karras_sample, dict(sampler='multistep', ts=list(ts), steps=steps, sigma_min=t_min,
+        return 'karras', dict(sampler='multistep', ts=list(ts), steps=steps, sigma_min=t_min,
                                                    sigma_max=t_max, rho=rho)
     if ts[-1] != steps - 1:
         raise dnnlib.UserError(f'--end: the last index must be steps - 1 = {steps - 1} (the clean end), got {ts[-1]}')
@@ -150,14 +145,6 @@ def _objective_factory(score_setup, outdir, bars):
     return make_objective
 
 
-def load_consistency_network(network, allow_unsafe_pickle, resolution, parameterization, num_head_channels):
-    net, _ = checkpoint_cm.load_network_file(network, allow_unsafe_pickle=allow_unsafe_pickle, resolution=resolution,
-                                             parameterization=parameterization, num_head_channels=num_head_channels)
-    if not is_openai_net(net) and not samplers.is_consistency_net(net):
-        raise dnnlib.UserError(f'--network={network}: a diffusion model; the search needs a consistency model')
-    return net
-
-
 def run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho, make_objective):
     """(objective, winner point, generate.py flags) of the grid or the continuous search."""
     if mid_t_range is not None:
@@ -200,8 +187,9 @@ def cli(network, ref_path, outdir, num_samples, first_seed, steps, begin, end, m
         ref = metric_utils.load_ref(ref_path)
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise dnnlib.UserError(f'--outdir={outdir}: exists and is not a directory')
-        net = load_consistency_network(network, allow_unsafe_pickle, resolution, parameterization,
-                                       num_head_channels).to(device)
+        net = load_consistency_network(network, allow_unsafe_pickle, resolution=resolution,
+                                       parameterization=parameterization,
+                                       num_head_channels=num_head_channels).to(device)
         det = detectors.get_detector(kind, detector, allow_unsafe_pickle, device=device)
         metric_main.check_ref_width(ref, det, [net.img_channels, net.img_resolution, net.img_resolution], device)
         setup = dict(net=net, detector=det, ref=ref, seeds=list(range(first_seed, first_seed + num_samples)),

@@ -67,3 +67,17 @@ def load_network(network, allow_unsafe_pickle=False, **state_dict_options):
     from training import checkpoint_cm  # Deferred: keeps `--help` of every command line light.
     options = {k: v for k, v in state_dict_options.items() if v is not None}
     return checkpoint_cm.load_network_file(network, allow_unsafe_pickle=allow_unsafe_pickle, **options)
+
+
+def load_consistency_network(network, allow_unsafe_pickle=False, **state_dict_options):
+    """A consistency network (eval mode, CPU) from any network file load_network reads: our ECM snapshots,
+    official ECT pickles, or openai's consistency-form cd_*/ct_*.pt. Diffusion models (EDM, EDM2, openai's
+    edm_*.pt) are refused with one message."""
+    from training import samplers  # Deferred: keeps `--help` of every command line light.
+    net, _ = load_network(network, allow_unsafe_pickle, **state_dict_options)
+    if samplers.is_karras_net(net) and not net.is_consistency:
+        raise dnnlib.UserError(f'--network={network}: an EDM-form (edm_*.pt) network is a diffusion model, not a '
+                               f'consistency model; pass a cd_*/ct_* network or --parameterization=consistency')
+    if not samplers.is_consistency_net(net):
+        raise dnnlib.UserError(f'--network={network}: a diffusion model; this needs a consistency model')
+    return net
