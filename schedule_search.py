@@ -42,8 +42,7 @@ def grid_schedule(net, ts, steps, t_min, t_max, rho):
     """(sampler, kwargs) of the grid schedule `ts`: openai's multistep sampler for openai networks; for our ECMs the
     consistency sampler at the Karras-grid times of ts (the last index, steps - 1, standing for the final 0)."""
     if is_openai_net(net):
-        return 'karras', dict(sampler='multistep', ts=list(ts), steps=steps, sigma_min=t_min,
-                                                   sigma_max=t_max, rho=rho)
+        return 'karras', dict(sampler='multistep', ts=list(ts), steps=steps, sigma_min=t_min, sigma_max=t_max, rho=rho)
     if ts[-1] != steps - 1:
         raise dnnlib.UserError(f'--end: the last index must be steps - 1 = {steps - 1} (the clean end), got {ts[-1]}')
     times = samplers_karras.multistep_times(ts[:-1], steps, t_min, t_max, rho)
