@@ -150,6 +150,14 @@ def check_data(options, data_source=None):
     return dataset.name
 
 
+def check_method(options):
+    """The training method builds from method_kwargs (hyperparameters only: cheap), before any work starts."""
+    try:
+        dnnlib.util.construct_class_by_name(**options.method_kwargs)
+    except (dnnlib.UserError, TypeError, ValueError) as e:
+        raise dnnlib.UserError(f'method_kwargs: cannot build {options.method_kwargs.get("class_name")}: {e}') from None
+
+
 def check_extras(options):
     """Metrics names/reference (a reference that is the not yet built --data is checked once built) and the
     TensorBoard package."""
@@ -267,6 +275,7 @@ def prepare(kw):
     dist.init()
     flat = presets.merge(kw['preset'], cli_overrides(kw))
     options = presets.build_options(flat)
+    check_method(options)
     check_extras(options)
     ensure_data(flat, options, kw['dry_run'])
     dataset_name = check_data(options, flat.data_source)

@@ -25,6 +25,7 @@ from torch_utils import distributed as dist
 from training import checkpoint
 from training import runtime
 from training import training_loop as tl
+from training.callbacks import Callback
 from training.checkpoint import TrainingState
 from training.methods.ect import ECT
 from training.methods.toy import ToyDenoising
@@ -257,6 +258,36 @@ def test_method_with_its_own_network_resumes_exactly_and_exports_it(data_dir, tm
         assert torch.equal(value, whole['method']['target'][name]), name
 
 
+class RecordingCallback(Callback):
+    """Records the hooks the loop calls, with the progress each one sees."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_start(self, run):
+        self.events.append(('start', run.state.progress.cur_nimg))
+
+    def on_tick(self, run, stopping):
+        self.events.append(('tick', run.state.progress.cur_tick, run.state.progress.cur_nimg, stopping))
+
+    def on_stats(self, run, stats):
+        self.events.append(('stats', stats['Loss/loss']['num'], stats['Progress/stage']['mean']))
+
+    def on_end(self, run, outcome):
+        self.events.append(('end', outcome, os.path.isfile(os.path.join(run.run_dir, 'training-state-latest.pt'))))
+
+
+def test_callbacks_see_every_tick_in_order(data_dir, tmp_path):
+    callback = RecordingCallback()
+    options = tiny_options(data_dir)
+    assert tl.training_loop(options, str(tmp_path), callbacks=[callback]) == 'done'
+    assert callback.events == [('start', 0),
+                               ('tick', 1, 8, False), ('stats', 8, 0.0),
+                               ('tick', 2, 16, False), ('stats', 8, 1.0),
+                               ('tick', 3, 24, True), ('stats', 8, 2.0),
+                               ('end', 'done', True)]
+
+
 def test_corrupt_state_is_a_clear_error(uninterrupted, tmp_path):
     data = (pathlib.Path(uninterrupted) / 'training-state-latest.pt').read_bytes()
     truncated = tmp_path / 'training-state-000001.pt'
@@ -352,6 +383,7 @@ def test_dry_run_records_detector_files(data_dir, tmp_path):
     (['--resume=/definitely/not/here.pt'], '--resume'),
     (['--arch-kwargs=[1]'], '--arch-kwargs'),
     (['--detector=/definitely/not/here.pkl'], '--detector'),
+    (['--loss=edm', '--arch-kwargs={"model_channels": 16}', '--P_mean=nan'], 'method_kwargs'),
 ])
 def test_bad_values_give_one_line_errors(data_dir, tmp_path, extra, message):
     code, output = invoke(base_args(data_dir, tmp_path) + extra)
