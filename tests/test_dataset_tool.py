@@ -348,7 +348,8 @@ def test_error_cifar_pickle_with_code_is_refused(tmp_path):
     tarball = tmp_path / 'cifar-10-python.tar.gz'
     write_cifar_tarball(tarball, extra_member=pickle.dumps({'data': _Exploit(marker), 'labels': [0]}, protocol=2))
     dest = tmp_path / 'out.zip'
-    assert_user_error(tmp_path, invoke('--source', tarball, '--dest', dest), dest, 'data_batch_3', 'refusing')
+    assert_user_error(tmp_path, invoke('--source', tarball, '--dest', dest), dest, 'data_batch_3', 'refused',
+                      'may be malicious', 'os.makedirs')
     assert not os.path.exists(marker)
 
 

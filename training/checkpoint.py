@@ -555,8 +555,7 @@ def _check_snapshot(data, name):
     if data['version'] >= 2:
         data = _verify_checksum(data, name, 'network snapshot')
     if data.get('class_name') not in _NETWORK_CLASS_NAMES:
-        raise UserError(f'{name}: refusing to build class "{data.get("class_name")}" (not on the allow-list of '
-                        f'network classes)')
+        raise UserError(refusal(name, f'class "{data.get("class_name")}"'))
     for key in ('init_kwargs', 'state_dict', 'metadata'):
         if not isinstance(data.get(key), dict):
             raise UserError(f'{name}: snapshot field "{key}" is missing or not a dict')
@@ -581,7 +580,7 @@ def build_network(class_name, init_kwargs, tensors, name):
     arguments and loaded with `tensors` under the strict name and shape check; eval mode, CPU. Shared by every
     safe format (snapshots, model.safetensors)."""
     if class_name not in _NETWORK_CLASS_NAMES:
-        raise UserError(f'{name}: refusing to build class "{class_name}" (not on the allow-list of network classes)')
+        raise UserError(refusal(name, f'class "{class_name}"'))
     if not isinstance(init_kwargs, dict):
         raise UserError(f'{name}: the constructor arguments of {class_name} are not a dict')
     module_name, _, short_name = class_name.rpartition('.')
