@@ -21,6 +21,7 @@ import dnnlib
 from metrics import detectors
 from metrics import metric_utils
 from torch_utils import distributed as dist
+from training import run_records
 from training import samplers
 from training.generation import generate_images
 
@@ -243,18 +244,7 @@ def _json_value(value):
 
 def read_records(run_dir, metric):
     """The records of `metric` in `run_dir` (an empty list when there are none yet)."""
-    path = record_path(run_dir, metric)
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path, 'r', encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise dnnlib.UserError(f'{path}: line {line_no} is not JSON ({e.msg})') from None
-    return records
+    return run_records.read_jsonl(record_path(run_dir, metric))
 
 
 def is_recorded(run_dir, metric, snapshot_name):
@@ -290,8 +280,7 @@ def format_result(result):
 
 def all_records(run_dir):
     """Every metric record in `run_dir` (all metric-*.jsonl files), in file-name then line order."""
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith('metric-') and n.endswith('.jsonl'))
-    return [r for name in names for r in read_records(run_dir, name[len('metric-'):-len('.jsonl')])]
+    return run_records.metric_records(run_dir)
 
 
 def summary_table(run_dir, snapshot_names=None):
