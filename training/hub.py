@@ -11,6 +11,7 @@ weights-only load, official pickles with the restricted unpickler. `huggingface_
 """
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -55,7 +56,10 @@ def _hub_module(what):
 
 @contextlib.contextmanager
 def _quiet_hub_logs():
-    """huggingface_hub logs each retry; the caller reports the outcome as one message instead."""
+    """huggingface_hub logs each retry; the caller reports the outcome as one message instead. Its logging module
+    sets the library's log level when first imported, so it is imported before the level is lowered."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module('huggingface_hub.utils.logging')
     logger = logging.getLogger('huggingface_hub')
     level = logger.level
     logger.setLevel(logging.ERROR)
