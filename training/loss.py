@@ -199,22 +199,21 @@ class ECTLoss(_NoiseLoss):
         restored for the target pass inside fork_rng, so both passes draw identical dropout masks and the
         global streams afterwards continue exactly as if only the prediction pass had run.
         shared_dropout=False lets the target draw fresh masks (for ablations and tests).
+        The target pass always runs on the whole batch and r = 0 samples select x0 (torch.where): asking whether
+        any r > 0 would stall the host on an accelerator every step.
         """
         kwargs = net_kwargs or {}
         cuda_devices = [x0.device] if x0.device.type == 'cuda' else []
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda_devices]
         f_t = net(x0 + t * eps, t, labels, **kwargs)
-        target_needed = r > 0
-        if not bool(target_needed.any()):
-            return f_t, x0.to(f_t.dtype)
         with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
             if shared_dropout:
                 torch.set_rng_state(cpu_state)
                 for d, state in zip(cuda_devices, cuda_states):
                     torch.cuda.set_rng_state(state, d)
             f_r = net(x0 + r * eps, r, labels, **kwargs).to(f_t.dtype).nan_to_num()
-        return f_t, torch.where(target_needed, f_r, x0.to(f_t.dtype))
+        return f_t, torch.where(r > 0, f_r, x0.to(f_t.dtype))
 
     # docs/ECT.md §3 steps 6-8: L = w(t, r)·(sqrt(‖f_t − f_r‖² + c²) − c).
     def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, net_kwargs=None):
