@@ -108,3 +108,24 @@ def test_state_round_trip_and_combined():
         ema_lib.PowerFunctionEMA(Scalar(), stds=[0.2]).load_state_dict(tracker.trackers[0].state_dict())
     with pytest.raises(dnnlib.UserError):
         ema_lib.CombinedEMA(net, trackers=[dict(class_name='training.ema.ConstantEMA')] * 2)
+
+
+def test_multi_tensor_update_equals_per_parameter_lerp():
+    """The foreach EMA update gives bit for bit what a lerp_/copy_ per tensor gives (mixed shapes and dtypes)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Linear(4, 2))
+    net[2].double()
+    net.register_buffer('counter', torch.zeros(3))
+    tracker = ema_lib.ConstantEMA(net, beta=0.75)
+    reference = [p.detach().clone() for p in net.parameters()]
+    for step in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net.counter.fill_(step)
+        tracker.update(step + 1, 1)
+        for ref, p in zip(reference, net.parameters()):
+            ref.lerp_(p.detach(), 1 - 0.75)
+    ema = tracker.get()[0][1]
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), reference))
+    assert torch.equal(ema.counter, net.counter)

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import dnnlib
 from configs import presets
@@ -93,3 +94,26 @@ def test_method_kwargs_name_any_method():
     assert o.method_kwargs == toy   # used as given: the ECT flags do not apply to another method
     with pytest.raises(dnnlib.UserError, match='method_kwargs'):
         presets.resolve('cifar10-ecm', dict(data='x', method_kwargs=dict(P_mean=-1.0)))
+
+
+@pytest.mark.parametrize('cls_name,max_ulps', [('Adam', 0), ('RAdam', 4)])
+def test_foreach_optimizer_matches_for_loop(cls_name, max_ulps):
+    """The presets' foreach=True optimisers against torch's per-parameter loop: Adam bit for bit, RAdam within a
+    few float32 ulps (its multi-tensor path orders the rectification arithmetic differently)."""
+    cls = getattr(torch.optim, cls_name)
+    assert presets.resolve('cifar10-ecm', dict(data='x', transfer='none')).optimizer_kwargs['foreach'] is True
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in [(8, 4, 3, 3), (8,), (5, 7)]]
+    results = []
+    for foreach in (False, True):
+        params = [p.clone().requires_grad_() for p in start]
+        optimizer = cls(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        results.append(params)
+    for a, b in zip(*results):
+        ulp = torch.finfo(torch.float32).eps * a.detach().abs().clamp(min=1e-3)
+        assert ((a - b).abs() <= max_ulps * ulp).all()

@@ -21,11 +21,17 @@ def _frozen_copy(net):
 
 @torch.no_grad()
 def _lerp_into(ema, net, beta):
-    """ema <- beta * ema + (1 - beta) * net for parameters; buffers are copied from the net."""
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p_net.detach().to(p_ema.dtype), 1 - beta)
-    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b_net.detach())
+    """ema <- beta * ema + (1 - beta) * net for parameters; buffers are copied from the net.
+
+    One multi-tensor (foreach) lerp and copy per update: the same per-element arithmetic as a lerp_ per parameter.
+    """
+    ema_params = list(ema.parameters())
+    if ema_params:
+        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, net.parameters())],
+                             1 - beta)
+    ema_buffers = list(ema.buffers())
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, [b.detach() for b in net.buffers()])
 
 
 def _check_beta(beta, name):
