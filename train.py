@@ -107,11 +107,23 @@ def check_transfer_file(transfer):
         raise dnnlib.UserError(f'--transfer: no such file: {transfer}')
 
 
-def ensure_data(flat, options, dry_run):
+def check_buildable(flat, preset_data):
+    """A missing --data is built from the preset's source only at the preset's own path `preset_data`: any other
+    missing path is a mistake, not a dataset to make."""
+    path = flat.data
+    if flat.data_source is None or path is None or os.path.exists(path):
+        return
+    if os.path.abspath(path) != os.path.abspath(str(preset_data)):
+        raise dnnlib.UserError(f'--data: no such file or directory: {path} (only the preset\'s own {preset_data} '
+                               f'is built from {flat.data_source})')
+
+
+def ensure_data(flat, options, dry_run, preset_data):
     """Build --data from the preset's dataset_tool source when it does not exist yet (not under --dry-run)."""
     path = flat.data
     if flat.data_source is None or path is None or os.path.exists(path) or dry_run:
         return
+    check_buildable(flat, preset_data)
     check_transfer_file(options.transfer)   # before the build: a typo must not cost the build first
     from training.dataset_convert import convert_dataset
     dist.print0(f'Building {path} from {flat.data_source} (first run only)')
@@ -146,6 +158,7 @@ def check_data(options, data_source=None):
     if not os.path.exists(path):
         raise dnnlib.UserError(f'--data: no such file or directory: {path}')
     dataset = runtime.build_dataset(options.dataset_kwargs)
+    check_network_kwargs(options.network_kwargs, dataset)
     check_transfer(options, dataset)
     return dataset.name
 
@@ -156,6 +169,19 @@ def check_method(options):
         dnnlib.util.construct_class_by_name(**options.method_kwargs)
     except (dnnlib.UserError, TypeError, ValueError) as e:
         raise dnnlib.UserError(f'method_kwargs: cannot build {options.method_kwargs.get("class_name")}: {e}') from None
+
+
+def check_network_kwargs(network_kwargs, dataset):
+    """Build the network for `dataset` on the meta device (no memory, no time): unknown or unusable
+    --arch-kwargs are refused now, not after the run directory is made."""
+    interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    try:
+        with torch.device('meta'):
+            dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
+    except (TypeError, ValueError, RuntimeError, AssertionError, dnnlib.UserError) as e:
+        raise dnnlib.UserError(f'--arch-kwargs: cannot build {network_kwargs["class_name"]} with '
+                               f'{ {k: v for k, v in network_kwargs.items() if k != "class_name"} }: '
+                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
 
 
 def check_extras(options):
@@ -244,9 +270,15 @@ def check_resume(state_path):
         TrainingState.read(state_path)
 
 
-def make_run_dir(outdir, desc, nosubdir, dry_run):
-    """outdir/{id:05d}-{desc} with the next free id (or outdir itself with --nosubdir)."""
+def make_run_dir(outdir, desc, nosubdir, dry_run, overwrite=False):
+    """outdir/{id:05d}-{desc} with the next free id (or outdir itself with --nosubdir, refused when it holds a
+    run's training state or snapshots unless `overwrite`)."""
     if nosubdir:
+        taken = sorted(f for f in os.listdir(outdir) if re.fullmatch(r'(training-state|network-snapshot)-.*\.pt', f)) \
+            if os.path.isdir(outdir) else []
+        if taken and not overwrite:
+            raise dnnlib.UserError(f'--nosubdir: {outdir} already holds a run ({taken[0]}, ...); continue it with '
+                                   f'--resume=auto, or give --overwrite to replace it')
         return outdir
     ids = [run_id for run_id, _ in _run_dirs(outdir)]
     run_dir = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
@@ -276,21 +308,26 @@ def prepare(kw):
     flat = presets.merge(kw['preset'], cli_overrides(kw))
     options = presets.build_options(flat)
     check_method(options)
+    dnnlib.util.check_output_dir(kw['outdir'], '--outdir')
+    preset_data = presets.merge(kw['preset'], {}).data
+    check_buildable(flat, preset_data)
     check_extras(options)
-    ensure_data(flat, options, kw['dry_run'])
+    ensure_data(flat, options, kw['dry_run'], preset_data)
     dataset_name = check_data(options, flat.data_source)
     desc = describe(options, dataset_name, kw['desc'])
     resume_state, resume_dir = resolve_resume(kw['resume'], kw['outdir'], desc, kw['nosubdir'])
     check_resume(resume_state)
     run_dir = None
     if dist.get_rank() == 0:
-        run_dir = resume_dir or make_run_dir(kw['outdir'], desc, kw['nosubdir'], kw['dry_run'])
+        run_dir = resume_dir or make_run_dir(kw['outdir'], desc, kw['nosubdir'], kw['dry_run'], kw['overwrite'])
     run_dir, resume_state = _broadcast((run_dir, resume_state))
     options = options.replace(resume_state=resume_state)
     dist.print0(json.dumps(options.to_dict(), indent=2))
     dist.print0(f'Run directory: {run_dir}' + (f'\nResuming from: {resume_state}' if resume_state else ''))
     if dist.get_rank() == 0:
         save_options(run_dir, options)
+        for name in dnnlib.util.remove_stale_partials(run_dir):
+            print(f'Removed {name} (a write cut short by an earlier run)')
     return options, run_dir
 
 
@@ -373,9 +410,10 @@ def launch(options, run_dir):
 @click.option('--wandb', help='Also log scalars, sample grids and metrics to Weights & Biases (offline without a login or network; needs the wandb package)', metavar='PROJECT[/RUN]', type=str, default=None)
 @click.option('--desc', help='String to append to the run directory name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Use --outdir itself as the run directory', is_flag=True)
+@click.option('--overwrite', help='With --nosubdir: replace the run already in --outdir', is_flag=True)
 @click.option('--dry-run', help='Resolve, validate and save training_options.json, then exit', is_flag=True)
 def main(**kw):
-    with user_errors():
+    with user_errors(os_errors=True):
         options, run_dir = prepare(kw)
         if kw['dry_run']:
             dist.print0('Dry run; exiting.')

@@ -267,6 +267,40 @@ def _check_numbers(o):
     _choice('--grid-sampler', o.grid_sampler, GRID_SAMPLERS)
 
 
+def _negative_entry(value, where):
+    """The first 'key=value' holding a negative number in a (nested) network_kwargs, or None."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        name = f'{where}.{key}' if where else str(key)
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and item < 0:
+            return f'{name}={item}'
+        found = _negative_entry(item, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_run_flags(o):
+    """Seed, workers, EMA, --arch-kwargs and --mid-t: the values a run would otherwise accept silently."""
+    if not isinstance(o.seed, int) or not 0 <= o.seed < 2 ** 32:
+        raise dnnlib.UserError(f'--seed: must be an integer in [0, 2^32), got {o.seed}')
+    if not isinstance(o.workers, int) or o.workers < 0:
+        raise dnnlib.UserError(f'--workers: must be a non-negative integer, got {o.workers}')
+    if o.ema_mimg is not None and not o.ema_mimg > 0:
+        raise dnnlib.UserError(f'--ema: the EMA half-life must be positive (Mimg), got {o.ema_mimg}')
+    if o.ema_beta is not None and not 0 <= o.ema_beta < 1:
+        raise dnnlib.UserError(f'--ema-beta: must be in [0, 1), got {o.ema_beta}')
+    negative = _negative_entry(o.network_kwargs, '')
+    if negative is not None:
+        raise dnnlib.UserError(f'--arch-kwargs: {negative} is negative')
+    if list(o.mid_t) != sorted(o.mid_t, reverse=True) or len(set(o.mid_t)) != len(o.mid_t):
+        raise dnnlib.UserError(f'--mid-t: the intermediate times must decrease strictly, got {list(o.mid_t)}')
+    two_step = [m for m in list(o.metrics) + list(o.eval_init_metrics) if str(m).startswith('two_step_')]
+    if two_step and len(o.mid_t) != 1:
+        raise dnnlib.UserError(f'--mid-t: {two_step[0]} samples in two steps, which take exactly one '
+                               f'intermediate time; got {list(o.mid_t)}')
+
+
 def _double_ticks(value):
     """Ticks per curriculum stage; None (also for inf) = the stage never grows."""
     return None if value is None or math.isinf(value) else float(value)
@@ -275,6 +309,7 @@ def _double_ticks(value):
 def build_options(o):
     """The training.options.TrainingOptions of flat options `o`."""
     _check_numbers(o)
+    _check_run_flags(o)
     return TrainingOptions(
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
                             xflip=bool(o.xflip), cache=bool(o.cache)),

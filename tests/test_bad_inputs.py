@@ -20,6 +20,7 @@ import dataset_tool
 import dnnlib
 import fid
 import generate
+import train
 from conftest import REPO_ROOT, write_random_dataset
 from dnnlib import util
 from metrics import metric_utils
@@ -242,3 +243,65 @@ def test_snapshot_with_absurd_recorded_sizes_is_refused(tmp_path):
         torch.save(data, tmp_path / 'b.pt')
         with pytest.raises(dnnlib.UserError, match=f'b.pt: .*{message}'):
             checkpoint.load_network_snapshot(str(tmp_path / 'b.pt'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: every bad flag refused before a run directory exists.
+
+@pytest.fixture(scope='module')
+def train_data(tmp_path_factory):
+    return write_random_dataset(tmp_path_factory.mktemp('train-data'), num_images=8)
+
+
+def _train_args(data, outdir, *extra):
+    return ['--preset=cifar10-ecm', f'--data={data}', f'--outdir={outdir}', '--transfer=none', '--dry-run',
+            '--arch-kwargs={"model_channels": 16, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}',
+            *extra]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--seed=-1'], '--seed: must be an integer in [0, 2^32), got -1'),
+    (['--workers=-1'], '--workers: must be a non-negative integer, got -1'),
+    (['--ema=-1'], '--ema: the EMA half-life must be positive (Mimg), got -1.0'),
+    (['--ema-beta=1.5'], '--ema-beta: must be in [0, 1), got 1.5'),
+    (['--arch-kwargs={"model_channles": 16}'], '--arch-kwargs: cannot build training.networks.ECMPrecond'),
+    (['--arch-kwargs={"num_blocks": -1}'], '--arch-kwargs: num_blocks=-1 is negative'),
+    (['--arch-kwargs={"channel_mult": [1, -2]}'], '--arch-kwargs: channel_mult.1=-2 is negative'),
+    (['--mid_t=0.5,2.0'], '--mid-t: the intermediate times must decrease strictly, got [0.5, 2.0]'),
+    (['--mid_t=2.0,0.5', '--metrics=two_step_fd_randnet', '--eval-every=1'],
+     '--mid-t: two_step_fd_randnet samples in two steps, which take exactly one intermediate time; got [2.0, 0.5]'),
+])
+def test_train_refuses_bad_flags_before_any_output(train_data, tmp_path, flags, message):
+    line = _one_line_cli_error(train.main, _train_args(train_data, tmp_path / 'runs', *flags, f'--ref={train_data}'))
+    assert message in line, line
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_train_outdir_that_is_a_file(train_data, tmp_path):
+    (tmp_path / 'file').write_text('')
+    line = _one_line_cli_error(train.main, _train_args(train_data, tmp_path / 'file'))
+    assert line.startswith(f'Error: --outdir={tmp_path / "file"}: ') and 'not a folder' in line
+
+
+def test_nosubdir_into_a_finished_run_needs_overwrite(train_data, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'training-state-latest.pt').write_bytes(b'the finished run')
+    stale = run / '.training-state-latest.pt.ect-partial-999999-abcdefgh.tmp'
+    stale.write_bytes(b'cut short')
+    line = _one_line_cli_error(train.main, _train_args(train_data, run, '--nosubdir'))
+    assert '--nosubdir' in line and '--overwrite' in line and 'training-state-latest.pt' in line
+    assert sorted(os.listdir(run)) == sorted([stale.name, 'training-state-latest.pt'])
+    result = CliRunner().invoke(train.main, _train_args(train_data, run, '--nosubdir', '--overwrite'))
+    assert result.exit_code == 0, result.output
+    assert f'Removed {stale.name}' in result.output and not stale.exists()
+
+
+def test_training_state_with_a_flipped_byte_is_refused(tmp_path):
+    path = tmp_path / 'training-state-latest.pt'
+    state = dict(net=dict(w=torch.arange(4096, dtype=torch.float32)), cur_nimg=128, rng=[1, 2, 3])
+    checkpoint.save_training_state(str(path), state)
+    assert torch.equal(checkpoint.load_training_state(str(path))['net']['w'], state['net']['w'])
+    _flip_tensor_byte(path)
+    with pytest.raises(dnnlib.UserError, match='training-state-latest.pt: the training state is damaged'):
+        checkpoint.load_training_state(str(path))

@@ -186,12 +186,23 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
 def test_missing_preset_data_is_built(tmp_path):
     flat = presets.merge('quickstart', dict(data=str(tmp_path / 'built.zip')))
     flat.data_max_images = 7
-    train.ensure_data(flat, presets.build_options(flat), dry_run=False)
+    train.ensure_data(flat, presets.build_options(flat), dry_run=False, preset_data=flat.data)
     assert len(ImageFolderDataset(flat.data)) == 7
     flat.update(data=str(tmp_path / 'never.zip'), transfer=str(tmp_path / 'missing.pt'))
     with pytest.raises(dnnlib.UserError, match='--transfer: no such file'):
-        train.ensure_data(flat, presets.build_options(flat), dry_run=False)
+        train.ensure_data(flat, presets.build_options(flat), dry_run=False, preset_data=flat.data)
     assert not os.path.exists(flat.data)                        # refused before any work
+
+
+def test_mistyped_data_is_not_fabricated(tmp_path):
+    # Only the preset's own dataset path is built from its procedural source; a typo is refused, nothing made.
+    typo = tmp_path / 'datsets' / 'quickstart-shapes-16x16.zip'
+    result = CliRunner().invoke(train.main, ['--preset=quickstart', f'--data={typo}', f'--outdir={tmp_path / "runs"}'])
+    assert result.exit_code == 2 and 'Traceback' not in result.output
+    assert result.stderr.strip().splitlines() == [
+        f'Error: --data: no such file or directory: {typo} (only the preset\'s own {presets.QUICKSTART_DATA} is '
+        f'built from procedural:shapes)']
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_short_quickstart_run(shapes_zip, tmp_path):

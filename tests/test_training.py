@@ -346,7 +346,7 @@ def base_args(data, outdir):
 
 
 def test_dry_run_writes_options(data_dir, tmp_path):
-    code, output = invoke(base_args(data_dir, tmp_path) + ['--mid_t=0.5,1.0', '--P_mean=-1.0', '--double=never'])
+    code, output = invoke(base_args(data_dir, tmp_path) + ['--mid_t=1.0,0.5', '--P_mean=-1.0', '--double=never'])
     assert code == 0, output
     (run_dir,) = list(tmp_path.iterdir())
     assert re.fullmatch(r'00000-data\d*-uncond-ecm-gpus1-batch128-fp32', run_dir.name)
@@ -356,7 +356,7 @@ def test_dry_run_writes_options(data_dir, tmp_path):
     assert options['method_kwargs']['mapping']['class_name'] == 'training.loss.SigmoidMapping'
     assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
     assert options['ema_kwargs'] == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
-    assert options['mid_t'] == [0.5, 1.0] and options['method_kwargs']['P_mean'] == -1.0
+    assert options['mid_t'] == [1.0, 0.5] and options['method_kwargs']['P_mean'] == -1.0
     assert options['method_kwargs']['double_ticks'] is None
     assert options['detector_files'] == {}   # the official detectors
 

@@ -646,20 +646,22 @@ def transfer_weights(src_net, dst_net):
 # Training state files: low-level save/load of plain data.
 
 def save_training_state(path, state):
-    """Atomically write the training state (tensors, python primitives, lists, tuples and dicts only)."""
+    """Atomically write the training state (tensors, python primitives, lists, tuples and dicts only) with a
+    checksum of its content."""
     if not isinstance(state, dict):
         raise TypeError('save_training_state: state must be a dict')
-    _save_torch(path, _plain(state, 'training state', allow_tensors=True))
+    _save_torch(path, _with_checksum(_plain(state, 'training state', allow_tensors=True)))
 
 
 def load_training_state(path):
-    """The dict written by save_training_state (weights_only, on the CPU); a missing, truncated or corrupt
-    file is a UserError naming it."""
+    """The dict written by save_training_state (weights_only, on the CPU), checked against its checksum (files
+    written before states carried one are read unchecked); a missing, truncated, corrupt or damaged file is a
+    UserError naming it."""
     name = _file_name(path)
     state = read_weights_only(path, name, 'training state')
     if not isinstance(state, dict):
         raise UserError(f'{name}: not a training state file')
-    return state
+    return _verify_checksum(state, name, 'training state') if 'sha256' in state else state
 
 # ----------------------------------------------------------------------------------------------------------
 # The training state of a run: one dataclass, one save/read/resume path.
