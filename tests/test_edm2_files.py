@@ -4,6 +4,7 @@ by load_ref and fid.py, safely; hostile variants refused."""
 import io
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import fid
-from edm2_files import write_edm2_reference
+from edm2_files import StabilityVAEEncoder, write_edm2_reference, write_edm2_snapshot
 from metrics import metric_utils
 from torch_utils import numpy_pickle
 
@@ -90,3 +91,22 @@ def test_fid_calc_picks_the_edm2_entry_of_its_detector(tmp_path, edm2_ref):
         assert metric_utils.load_ref(ref)['mu'].tolist() == stats['fid'][0].tolist()
     result = CliRunner().invoke(fid.cli, ['calc', f'--images={tmp_path / "none"}', f'--ref={path}', '--kind=vgg16'])
     assert result.exit_code == 2 and 'not for the vgg16 detector' in result.output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM2 latent-space networks (img512 and larger): the snapshot holds a StabilityVAEEncoder, refused by name.
+
+def test_edm2_latent_network_is_refused_with_one_message(tmp_path):
+    from training import checkpoint, networks_edm2, phema
+    net = networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, use_fp16=False, model_channels=16,
+                                channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = write_edm2_snapshot(str(tmp_path), 8 << 20, 0.05, net, encoder=StabilityVAEEncoder())
+    message = 'an EDM2 latent-space network (its encoder is StabilityVAEEncoder, a VAE): latent-space models are ' \
+              'not supported'
+    with pytest.raises(dnnlib.UserError, match=r'network-snapshot-0008388-0\.050\.pkl: ' + re.escape(message)):
+        checkpoint.load_network(path)
+    result = CliRunner().invoke(phema.main, [f'--indir={tmp_path}', f'--outdir={tmp_path / "out"}', '--std=0.05'])
+    assert result.exit_code == 2 and 'Traceback' not in result.output
+    assert result.stderr.strip().splitlines() == [f'Error: {path}: {message}; use a pixel-space network (e.g. '
+                                                  f'EDM2\'s img64 models)']
+    assert not (tmp_path / 'out').exists()

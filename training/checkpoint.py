@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import warnings
 
@@ -163,6 +164,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != version:
             raise UserError(f'{self.name}: unsupported persistent record (expected type "class", version {version})')
         class_name = meta.get('class_name')
+        if class_name in _LATENT_ENCODERS:
+            raise _latent_model(self.name, class_name)
         if class_name not in _NETWORK_CLASS_MODULE and class_name not in _RECORD_ONLY_CLASSES:
             raise UserError(refusal(self.name, f'persistent class "{class_name}"'))
         if not isinstance(meta.get('state'), dict):
@@ -211,6 +214,25 @@ def unreadable(name, what, error):
     return f'{name}: cannot read {what} ({reason}): {_brief(error)}'
 
 
+_LATENT_ENCODERS = frozenset(['StabilityVAEEncoder'])    # EDM2's encoders of latent-space networks (img512, ...)
+
+
+def _latent_model(name, encoder):
+    return UserError(f'{name}: an EDM2 latent-space network (its encoder is {encoder}, a VAE): latent-space models '
+                     f'are not supported; use a pixel-space network (e.g. EDM2\'s img64 models)')
+
+
+def _latent_model_error(file, name):
+    """The refusal of an EDM2 latent-space network pickle, found by its encoder's class name with pickletools
+    (which executes nothing), or None."""
+    try:
+        file.seek(0)
+        encoder = next((arg for _op, arg, _pos in pickletools.genops(file) if arg in _LATENT_ENCODERS), None)
+    except Exception:  # An unreadable or non-seekable file: the original refusal stands.
+        return None
+    return None if encoder is None else _latent_model(name, encoder)
+
+
 def _unpickle(file, name, allow_unsafe_pickle):
     if allow_unsafe_pickle:
         warnings.warn(f'{name}: loading with allow_unsafe_pickle=True executes Python code embedded in the '
@@ -220,10 +242,9 @@ def _unpickle(file, name, allow_unsafe_pickle):
         unpickler = _RestrictedUnpickler(file, name)
     try:
         return unpickler.load()
-    except UserError:
-        raise
-    except _Refused as e:
-        raise UserError(refusal(name, str(e))) from None
+    except (UserError, _Refused) as e:
+        latent = None if allow_unsafe_pickle else _latent_model_error(file, name)
+        raise latent or (e if isinstance(e, UserError) else UserError(refusal(name, str(e)))) from None
     except Exception as e:
         raise UserError(unreadable(name, 'network pickle', e)) from None
 
