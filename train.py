@@ -28,6 +28,7 @@ import torch.distributed
 
 import dnnlib
 from configs import presets
+from configs import presets_cm
 from torch_utils import distributed as dist
 from training.cli_common import parse_float_list, user_errors
 
@@ -99,6 +100,7 @@ def cli_overrides(kw):
         lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
         xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], tensorboard=kw['tensorboard'] or None,
         wandb=kw['wandb'],
+        teacher=kw['teacher'], loss_norm=kw['loss_norm'], lpips_vgg=kw['lpips_vgg'], lpips_lin=kw['lpips_lin'],
     )
 
 
@@ -136,9 +138,10 @@ def check_transfer(options, dataset):
     """--transfer exists and (when the data is there) fits it."""
     if options.transfer is None:
         return
-    from training import checkpoint, runtime
+    from training import runtime
     check_transfer_file(options.transfer)
-    src = checkpoint.load_network(options.transfer)
+    src = runtime.load_transfer_source(options.transfer, options.network_kwargs,
+                                       dataset.resolution if dataset is not None else None)
     if dataset is not None:
         runtime.check_transfer_compatible(src, dataset, options.transfer)
 
@@ -199,9 +202,10 @@ def check_extras(options):
             metric_main.check_metric(metric)
             if not pending:
                 metric_main.check_ref(metric, options.metrics_ref)
-    for flag, path in options.detector_files.items():
+    files = {f'--{flag}': path for flag, path in options.detector_files.items()}
+    for flag, path in dict(files, **presets_cm.method_files(options.method_kwargs)).items():
         if not dnnlib.util._is_url(path) and not os.path.isfile(path):
-            raise dnnlib.UserError(f'--{flag}={path}: no such file')
+            raise dnnlib.UserError(f'{flag}={path}: no such file')
     check_trackers(options)
 
 
@@ -402,6 +406,10 @@ def launch(options, run_dir):
 @click.option('--max-hours', help='Stop (with a state) after this many hours of training', metavar='HOURS', type=float)
 @click.option('--seed', help='Random seed', metavar='INT', type=int)
 @click.option('--transfer', help='Initial weights: EDM/ECT pickle, URL or snapshot ("none" = random init)', metavar='PKL|URL', type=str)
+@click.option('--teacher', help='Consistency Models: the EDM-form network to distil (edm_*.pt, EDM/EDM2 checkpoint)', metavar='PT|PKL', type=str)
+@click.option('--loss-norm', '--loss_norm', 'loss_norm', help='Consistency Models distance: l2 | l1 | l2-32 | lpips', type=click.Choice(['l2', 'l1', 'l2-32', 'lpips']))
+@click.option('--lpips-vgg', help='LPIPS: VGG16 weights file/URL  [default: torchvision\'s]', metavar='PTH|URL', type=str)
+@click.option('--lpips-lin', help='LPIPS: linear-layer weights file/URL  [default: piq\'s]', metavar='PT|URL', type=str)
 @click.option('--resume', help='Continue: training-state file, run dir, or "auto"', metavar='PT|DIR|auto', type=str)
 @click.option('--xflip', help='Add x-flipped copies of the data', metavar='BOOL', type=bool)
 @click.option('--cache', help='Cache the dataset in RAM', metavar='BOOL', type=bool)

@@ -20,7 +20,8 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
-  metric_samples (generated images per metric; None = the metric's published count).
+  metric_samples (generated images per metric; None = the metric's published count);
+  Consistency Models (configs/presets_cm.py): teacher, loss_norm, lpips_vgg, lpips_lin, transfer='teacher'.
 """
 
 import copy
@@ -28,6 +29,7 @@ import math
 import os
 
 import dnnlib
+from configs import presets_cm
 from training.options import TrainingOptions
 from training.samplers import CIFAR10_MID_T, IMAGENET64_MID_T
 
@@ -46,6 +48,7 @@ ARCHS = {
                    channel_mult=[2, 2, 2]),
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
     'edm2': dict(),   # EDM2 UNet: sizes come from network_kwargs (model_channels etc.)
+    **presets_cm.ARCHS,   # openai's released ADM U-Nets (KarrasDenoiser, --precond=karras)
 }
 
 # Preconditioners (EDM's --precond) -> class names. --arch=edm2 always uses the EDM2 preconditioner.
@@ -54,6 +57,7 @@ PRECONDS = {
     've': 'training.networks.VEPrecond',
     'edm': 'training.networks.EDMPrecond',
     'ecm': 'training.networks.ECMPrecond',
+    'karras': presets_cm.PRECOND,   # openai's KarrasDenoiser; network_kwargs.parameterization = edm | consistency
 }
 EDM2_PRECOND = 'training.networks_edm2.Precond'
 
@@ -76,7 +80,7 @@ DEFAULTS = dict(
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     find_unused_parameters=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
-    eval_init_metrics=[], metric_samples=None, detector_files={},
+    eval_init_metrics=[], metric_samples=None, detector_files={}, **presets_cm.FLAG_DEFAULTS,
 )
 
 # ECT CIFAR-10 recipe (docs/ECT.md §6, official run_ecm.sh): 200k iterations at batch 128.
@@ -171,6 +175,7 @@ PRESETS = {
         metrics=['fd_randnet', 'two_step_fd_randnet'], eval_init_metrics=['fd_randnet_heun', 'fd_randnet',
         'two_step_fd_randnet'], metrics_ref=QUICKSTART_DATA, eval_ticks=1000, metric_samples=500,
     ),
+    **presets_cm.PRESETS,   # Consistency Models (openai's launch.sh): CD, CT, EDM pretraining
 }
 
 
@@ -210,6 +215,11 @@ def _network_kwargs(o):
 
 
 def _method_kwargs(o):
+    """The training method, with the Consistency Models flags (--teacher, --loss-norm, --lpips-*) applied."""
+    return presets_cm.apply_method_flags(_named_method_kwargs(o), o)
+
+
+def _named_method_kwargs(o):
     """The training method: o.method_kwargs as given, else ECT or EDM pretraining (--loss) from the flat keys."""
     if o.method_kwargs is not None:
         if not isinstance(o.method_kwargs, dict) or 'class_name' not in o.method_kwargs:
@@ -306,6 +316,12 @@ def _double_ticks(value):
     return None if value is None or math.isinf(value) else float(value)
 
 
+def _transfer(o):
+    """--transfer (None for 'none'), where 'teacher' means the --teacher network."""
+    transfer = presets_cm.transfer_path(o)
+    return None if str(transfer).lower() in ('none', '') else transfer
+
+
 def build_options(o):
     """The training.options.TrainingOptions of flat options `o`."""
     _check_numbers(o)
@@ -325,7 +341,7 @@ def build_options(o):
         snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,
         eval_ticks=o.eval_ticks, metrics=list(o.metrics), eval_init_metrics=list(o.eval_init_metrics),
         metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours,
-        seed=int(o.seed), precision=o.precision, transfer=None if str(o.transfer).lower() in ('none', '') else o.transfer,
+        seed=int(o.seed), precision=o.precision, transfer=_transfer(o),
         mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
         find_unused_parameters=bool(o.find_unused_parameters), metrics_ref=o.metrics_ref,
         tensorboard=bool(o.tensorboard), wandb=o.wandb or None, detector_files=dict(o.detector_files),

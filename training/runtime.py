@@ -15,6 +15,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import checkpoint
+from training import checkpoint_cm
 from training.dataset import InfiniteSampler
 
 
@@ -68,6 +69,15 @@ def check_transfer_compatible(src_net, dataset, name):
         raise dnnlib.UserError(f'--transfer: {name} is a network for {have} but the data (--data/--cond) gives {want}')
 
 
+def load_transfer_source(transfer, network_kwargs, resolution):
+    """The --transfer network from any network file; an openai state dict (edm_*.pt, ...) is read at the data's
+    `resolution`, with the trained network's parameterization and attention head width."""
+    net, _ = checkpoint_cm.load_network_file(transfer, resolution=resolution,
+                                             parameterization=network_kwargs.get('parameterization', 'edm'),
+                                             num_head_channels=network_kwargs.get('channels_per_head', 64))
+    return net
+
+
 def build_network(network_kwargs, dataset, transfer, device, seed=0):
     """The trained network (train mode), initialised from `transfer` (docs/ECT.md §2) when given.
 
@@ -79,7 +89,7 @@ def build_network(network_kwargs, dataset, transfer, device, seed=0):
         torch.manual_seed(seed)
         net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
     if transfer is not None:
-        src = checkpoint.load_network(transfer)
+        src = load_transfer_source(transfer, network_kwargs, dataset.resolution)
         check_transfer_compatible(src, dataset, transfer)
         report = checkpoint.transfer_weights(src, net)
         dist.print0(f'Transfer from {transfer}: {report.summary()}')

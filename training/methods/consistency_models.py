@@ -27,16 +27,19 @@ def _require_edm_form(path, form):
                                f'in EDM form (e.g. edm_imagenet64_ema.pt)')
 
 
-def load_teacher(path, net, device, num_head_channels=64):
+def load_teacher(path, net, device, num_head_channels=None):
     """The frozen EDM-form teacher from `path` (eval mode, no gradients); UserError when it cannot teach `net`.
 
     Any network file: our snapshots, EDM/EDM2 pickles, openai state dicts (edm_*.pt; another name is read as
-    the EDM form at the trained network's resolution, with `num_head_channels` per attention head)."""
+    the EDM form at the trained network's resolution, with `num_head_channels` per attention head, by default
+    the trained network's own, else 64)."""
     if not path:
         raise dnnlib.UserError('--teacher: this method needs a teacher network (an EDM-form checkpoint)')
     base = os.path.basename(str(path)).lower()
     _require_edm_form(path, next((form for prefix, form in checkpoint_cm.RELEASED_PARAMETERIZATIONS.items()
                                   if base.startswith(prefix)), 'edm'))   # a released cd_/ct_ name: before reading
+    if num_head_channels is None:
+        num_head_channels = getattr(net, 'init_kwargs', {}).get('channels_per_head', 64)
     teacher, _ = checkpoint_cm.load_network_file(path, resolution=getattr(net, 'img_resolution', None),
                                                  parameterization='edm', num_head_channels=num_head_channels)
     _require_edm_form(path, getattr(teacher, 'parameterization', 'edm'))
@@ -173,12 +176,12 @@ class ConsistencyDistillation(ConsistencyTraining):
     def __init__(self,
         teacher         = None,         # EDM-form network file/URL (openai edm_*.pt, EDM/EDM2 checkpoints)
         solver          = 'heun',       # heun (the official) | euler
-        teacher_head_channels = 64,     # attention head width of an openai teacher (not in its state dict)
+        teacher_head_channels = None,   # head width of an openai teacher (not in its state dict); None = the student's
         **kwargs,                       # _KarrasMethod options
     ):
         kwargs = dict(dict(target_ema_mode='fixed', scale_mode='fixed', start_scales=40, end_scales=40), **kwargs)
         super().__init__(**kwargs)
-        self.teacher_path, self.teacher_head_channels = teacher, int(teacher_head_channels)
+        self.teacher_path, self.teacher_head_channels = teacher, teacher_head_channels
         self.solver = loss_cm.check_choice('--solver', solver, loss_cm.SOLVERS)
         self.teacher = None
 
@@ -196,13 +199,13 @@ class ProgressiveDistillation(_KarrasMethod):
 
     def __init__(self,
         teacher         = None,         # EDM-form network file/URL of the first stage's teacher
-        teacher_head_channels = 64,     # attention head width of an openai teacher (not in its state dict)
+        teacher_head_channels = None,   # head width of an openai teacher (not in its state dict); None = the student's
         **kwargs,                       # _KarrasMethod options
     ):
         kwargs = dict(dict(target_ema_mode='fixed', start_ema=0.0, scale_mode='progdist', start_scales=4096,
                            end_scales=4096), **kwargs)
         super().__init__(**kwargs)
-        self.teacher_path, self.teacher_head_channels = teacher, int(teacher_head_channels)
+        self.teacher_path, self.teacher_head_channels = teacher, teacher_head_channels
         self.teacher, self.net, self.stage_scales, self.stage = None, None, None, 0
 
     def setup(self, net, device):
