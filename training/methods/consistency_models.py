@@ -104,7 +104,7 @@ class _KarrasMethod(Method):
     def schedule(self, progress):
         kwargs = dict(self.schedule_kwargs)
         if kwargs['total_steps'] is None:
-            kwargs['total_steps'] = max(progress.total_nimg // progress.batch_size, 1)
+            kwargs['total_steps'] = max(progress.total_steps, 1)
         self.target_ema, self.num_scales = loss_cm.ema_and_scales(self.step, **kwargs)
         return dict(num_scales=self.num_scales, target_ema=self.target_ema)
 
