@@ -1,6 +1,7 @@
 """Zero-shot editing operators against openai/consistency_models (fixtures `edit/*` of openai_cm.npz)."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -130,3 +131,22 @@ def test_iterative_edit_follows_algorithm_4(cm, ts):
     mean_swap = lambda known, gen_: gen_ - editing.average_patches(gen_) + editing.average_patches(known)  # noqa: E731
     expected = _reference_edit(denoise, mean_swap, editing.average_patches(images), latents.double() * 80, ts, 40, draws)
     _close(result, expected.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize('resolution', [32, 64, 512])
+def test_letter_scales_to_any_resolution(cm, resolution):
+    letter = editing.letter_image(resolution)
+    assert letter.shape == (3, resolution, resolution) and letter.dtype == np.uint8
+    black = (letter[0] == 0).mean()
+    assert 0.05 < black < 0.5                  # the letter is drawn inside the canvas, not clipped away
+    reference = PIL.Image.fromarray(np.unpackbits(cm['edit/inpaint/letter256_white_packed']).reshape(256, 256) * 255)
+    scaled = np.asarray(reference.resize((resolution, resolution), PIL.Image.NEAREST)) > 0
+    assert ((letter[0] > 0) == scaled).mean() > 0.9   # the same shape as the 256-px drawing, scaled
+
+
+def test_letter_font_falls_back_to_pillows_default(monkeypatch):
+    monkeypatch.setattr(editing, 'LETTER_FONT', 'no-such-font.ttf')
+    letter = editing.letter_image(64)
+    assert 0.02 < (letter[0] == 0).mean() < 0.5
+    with pytest.raises(dnnlib.UserError, match='--font=missing.ttf'):
+        editing.letter_image(64, font_path='missing.ttf')
