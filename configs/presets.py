@@ -121,6 +121,7 @@ def _imagenet64_ecm(size):
             dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
             dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]),
         mid_t=[IMAGENET64_MID_T], grid_sampler='consistency', xflip=False,
+        precision='tf32',   # the official ImageNet-64 loop always enables TF32 matmuls and convolutions
     )
 
 

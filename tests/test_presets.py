@@ -117,3 +117,10 @@ def test_foreach_optimizer_matches_for_loop(cls_name, max_ulps):
     for a, b in zip(*results):
         ulp = torch.finfo(torch.float32).eps * a.detach().abs().clamp(min=1e-3)
         assert ((a - b).abs() <= max_ulps * ulp).all()
+
+
+def test_tf32_follows_the_official_recipes():
+    """CIFAR-10: the official loop's --tf32 default is off; ImageNet-64: its loop always enables TF32."""
+    assert presets.resolve('cifar10-ecm', dict(data='x')).precision == 'fp32'
+    for size in presets.IMAGENET64_SIZES:
+        assert presets.resolve(f'imagenet64-ecm-{size}', dict(data='x')).precision == 'tf32'
