@@ -76,29 +76,35 @@ def our_step(net, method, ema, optimizer, images, labels, progress):
     method.after_step(net, progress)
 
 
-def time_variant(variant, net, method, batch, device, iters, warmup):
-    """Seconds per step of `variant` ('ours' or 'official')."""
-    res, label_dim = net.img_resolution, net.label_dim
-    images = torch.rand([batch, 3, res, res], device=device) * 2 - 1
-    labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]
+def make_step(variant, net, method, images, labels):
+    """A closure running one step of `variant` ('ours' or 'official') with its own optimiser and EMAs."""
     optimizer = torch.optim.RAdam(net.parameters(), lr=8e-6, weight_decay=0.0)
-    progress = Progress(cur_nimg=0, batch_size=batch, total_nimg=batch * 10**6, tick_kimg=1.0)
+    progress = Progress(cur_nimg=0, batch_size=images.shape[0], total_nimg=images.shape[0] * 10**6, tick_kimg=1.0)
     if variant == 'ours':
         ema = dnnlib.util.construct_class_by_name(net, class_name='training.ema.CombinedEMA', trackers=[
             dict(class_name='training.ema.ConstantEMA', beta=rate, suffix=f'-{rate}') for rate in EMA_RATES])
-        step = lambda: our_step(net, method, ema, optimizer, images, labels, progress)
-    else:
-        emas = [[p.detach().clone() for p in net.parameters()] for _ in EMA_RATES]
-        step = lambda: official_step(net, method, emas, optimizer, images, labels)
-    times = []
+        return lambda: our_step(net, method, ema, optimizer, images, labels, progress)
+    emas = [[p.detach().clone() for p in net.parameters()] for _ in EMA_RATES]
+    return lambda: official_step(net, method, emas, optimizer, images, labels)
+
+
+def time_variants(net, method, batch, device, iters, warmup):
+    """{variant: seconds per step}, the two variants alternating step by step (so machine load hits both)."""
+    res, label_dim = net.img_resolution, net.label_dim
+    images = torch.rand([batch, 3, res, res], device=device) * 2 - 1
+    labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, [batch], device=device)]
+    steps = {variant: make_step(variant, net, method, images, labels) for variant in ('official', 'ours')}
+    times = {variant: [] for variant in steps}
+    progress = Progress(cur_nimg=0, batch_size=batch, total_nimg=batch * 10**6, tick_kimg=1.0)
     for i in range(warmup + iters):
-        method.schedule(progress)
-        start = time.perf_counter()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        for variant, step in steps.items():
+            method.schedule(progress)
+            start = time.perf_counter()
+            step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times[variant].append(time.perf_counter() - start)
     return times
 
 
@@ -117,13 +123,11 @@ def main(device, batch, iters, warmup, tiny):
         params = sum(p.numel() for p in net.parameters())
         print(f'CD step, {"tiny" if tiny else "ImageNet-64"} network ({params / 1e6:.1f}M parameters), batch {batch}, '
               f'{device}')
-        for variant in ('official', 'ours'):
-            method = cmm.ConsistencyDistillation(teacher=teacher_path, loss_norm='l2')
-            method.setup(net, device)
-            times = time_variant(variant, net, method, batch, device, iters, warmup)
+        method = cmm.ConsistencyDistillation(teacher=teacher_path, loss_norm='l2')
+        method.setup(net, device)
+        for variant, times in time_variants(net, method, batch, device, iters, warmup).items():
             sec = statistics.median(times)
             print(f'{variant:9s} {sec:8.3f} sec/step  {batch / sec:8.1f} img/s  (median of {len(times)})')
-
 
 if __name__ == '__main__':
     main()
