@@ -72,8 +72,9 @@ def accumulate_gradients(ddp, loss_fn, data_iterator, num_rounds, batch_size, de
     for round_idx in range(num_rounds):
         with misc.ddp_sync(ddp, round_idx == num_rounds - 1):
             images, labels = next(data_iterator)
-            images = images.to(device).to(torch.float32) / 127.5 - 1
-            labels = labels.to(device).to(torch.float32)
+            # non_blocking: from the loader's pinned memory the host does not wait for the copy (no-op on the CPU)
+            images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            labels = labels.to(device, non_blocking=True).to(torch.float32)
             with _autocast(device, autocast_dtype):
                 loss = loss_fn(net=ddp, images=images, labels=labels)
             loss = loss.to(torch.float32)
