@@ -4,7 +4,7 @@ names, and the code of TorchScript archives (only when the user trusts the file)
 
 A detector pickle is read with a restricted unpickler: persistent records (`torch_utils.persistence.
 _reconstruct_persistent_obj`) and standard torch.nn modules (Sequential, MaxPool2d, Linear, ...) become inert
-records of their pickled state, tensors are rebuilt by training.checkpoint's allow-listed functions, any other
+records of their pickled state, tensors are rebuilt by training.safe_pickle's allow-listed functions, any other
 global is refused, and the embedded source is never run. A TorchScript archive's data.pkl is read the same
 way (its `__torch__` classes kept inert, storages read from the archive), never with `torch.jit.load`, which runs
 the archive's TorchScript (its `__setstate__` can write files, e.g. with torch.from_file(..., shared=True)); that
@@ -20,7 +20,7 @@ import zipfile
 import torch
 
 import dnnlib
-from training import checkpoint
+from training import checkpoint, safe_pickle
 
 ZIP_MAGIC = b'PK\x03\x04'
 PICKLE_PROTO = 0x80
@@ -36,19 +36,19 @@ _TORCH_MODULES = frozenset([
 ])
 
 
-class _DetectorUnpickler(checkpoint._RestrictedUnpickler):
-    """checkpoint's restricted unpickler, also reading any persistent record and the torch.nn modules above as
+class _DetectorUnpickler(safe_pickle.RestrictedUnpickler):
+    """safe_pickle's restricted unpickler, also reading any persistent record and the torch.nn modules above as
     inert state (never built, never run): only their tensors are used, checked by name against our own graph."""
 
     def find_class(self, module, name):
         if (module, name) in _TORCH_MODULES:
-            return checkpoint._ContainerStub
+            return safe_pickle.ContainerStub
         return super().find_class(module, name)
 
     def make_record(self, meta):
         if not isinstance(meta, dict) or meta.get('type') != 'class' or not isinstance(meta.get('state'), dict):
-            raise dnnlib.UserError(checkpoint.refusal(self.name, 'a malformed persistent record'))
-        return checkpoint._ModuleRecord(str(meta.get('class_name')), meta['state'])
+            raise dnnlib.UserError(safe_pickle.refusal(self.name, 'a malformed persistent record'))
+        return safe_pickle.ModuleRecord(str(meta.get('class_name')), meta['state'])
 
 
 def is_torchscript(data):
@@ -76,7 +76,7 @@ class _ScriptObject:
 
 class _ScriptDataUnpickler(pickle.Unpickler):
     """Reads a TorchScript archive's data.pkl as data: `__torch__` classes become _ScriptObject, storages are read
-    from the archive's data/ records, tensors rebuilt by checkpoint's allow-listed function, nothing else allowed."""
+    from the archive's data/ records, tensors rebuilt by safe_pickle's allow-listed function, nothing else allowed."""
 
     def __init__(self, archive, prefix, source):
         super().__init__(io.BytesIO(archive.read(f'{prefix}data.pkl')))
@@ -88,16 +88,16 @@ class _ScriptDataUnpickler(pickle.Unpickler):
         if module == 'torch' and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) in (('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict')):
-            return checkpoint._SAFE_GLOBALS[(module, name)]
-        raise dnnlib.UserError(checkpoint.refusal(self.source, f'global "{module}.{name}"'))
+            return safe_pickle.SAFE_GLOBALS[(module, name)]
+        raise dnnlib.UserError(safe_pickle.refusal(self.source, f'global "{module}.{name}"'))
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], torch.dtype)
                 and isinstance(pid[2], str) and pid[2].isdigit() and isinstance(pid[4], int)):
-            raise checkpoint._Refused('a malformed storage record')
+            raise safe_pickle.Refused('a malformed storage record')
         data = self.archive.read(f'{self.prefix}data/{pid[2]}')
         if len(data) != pid[4] * pid[1].itemsize:
-            raise checkpoint._Refused(f'storage {pid[2]} of the wrong size')
+            raise safe_pickle.Refused(f'storage {pid[2]} of the wrong size')
         untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=pid[1], _internal=True)
 
@@ -136,7 +136,7 @@ def load_torchscript(data, source, allow_unsafe):
     try:
         return torch.jit.load(io.BytesIO(data), map_location='cpu').eval()
     except RuntimeError as e:
-        raise dnnlib.UserError(checkpoint.unreadable(source, 'TorchScript file', e)) from None
+        raise dnnlib.UserError(safe_pickle.unreadable(source, 'TorchScript file', e)) from None
 
 
 def _guarded_load(load, source, what):
@@ -145,17 +145,17 @@ def _guarded_load(load, source, what):
         return load()
     except dnnlib.UserError:
         raise
-    except checkpoint._Refused as e:
-        raise dnnlib.UserError(checkpoint.refusal(source, str(e))) from None
+    except safe_pickle.Refused as e:
+        raise dnnlib.UserError(safe_pickle.refusal(source, str(e))) from None
     except Exception as e:
-        raise dnnlib.UserError(checkpoint.unreadable(source, what, e)) from None
+        raise dnnlib.UserError(safe_pickle.unreadable(source, what, e)) from None
 
 
 def _unpickle_tensors(data, source):
     root = _guarded_load(lambda: _DetectorUnpickler(io.BytesIO(data), source).load(), source, 'detector pickle')
-    if not isinstance(root, (checkpoint._ModuleRecord, checkpoint._ContainerStub)):
+    if not isinstance(root, (safe_pickle.ModuleRecord, safe_pickle.ContainerStub)):
         raise dnnlib.UserError(f'{source}: the pickle holds a {type(root).__name__}, not a detector network')
-    return checkpoint._record_tensors(root, source)
+    return safe_pickle.record_tensors(root, source)
 
 
 def _state_dict_tensors(data, source):
@@ -181,9 +181,9 @@ def load_unsafe_pickle(data, source):
     warnings.warn(f'{source}: --allow-unsafe-pickle executes Python code embedded in the file; do this only for '
                   f'files you trust', stacklevel=3)
     try:
-        obj = checkpoint._LegacyUnpickler(io.BytesIO(data)).load()
+        obj = safe_pickle.LegacyUnpickler(io.BytesIO(data)).load()
     except Exception as e:
-        raise dnnlib.UserError(checkpoint.unreadable(source, 'detector pickle', e)) from None
+        raise dnnlib.UserError(safe_pickle.unreadable(source, 'detector pickle', e)) from None
     if not callable(obj):
         raise dnnlib.UserError(f'{source}: the pickle holds a {type(obj).__name__}, not a callable network')
     return obj.eval() if isinstance(obj, torch.nn.Module) else obj

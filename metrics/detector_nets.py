@@ -213,12 +213,12 @@ class VGG16(torch.nn.Module):
 
 def build_detector_net(kind, tensors, source):
     """InceptionV3 ('inception') or VGG16 ('vgg16') with `tensors` loaded under a strict name and shape check."""
-    from training import checkpoint
+    from training import safe_pickle
     cls = dict(inception=InceptionV3, vgg16=VGG16)[kind]
     tensors = {k: v for k, v in tensors.items() if not (kind == 'vgg16' and k.startswith('lpips'))}
     try:
         net = cls({name: value.shape for name, value in tensors.items()})
     except dnnlib.UserError as e:
         raise dnnlib.UserError(f'{source}: not an NVIDIA {cls.__name__} detector: {e}') from None
-    checkpoint._load_state_strict(net, tensors, source)
+    safe_pickle.load_state_strict(net, tensors, source)
     return net.eval().requires_grad_(False)

@@ -213,11 +213,6 @@ def _advance(images_bar, count):
     images_bar.update(min(count, images_bar.total - images_bar.n) if images_bar.total is not None else count)
 
 
-def shard_seeds(num_samples, rank=0, num_gpus=1, first_seed=0):
-    """Seeds first_seed .. first_seed + num_samples − 1, this rank's share (rank, rank + num_gpus, ...)."""
-    return list(range(first_seed + rank, first_seed + num_samples, num_gpus))
-
-
 def compute_generator_stats(image_batches, detector, stats, device='cpu', num_images=None):
     """Features of generated uint8 N,H,W,C batches (an iterator of (seeds, images)), merged across ranks; a
     progress bar of `num_images` (all ranks together) on rank 0 while sampling and extracting."""

@@ -176,7 +176,7 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
     assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
     ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
                                               label_dim=0)
-    assert not checkpoint.transfer_weights(net, ecm).not_in_source                         # every weight transfers
+    assert not checkpoint.transfer_weights(net, ecm).untouched                             # every weight transfers
     pretrain = presets.resolve('quickstart-pretrain', {})
     assert pretrain.method_kwargs['class_name'] == 'training.methods.edm.EDM'
     assert {k: v for k, v in pretrain.network_kwargs.items() if k != 'class_name'} == \

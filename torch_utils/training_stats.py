@@ -66,11 +66,6 @@ def default_accumulator():
     return _DEFAULT_ACCUMULATOR
 
 
-def init_multiprocessing(rank, sync_device):
-    """Kept for EDM compatibility: ranks and the collective device are read from torch.distributed."""
-    del rank, sync_device
-
-
 def report(name, value, accumulator=None):
     """Add the elements of `value` (tensor, array or number) to the statistic `name`; returns `value`."""
     (accumulator or default_accumulator()).add(name, value)

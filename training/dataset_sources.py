@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
-from training import checkpoint
+from training import safe_pickle
 from training.dataset import MAX_CLASSES
 
 CIFAR10_BATCHES = tuple(f'cifar-10-batches-py/data_batch_{batch}' for batch in range(1, 6))
@@ -104,7 +104,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise checkpoint._Refused(f'global "{module}.{name}"')
+            raise safe_pickle.Refused(f'global "{module}.{name}"')
         return self.ALLOWED[(module, name)]
 
 
@@ -117,8 +117,8 @@ def _load_cifar_batch(tar, member, source):
     try:
         with tar.extractfile(tar.getmember(member)) as f:
             batch = _CifarUnpickler(f, encoding='latin1').load()
-    except checkpoint._Refused as e:
-        raise dnnlib.UserError(checkpoint.refusal(where, str(e))) from None
+    except safe_pickle.Refused as e:
+        raise dnnlib.UserError(safe_pickle.refusal(where, str(e))) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OSError, tarfile.TarError) as e:
         raise dnnlib.UserError(f'{where}: not a CIFAR-10 batch ({e})') from None
     batch = _plain_keys(batch) if isinstance(batch, dict) else {}
