@@ -30,6 +30,7 @@ import dnnlib
 from configs import presets
 from configs import presets_cm
 from torch_utils import distributed as dist
+from torch_utils import progress
 from training.cli_common import parse_float_list, user_errors
 
 
@@ -146,7 +147,7 @@ def check_transfer(options, dataset):
         runtime.check_transfer_compatible(src, dataset, options.transfer)
 
 
-def check_data(options, data_source=None):
+def check_data(options, data_source=None, check_images=True):
     """--data / --cond / batch split / --transfer compatibility, checked by building the dataset; returns the
     dataset name. A missing --data that `data_source` would build (a dry run) is reported and not opened."""
     from training import runtime
@@ -161,9 +162,26 @@ def check_data(options, data_source=None):
     if not os.path.exists(path):
         raise dnnlib.UserError(f'--data: no such file or directory: {path}')
     dataset = runtime.build_dataset(options.dataset_kwargs)
+    if check_images:
+        verify_dataset_images(dataset)
     check_network_kwargs(options.network_kwargs, dataset)
     check_transfer(options, dataset)
     return dataset.name
+
+
+def verify_dataset_images(dataset):
+    """Every image file of the dataset readable and of the first image's size (`--no-check-data` skips this).
+    Each rank checks its share of the files; the first problem found on any rank is one UserError on all ranks."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    indices = range(rank, dataset.num_image_files, world_size)
+    problem = dataset.verify_images(progress.bar(indices, desc='Checking the dataset images', unit='img'))
+    problems = [problem]
+    if world_size > 1:
+        problems = [None] * world_size
+        torch.distributed.all_gather_object(problems, problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise dnnlib.UserError(f'--data: {first}')
 
 
 def check_method(options):
@@ -317,7 +335,7 @@ def prepare(kw):
     check_buildable(flat, preset_data)
     check_extras(options)
     ensure_data(flat, options, kw['dry_run'], preset_data)
-    dataset_name = check_data(options, flat.data_source)
+    dataset_name = check_data(options, flat.data_source, check_images=not kw['no_check_data'])
     desc = describe(options, dataset_name, kw['desc'])
     resume_state, resume_dir = resolve_resume(kw['resume'], kw['outdir'], desc, kw['nosubdir'])
     check_resume(resume_state)
@@ -414,6 +432,7 @@ def launch(options, run_dir):
 @click.option('--xflip', help='Add x-flipped copies of the data', metavar='BOOL', type=bool)
 @click.option('--cache', help='Cache the dataset in RAM', metavar='BOOL', type=bool)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
+@click.option('--no-check-data', 'no_check_data', help='Skip reading every image file before training starts', is_flag=True)
 @click.option('--tensorboard', help='Also write TensorBoard events: scalars, sample grids, metrics (needs the tensorboard package)', is_flag=True)
 @click.option('--wandb', help='Also log scalars, sample grids and metrics to Weights & Biases (offline without a login or network; needs the wandb package)', metavar='PROJECT[/RUN]', type=str, default=None)
 @click.option('--desc', help='String to append to the run directory name', metavar='STR', type=str)

@@ -2,6 +2,7 @@
 written; crashes leave nothing behind that a later run trips over."""
 
 import errno
+import io
 import json
 import os
 import signal
@@ -84,6 +85,12 @@ def _one_line_cli_error(command, args):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def _png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    return buffer.getvalue()
 
 
 def _png_chunk(kind, data):
@@ -275,6 +282,25 @@ def test_train_refuses_bad_flags_before_any_output(train_data, tmp_path, flags, 
     line = _one_line_cli_error(train.main, _train_args(train_data, tmp_path / 'runs', *flags, f'--ref={train_data}'))
     assert message in line, line
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped byte', 'other size'])
+def test_train_reads_every_image_before_any_output(tmp_path, damage):
+    data = write_random_dataset(tmp_path / 'data', num_images=8)
+    png = tmp_path / 'data' / '00000' / 'img00000006.png'
+    raw = bytearray(png.read_bytes())
+    if damage == 'truncated':
+        raw = raw[:len(raw) // 2]
+    elif damage == 'flipped byte':
+        raw[len(raw) // 2] ^= 0xFF   # inside the pixel data: the chunk checksum no longer matches
+    else:
+        raw = _png_bytes(PIL.Image.new('RGB', (16, 16)))
+    png.write_bytes(bytes(raw))
+    line = _one_line_cli_error(train.main, _train_args(data, tmp_path / 'runs'))
+    assert line.startswith(f'Error: --data: {data}: ') and '00000/img00000006.png' in line, line
+    assert not (tmp_path / 'runs').exists()
+    result = CliRunner().invoke(train.main, _train_args(data, tmp_path / 'runs', '--no-check-data'))
+    assert result.exit_code == 0, result.output
 
 
 def test_train_outdir_that_is_a_file(train_data, tmp_path):

@@ -216,6 +216,28 @@ class ImageFolderDataset(Dataset):
         image = image[:, :, np.newaxis] if image.ndim == 2 else image
         return image.transpose(2, 0, 1)
 
+    @property
+    def num_image_files(self):
+        """Image files in the folder or zip (before max_size and xflip)."""
+        return len(self._image_fnames)
+
+    def verify_images(self, raw_indices):
+        """The first problem among the image files `raw_indices` as a one-line message, or None. Each file's
+        header (size) and, for PNG, every chunk's checksum are read without decoding the pixels, so a corrupt,
+        truncated, other-size or decompression-bomb image is found before training starts."""
+        expected_hw = tuple(self.image_shape[1:])
+        for raw_idx in raw_indices:
+            fname = self._image_fnames[raw_idx]
+            try:
+                with PIL.Image.open(io.BytesIO(self._read_file(fname))) as img:
+                    if (img.height, img.width) != expected_hw:
+                        return (f'{self._path}: {fname} is {img.width}x{img.height}, the first image is '
+                                f'{expected_hw[1]}x{expected_hw[0]}')
+                    img.verify()
+            except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as e:
+                return f'{self._path}: cannot read {fname} ({e})'
+        return None
+
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
         image = self._read_image(fname, expected_hw=self.image_shape[1:])
