@@ -21,8 +21,8 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import editing, networks_cm, samplers, samplers_karras
-from training.cli_common import load_consistency_network, parse_int_list, user_errors
+from training import editing, samplers, samplers_karras
+from training.cli_common import load_consistency_network, parse_int_list, state_dict_options, user_errors
 from training.dataset import ImageFolderDataset
 from training.generation import save_png
 
@@ -143,9 +143,7 @@ def run(net, dataset, operator_for, outdir, batch_size, first_seed, class_idx, d
 @click.option('--seed', 'first_seed', help='Seed of the first image (image i uses seed + i)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--class', 'class_idx', help='Class label of every image  [default: dataset.json labels]', metavar='INT', type=int, default=None)
 @click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
-@click.option('--resolution', help='openai .pt: image size  [default: from the file name]', metavar='INT', type=click.IntRange(min=8), default=None)
-@click.option('--parameterization', help='openai .pt: form  [default: from the file name]', type=click.Choice(networks_cm.PARAMETERIZATIONS), default=None)
-@click.option('--num_head_channels', help='openai .pt: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@state_dict_options
 @click.option('--allow-unsafe-pickle', help='Trust the network file (legacy pickles)', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', default=None)
 @progress.no_progress_option

@@ -22,7 +22,7 @@ from metrics import metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
 from training import samplers, samplers_karras
-from training.cli_common import load_network, parse_float_list, parse_int_list, user_errors
+from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
 from training.generation import generate_images
 
 _KINDS = ['inception', 'dinov2', 'vgg16']
@@ -145,9 +145,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 @click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), Heun steps, or openai\'s steps', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
 @click.option('--ts', help='multistep: levels of the --steps grid, e.g. 0,22,39', metavar='INT,INT[,...]', type=str, default=None)
-@click.option('--resolution', help='openai state dicts: image resolution  [default: from the released file name]', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--parameterization', help='openai state dicts: denoiser form  [default: from the file name]', type=click.Choice(['edm', 'consistency']), default=None)
-@click.option('--num_head_channels', help='openai state dicts: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@state_dict_options
 @_common_options
 def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, ts, resolution, parameterization,
         num_head_channels, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):

@@ -22,7 +22,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import progress
 from training import samplers, samplers_karras
-from training.cli_common import load_network, parse_float_list, parse_int_list, user_errors
+from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
 from training.generation import check_class_idx, generate_batches, make_grid, save_png
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,9 +106,7 @@ def set_fp16(net, fp16):
 @click.option('--S_max', '--s_tmax', 'S_max', help='Heun: stochastic max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
 @click.option('--S_noise', '--s_noise', 'S_noise', help='Heun: stochastic noise inflation  [default: 1]', metavar='FLOAT', type=float, default=None)
 @click.option('--npz', help='Also write the batch as openai\'s evaluator reads it (arr_0 uint8 NHWC, arr_1 labels)', metavar='FILE', type=str, default=None)
-@click.option('--resolution', help='openai state dicts: image resolution  [default: from the released file name]', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--parameterization', help='openai state dicts: denoiser form  [default: from the file name]', type=click.Choice(['edm', 'consistency']), default=None)
-@click.option('--num_head_channels', help='openai state dicts: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@state_dict_options
 @click.option('--fp16', help='Run the network in float16 (CUDA only)', is_flag=True)
 @click.option('--grid', help='Write one grid image (grid.png) instead of a PNG per seed', is_flag=True)
 @click.option('--allow-unsafe-pickle', help='Allow legacy pickles that execute embedded code', is_flag=True)

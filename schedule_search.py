@@ -19,7 +19,7 @@ from metrics import detectors, metric_main, metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
 from training import networks_cm, samplers, samplers_karras, ternary_search
-from training.cli_common import load_consistency_network, parse_float_list, user_errors
+from training.cli_common import load_consistency_network, parse_float_list, state_dict_options, user_errors
 from training.generation import generate_images
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,9 +167,7 @@ def run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho
 @click.option('--sigma_min', 't_min', help='Grid: lowest time', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
 @click.option('--sigma_max', 't_max', help='Grid: highest time (and the first step)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True)
 @click.option('--rho', help='Grid exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
-@click.option('--resolution', help='openai .pt: image size  [default: from the file name]', metavar='INT', type=click.IntRange(min=8), default=None)
-@click.option('--parameterization', help='openai .pt: form  [default: from the file name]', type=click.Choice(networks_cm.PARAMETERIZATIONS), default=None)
-@click.option('--num_head_channels', help='openai .pt: attention head width', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@state_dict_options
 @click.option('--kind', help='Feature network', type=click.Choice(['inception', 'dinov2', 'vgg16']), default='inception', show_default=True)
 @click.option('--detector', help='Feature network file  [default: official]', metavar='PATH|URL', default=None)
 @click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)

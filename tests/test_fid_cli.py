@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import fid
 from metrics import evaluate
-from tests.conftest import zip_folder
+from tests.conftest import FIXTURES_DIR, zip_folder
 from tests.test_metrics import TinyDetector, reference_frechet, save_torchscript
 from training import checkpoint, networks
 
@@ -127,6 +127,27 @@ def test_net_mode_scores_in_memory_and_evaluator_records(setup, tmp_path):
     assert '2 snapshot/metric pair(s) already recorded: skipped' in second.output
     assert len((run_dir / 'metric-fid50k_full.jsonl').read_text().splitlines()) == 1
     assert 'network-snapshot-000001.pt two_step_fid50k_full' in ' '.join(second.output.split())
+
+
+def test_evaluator_takes_the_openai_state_dict_flags(setup, tmp_path):
+    """A renamed openai .pt needs --resolution/--parameterization/--num_head_channels (a state dict cannot tell);
+    the evaluator takes them like fid.py net and records the same FID."""
+    s = setup
+    pt = tmp_path / 'my_consistency_model.pt'
+    pt.write_bytes((FIXTURES_DIR / 'openai_cm' / 'tiny_lsun_like.pt').read_bytes())
+    ref = str(tmp_path / 'ref.npz')
+    feats = np.random.default_rng(2).standard_normal([40, 6])
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    common = [f'--ref={ref}', f'--detector={s["det"]}', '--allow-unsafe-pickle', '--batch=6']
+    flags = ['--resolution=16', '--parameterization=consistency', '--num_head_channels=8']
+    refused = CliRunner().invoke(evaluate.cli, [f'--resume={pt}', '--metrics=fid50k_full', '--num-images=12', *common])
+    assert refused.exit_code == 2 and 'pass --resolution' in refused.output
+    result = CliRunner().invoke(evaluate.cli, [f'--resume={pt}', '--metrics=fid50k_full', '--num-images=12', *common,
+                                               *flags], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / 'metric-fid50k_full.jsonl').read_text())['results']['fid50k_full']
+    lines = invoke(['net', f'--network={pt}', '--num=12', '--steps=1', *common, *flags])
+    assert recorded == pytest.approx(float(lines[-1]), rel=1e-5)
 
 
 def _bad_input_case(case, s, tmp_path):

@@ -60,6 +60,22 @@ def parse_float_list(values, flag):
     return floats or None
 
 
+def state_dict_options(fn):
+    """The flags of openai consistency_models state dicts (`--resolution --parameterization --num_head_channels`),
+    which a `.pt` file cannot reveal; pass them to load_network."""
+    options = [
+        click.option('--resolution', help='openai state dicts: image resolution  [default: from the released file name]',
+                     metavar='INT', type=click.IntRange(min=1), default=None),
+        click.option('--parameterization', help='openai state dicts: denoiser form  [default: from the file name]',
+                     type=click.Choice(['edm', 'consistency']), default=None),
+        click.option('--num_head_channels', help='openai state dicts: attention head width', metavar='INT',
+                     type=click.IntRange(min=1), default=64, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def load_network(network, allow_unsafe_pickle=False, **state_dict_options):
     """(network in eval mode on the CPU, snapshot metadata) of a path or URL: one of our snapshots, an official
     pickle or an openai consistency_models state dict (metadata {}); `state_dict_options` (resolution,
