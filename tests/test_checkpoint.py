@@ -12,6 +12,7 @@ import torch
 
 import dnnlib
 from conftest import REPO_ROOT, load_npz_meta
+from edm2_files import EDM2Loss, StandardRGBEncoder
 from torch_utils import persistence
 from training import checkpoint, networks, networks_edm2, safe_pickle
 
@@ -89,18 +90,6 @@ def _record_meta(net, module_src):
 
 def _marker_src(marker):
     return f'open({str(marker)!r}, "w").close()\nclass EvilNet:\n    pass\n'
-
-
-@persistence.persistent_class
-class EDM2Loss:
-    def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5):
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-
-
-@persistence.persistent_class
-class StandardRGBEncoder:
-    def __init__(self):
-        pass
 
 
 @pytest.fixture(scope='module')

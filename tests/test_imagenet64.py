@@ -20,8 +20,8 @@ import generate
 import train
 from configs import presets
 from metrics import metric_main
+from edm2_files import EDM2Loss, StandardRGBEncoder
 from tests.conftest import load_npz_meta, write_random_dataset
-from torch_utils import persistence
 from training import checkpoint, phema, samplers
 from training import runtime
 from training import training_loop as tl
@@ -52,24 +52,6 @@ EMA_SUFFIXES = ['-0.010', '-0.050', '-0.100', '-b0.9999']
 # ----------------------------------------------------------------------------------------------------------
 # Helpers: a labelled dataset and an official-format EDM2 pickle.
 
-@persistence.persistent_class
-class EDM2Loss:
-    """Stand-in for EDM2's loss object, pickled next to the network as EDM2 does."""
-
-    def __init__(self, P_mean=-0.8, P_std=1.6, sigma_data=0.5):
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-
-
-@persistence.persistent_class
-class StandardRGBEncoder:
-    """Stand-in for EDM2's pixel-space encoder record."""
-
-    def __init__(self):
-        pass
-
-
-
-
 def official_edm2_net(seed=1):
     """A tiny EDM2 Precond as EDM2 saves it: weights not unit-norm, uncertainty head present but logvar_channels
     left to EDM2's default (so not recorded), eval mode, float16 tensors."""
@@ -88,7 +70,7 @@ def official_edm2_net(seed=1):
 
 
 def write_official_pickle(path, net):
-    data = dict(ema=net, loss_fn=EDM2Loss(), encoder=StandardRGBEncoder(),
+    data = dict(ema=net, loss_fn=EDM2Loss(P_mean=-0.8, P_std=1.6), encoder=StandardRGBEncoder(),
                 dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='img64.zip'))
     path.write_bytes(pickle.dumps(data))
     return str(path)
