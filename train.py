@@ -84,6 +84,9 @@ def parse_json_dict(text, flag):
 def cli_overrides(kw):
     """Flat option overrides (configs.presets keys) from the parsed flags; None = not given."""
     precision = kw['precision'] or ('fp16' if kw['fp16'] else 'tf32' if kw['tf32'] else None)
+    if kw['data_on_device'] and kw['workers']:
+        raise dnnlib.UserError('--workers: there are no DataLoader workers with --data-on-device (the batches are '
+                               'gathered on the device)')
     mid_t = parse_float_list(kw['mid_t'], '--mid-t')
     metrics = [m for m in (kw['metrics'] or '').split(',') if m.strip()] or None
     eval_init = [m for m in (kw['eval_init'] or '').split(',') if m.strip()] or None
@@ -99,7 +102,8 @@ def cli_overrides(kw):
         q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
         P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
         lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
-        xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], tensorboard=kw['tensorboard'] or None,
+        xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], data_on_device=kw['data_on_device'],
+        tensorboard=kw['tensorboard'] or None,
         wandb=kw['wandb'],
         teacher=kw['teacher'], loss_norm=kw['loss_norm'], lpips_vgg=kw['lpips_vgg'], lpips_lin=kw['lpips_lin'],
     )
@@ -164,6 +168,9 @@ def check_data(options, data_source=None, check_images=True):
     dataset = runtime.build_dataset(options.dataset_kwargs)
     if check_images:
         verify_dataset_images(dataset)
+    if options.data_on_device:
+        from training import device_data
+        device_data.check_device_data(dataset, dist.device())
     check_network_kwargs(options.network_kwargs, dataset)
     check_transfer(options, dataset)
     return dataset.name
@@ -369,6 +376,7 @@ def launch(options, run_dir):
 @click.option('--xflip', help='Add x-flipped copies of the data', metavar='BOOL', type=bool)
 @click.option('--cache', help='Cache the dataset in RAM', metavar='BOOL', type=bool)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
+@click.option('--data-on-device', help='Hold the whole dataset on the training device (CIFAR-sized data; no workers)', metavar='BOOL', type=bool)
 @click.option('--no-check-data', 'no_check_data', help='Skip reading every image file before training starts', is_flag=True)
 @click.option('--tensorboard', help='Also write TensorBoard events: scalars, sample grids, metrics (needs the tensorboard package)', is_flag=True)
 @click.option('--wandb', help='Also log scalars, sample grids and metrics to Weights & Biases (offline without a login or network; needs the wandb package)', metavar='PROJECT[/RUN]', type=str, default=None)

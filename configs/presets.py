@@ -17,7 +17,8 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
-  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, find_unused_parameters, tensorboard, wandb,
+  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, data_on_device (the whole dataset on the training
+  device, no DataLoader workers: training.device_data), find_unused_parameters, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
   metric_samples (generated images per metric; None = the metric's published count);
@@ -78,6 +79,7 @@ DEFAULTS = dict(
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True),
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
+    data_on_device=False,
     find_unused_parameters=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
     eval_init_metrics=[], metric_samples=None, detector_files={}, **presets_cm.FLAG_DEFAULTS,
@@ -331,6 +333,7 @@ def build_options(o):
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
                             xflip=bool(o.xflip), cache=bool(o.cache)),
         data_loader_kwargs=dict(num_workers=int(o.workers), pin_memory=True, prefetch_factor=2),
+        data_on_device=bool(o.data_on_device),
         network_kwargs=_network_kwargs(o),
         method_kwargs=_method_kwargs(o),
         optimizer_kwargs=_optimizer_kwargs(o),

@@ -78,6 +78,20 @@ class Dataset(torch.utils.data.Dataset):
             label = onehot
         return label.copy()
 
+    def index_map(self):
+        """(raw image index [N] int64, mirrored [N] bool) of every item: item i is raw image raw_idx[i], flipped
+        left-right when mirrored[i] (max_size and xflip applied)."""
+        return self._raw_idx.copy(), self._xflip.astype(bool)
+
+    def read_raw_image(self, raw_idx):
+        """Raw image `raw_idx` as stored (uint8 CHW, never mirrored), without filling the cache."""
+        image = self._cached_images.get(int(raw_idx))
+        return image if image is not None else self._load_raw_image(int(raw_idx))
+
+    def raw_labels(self):
+        """The labels of all raw images: int64 class indices [R], float32 vectors [R, D], or zeros [R, 0]."""
+        return self._get_raw_labels()
+
     def load_to_tensor(self, device='cpu'):
         """The whole dataset, in index order, as (uint8 images [N, C, H, W], float32 labels [N, label_dim]) on `device`."""
         images = np.empty([len(self)] + self.image_shape, dtype=np.uint8)

@@ -11,6 +11,7 @@ class TrainingOptions:
     """Every component is dict(class_name=..., **kwargs); the loop never interprets method hyperparameters."""
     dataset_kwargs: dict = dataclasses.field(default_factory=dict)      # dataset component
     data_loader_kwargs: dict = dataclasses.field(default_factory=dict)  # torch DataLoader options
+    data_on_device: bool = False        # hold the whole dataset on the training device (no DataLoader)
     network_kwargs: dict = dataclasses.field(default_factory=dict)      # network (resolution/channels/labels from the data)
     method_kwargs: dict = dataclasses.field(default_factory=dict)       # training method (training.methods.*)
     optimizer_kwargs: dict = dataclasses.field(default_factory=dict)    # optimiser (torch.optim.*), with lr

@@ -16,6 +16,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from training import checkpoint
 from training import checkpoint_cm
+from training import device_data
 from training.dataset import InfiniteSampler
 
 
@@ -47,10 +48,16 @@ def build_dataset(dataset_kwargs):
     return dnnlib.util.construct_class_by_name(**dataset_kwargs)
 
 
-def build_data_iterator(dataset, data_loader_kwargs, batch_gpu, seed, start_nimg, device):
-    """Endless iterator of (uint8 images, labels) micro-batches continuing at global image `start_nimg`."""
-    sampler = InfiniteSampler(len(dataset), rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
-                              start_index=start_nimg)
+def build_data_iterator(dataset, data_loader_kwargs, batch_gpu, seed, start_nimg, device, data_on_device=False,
+                        rank=None, num_replicas=None):
+    """Endless iterator of (uint8 images, labels) micro-batches continuing at global image `start_nimg`, for this
+    rank (or `rank` of `num_replicas`): from a DataLoader, or with `data_on_device` gathered on the device from
+    the whole dataset held there (training.device_data; the same batches, no workers)."""
+    rank = dist.get_rank() if rank is None else rank
+    num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+    sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=num_replicas, seed=seed, start_index=start_nimg)
+    if data_on_device:
+        return device_data.device_batches(device_data.DeviceDataset(dataset, device), sampler, batch_gpu)
     kwargs = dict(data_loader_kwargs)
     if kwargs.get('num_workers', 0) == 0:
         kwargs.pop('prefetch_factor', None)

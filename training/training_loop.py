@@ -154,7 +154,7 @@ class Trainer:
         self.run_ctx = RunContext(options=o, run_dir=run_dir, device=device, state=state)
         self.ddp = runtime.wrap_ddp(state.net, device, o.find_unused_parameters)
         self.data_iterator = runtime.build_data_iterator(dataset, o.data_loader_kwargs, batch_gpu, o.seed,
-                                                         state.progress.cur_nimg, device)
+                                                         state.progress.cur_nimg, device, o.data_on_device)
         self.lr_schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)
         self.callbacks = ([run_files.StatsWriter(run_dir)] if dist.get_rank() == 0 else []) \
             + trackers.tracker_callbacks(o, run_dir) + list(callbacks)
