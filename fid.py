@@ -23,6 +23,7 @@ from torch_utils import distributed as dist
 from torch_utils import progress
 from training import samplers, samplers_karras
 from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
+from training.compile import COMPILE_HELP, compile_network
 from training.generation import generate_images
 
 _KINDS = ['inception', 'dinov2', 'vgg16']
@@ -145,10 +146,11 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 @click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), Heun steps, or openai\'s steps', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
 @click.option('--ts', help='multistep: levels of the --steps grid, e.g. 0,22,39', metavar='INT,INT[,...]', type=str, default=None)
+@click.option('--compile', 'compile_net', help=COMPILE_HELP, is_flag=True)
 @state_dict_options
 @_common_options
-def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, ts, resolution, parameterization,
-        num_head_channels, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
+def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, ts, compile_net, resolution,
+        parameterization, num_head_channels, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
     """FID (or FD) of a network, sampling in memory (no PNGs written)."""
     with user_errors():
         ref_arrays = metric_utils.load_ref(ref_path, kind=kind)
@@ -162,7 +164,8 @@ def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, t
     seeds = list(range(first_seed, first_seed + num_samples))
     dist.print0(f'Generating {num_samples} images with the {sampler} sampler {sampler_kwargs}...')
     with torch.no_grad(), progress.disabled_if(no_progress):
-        stats = network_stats(model.to(device), detector, seeds, sampler, sampler_kwargs, batch_size, device)
+        model = compile_network(model.to(device), compile_net)
+        stats = network_stats(model, detector, seeds, sampler, sampler_kwargs, batch_size, device)
     _print_distance(stats, ref_arrays)
 
 

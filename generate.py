@@ -22,6 +22,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import progress
 from training import samplers, samplers_karras
+from training.compile import COMPILE_HELP, compile_network
 from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
 from training.generation import check_class_idx, generate_batches, make_grid, save_png
 
@@ -108,13 +109,14 @@ def set_fp16(net, fp16):
 @click.option('--npz', help='Also write the batch as openai\'s evaluator reads it (arr_0 uint8 NHWC, arr_1 labels)', metavar='FILE', type=str, default=None)
 @state_dict_options
 @click.option('--fp16', help='Run the network in float16 (CUDA only)', is_flag=True)
+@click.option('--compile', 'compile_net', help=COMPILE_HELP, is_flag=True)
 @click.option('--grid', help='Write one grid image (grid.png) instead of a PNG per seed', is_flag=True)
 @click.option('--allow-unsafe-pickle', help='Allow legacy pickles that execute embedded code', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @progress.no_progress_option
 def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num_steps, mid_t, t_max, ts, clip_denoised,
-        npz, resolution, parameterization, num_head_channels, fp16, grid, allow_unsafe_pickle, device, no_progress,
-        **heun_opts):
+        npz, resolution, parameterization, num_head_channels, fp16, compile_net, grid, allow_unsafe_pickle, device,
+        no_progress, **heun_opts):
     """Generate images with a consistency or diffusion model; one PNG per seed, or one grid."""
     with user_errors(os_errors=True):
         dist.init()
@@ -136,7 +138,7 @@ def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num
     if grid or npz:  # One file needs every seed in one process: rank 0 samples them all.
         seeds, rank, world_size = (seeds if rank == 0 else []), 0, 1
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler {sampler_kwargs} to "{outdir}"...')
-    net = net.to(device)
+    net = compile_network(net.to(device), compile_net)
     batches = generate_batches(net, seeds, class_idx, sampler, sampler_kwargs, max_batch_size, device, rank, world_size)
     npz_parts = [] if npz else None
     with user_errors(os_errors=True), progress.disabled_if(no_progress):

@@ -19,6 +19,7 @@ from metrics import metric_main
 from torch_utils import distributed as dist
 from torch_utils import progress
 from training.cli_common import load_network, parse_float_list, state_dict_options, user_errors
+from training.compile import COMPILE_HELP, compile_network
 
 SNAPSHOT_PATTERNS = ('network-snapshot-*.pt', 'network-snapshot-*.pkl')
 DINOV2_SKIPPED = 'fd_dinov2: DINOv2 weights not available (URL unreachable and no --dinov2 path): skipped'
@@ -110,13 +111,14 @@ def _snapshot_order(name):
 
 
 def evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device,
-             **state_dict_kwargs):
+             compile_net=False, **state_dict_kwargs):
     """Compute and record every pending (snapshot, metric) pair; a progress bar over the pairs on rank 0.
-    `state_dict_kwargs` (resolution, parameterization, num_head_channels) serve openai state dicts."""
+    `compile_net`: torch.compile each network; `state_dict_kwargs` (resolution, parameterization,
+    num_head_channels) serve openai state dicts."""
     with progress.bar(total=sum(len(todo) for _, todo in work), desc='snapshot x metric', unit='metric') as pairs_bar:
         for path, todo in work:
             net, metadata = load_network(path, allow_unsafe_pickle, **state_dict_kwargs)
-            net = net.to(device)
+            net = compile_network(net.to(device), compile_net)
             for metric in todo:
                 pairs_bar.set_postfix_str(f'{os.path.basename(path)} {metric}')
                 if metric in detectors_by_metric:
@@ -151,11 +153,13 @@ def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metri
 @click.option('--dinov2', help='DINOv2 weights (official .pth state dict)  [default: official URL]', metavar='PATH|URL', type=str, default=None)
 @click.option('--allow-unsafe-pickle', help='Trust the files: allow pickles that execute embedded code and TorchScript', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--compile', 'compile_net', help=COMPILE_HELP, is_flag=True)
 @state_dict_options
 @click.option('--dry-run', help='Check the arguments and list the pending work, then exit', is_flag=True)
 @progress.no_progress_option
 def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, detector, vgg16, dinov2,
-        allow_unsafe_pickle, device, resolution, parameterization, num_head_channels, dry_run, no_progress):
+        allow_unsafe_pickle, device, compile_net, resolution, parameterization, num_head_channels, dry_run,
+        no_progress):
     """Score network snapshots with the named metrics (1- and 2-step FID by default)."""
     with user_errors():
         dist.init()
@@ -175,7 +179,7 @@ def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, 
         return
     with user_errors(), progress.disabled_if(no_progress):
         evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device,
-                 resolution=resolution, parameterization=parameterization, num_head_channels=num_head_channels)
+                 compile_net=compile_net, resolution=resolution, parameterization=parameterization, num_head_channels=num_head_channels)
     for line in results_table(run_dir, snapshots, metrics):
         dist.print0(line)
 
