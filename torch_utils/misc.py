@@ -68,6 +68,15 @@ def set_rng_states(states):
 #----------------------------------------------------------------------------
 # Parameters, buffers and DDP.
 
+def to_device_async(tensor, device):
+    """`tensor` on `device`; CPU to CUDA through pinned memory without blocking, so the host prepares the next
+    batch while the device works instead of waiting for its queue to drain first."""
+    device = torch.device(device)
+    if device.type == 'cuda' and tensor.device.type == 'cpu':
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def named_params_and_buffers(module):
     """List of (name, tensor) for all parameters and buffers of `module`."""
     return list(module.named_parameters()) + list(module.named_buffers())

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import misc
 from training import samplers_karras
 
 # Recipe defaults of consistency sampling (docs/ECT.md §5).
@@ -52,7 +53,7 @@ class StackedRandomGenerator:
         self._check_batch(size)
         rows = [torch.randn(size[1:], dtype=dtype, device=self.generator_device, generator=gen)
                 for gen in self.generators]
-        return torch.stack(rows).to(self.device if device is None else device)
+        return misc.to_device_async(torch.stack(rows), self.device if device is None else device)
 
     def randn_like(self, x):
         """`randn` with the shape, dtype and device of `x`."""
@@ -64,7 +65,8 @@ class StackedRandomGenerator:
         self._check_batch(size)
         rows = [torch.randint(high, size=size[1:], device=self.generator_device, generator=gen)
                 for gen in self.generators]
-        return torch.stack(rows).to(self.device if device is None else device)
+        return misc.to_device_async(torch.stack(rows), self.device if device is None else device)
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,8 +89,9 @@ def make_consistency_steps(t_max=T_MAX, mid_t=None):
 
 
 def _denoise(net, x, t, class_labels):
-    """One network evaluation at noise level `t` (a python float or 0-d tensor) for the whole batch."""
-    sigma = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(1).expand(x.shape[0])
+    """One network evaluation at noise level `t` (a python float or a 0-d CPU tensor) for the whole batch; the
+    noise levels are filled in on the device, so no host-to-device copy waits for the device's queue."""
+    sigma = torch.full([x.shape[0]], float(t), dtype=torch.float64, device=x.device)
     return net(x, sigma, class_labels).to(torch.float64)
 
 
@@ -126,7 +129,7 @@ def edm_sigma_steps(net, num_steps=HEUN_NUM_STEPS, sigma_min=0.002, sigma_max=80
 # One stochastic Heun step of EDM (Karras et al. 2022, Algorithm 2): churn the noise level up to t_hat,
 # take an Euler step to t_next, and correct it with the slope at t_next unless t_next is the final 0.
 def _heun_step(net, x_cur, t_cur, t_next, class_labels, gamma, S_noise, randn_like):
-    t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=x_cur.device)
+    t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
     noise = randn_like(x_cur)  # Drawn on every step, as EDM does, so churn settings never shift later draws.
     x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise
     d_cur = (x_hat - _denoise(net, x_hat, t_hat, class_labels)) / t_hat
@@ -138,9 +141,10 @@ def _heun_step(net, x_cur, t_cur, t_next, class_labels, gamma, S_noise, randn_li
 
 
 # EDM's deterministic / stochastic sampler (Karras et al. 2022, Algorithm 2); NFE = 2·num_steps − 1.
+# The noise levels stay on the CPU: the step's tests (t_next > 0, S_min <= t_cur) then never wait for the device.
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=HEUN_NUM_STEPS,
                 sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0):
-    t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho)
     x = latents.to(torch.float64) * t_steps[0]
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
