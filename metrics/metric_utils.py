@@ -13,6 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
 from torch_utils import numpy_pickle
 from torch_utils import progress
 
@@ -31,6 +32,7 @@ class FeatureStats:
         self.raw_sum = None
         self.raw_outer = None
         self.all_features = []
+        self._tensor_sums = None        # [Σx, Σxxᵀ] of torch features, float64 on their device, until _flush
 
     def _set_num_features(self, num_features):
         if self.num_features is None:
@@ -42,9 +44,11 @@ class FeatureStats:
             raise ValueError(f'feature width changed from {self.num_features} to {num_features}')
 
     def append(self, features):
-        """Add features [N, D] (numpy or torch)."""
+        """Add features [N, D] (numpy or torch). Torch features are summed in float64 on their own device, so a GPU
+        is not made to wait for a copy to the host after every batch."""
         if isinstance(features, torch.Tensor):
-            features = features.detach().to('cpu', torch.float64).numpy()
+            self._append_tensor(features.detach())
+            return
         x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
         self._set_num_features(x.shape[1])
         self.num_items += x.shape[0]
@@ -54,8 +58,29 @@ class FeatureStats:
         if self.capture_all:
             self.all_features.append(x)
 
+    def _append_tensor(self, features):
+        x = features.to(torch.float64).reshape(len(features), -1)
+        self._set_num_features(x.shape[1])
+        self.num_items += x.shape[0]
+        if self.capture_mean_cov and self._tensor_sums is None:
+            self._tensor_sums = [x.sum(dim=0), x.T @ x]
+        elif self.capture_mean_cov:
+            self._tensor_sums[0] += x.sum(dim=0)
+            self._tensor_sums[1].addmm_(x.T, x)
+        if self.capture_all:
+            self.all_features.append(x.cpu().numpy())
+
+    def _flush(self):
+        """Fold the sums kept on a device into the float64 numpy sums (the one copy to the host)."""
+        if self._tensor_sums is not None:
+            self.raw_sum += self._tensor_sums[0].cpu().numpy()
+            self.raw_outer += self._tensor_sums[1].cpu().numpy()
+            self._tensor_sums = None
+
     def merge(self, other):
         """Add the statistics of `other` (e.g. another shard) to these."""
+        self._flush()
+        other._flush()
         if other.num_items == 0:
             return self
         self._set_num_features(other.num_features)
@@ -69,6 +94,7 @@ class FeatureStats:
 
     def all_reduce(self):
         """Combine the statistics of all ranks (no-op for a single process); every rank gets the total."""
+        self._flush()
         if not dist.is_distributed():
             return self
         width = torch.tensor([self.num_features or 0], dtype=torch.int64, device=dist.collective_device())
@@ -93,6 +119,7 @@ class FeatureStats:
         """Mean and unbiased covariance (divisor N − 1, as numpy.cov and EDM's fid.py)."""
         if not self.capture_mean_cov:
             raise ValueError('FeatureStats: mean/covariance were not captured')
+        self._flush()
         if self.num_items < 2:
             raise dnnlib.UserError(f'need at least 2 images for a covariance, got {self.num_items}')
         mu = self.raw_sum / self.num_items
@@ -203,7 +230,7 @@ def compute_dataset_stats(dataset, detector, stats, batch_size=64, device='cpu',
     with progress.bar(total=num_items, desc='dataset features', unit='img', leave=False) as images_bar:
         for start in range(0, len(indices), batch_size):
             batch = np.stack([dataset[i][0] for i in indices[start:start + batch_size]])
-            stats.append(detector(torch.from_numpy(batch).to(device)))
+            stats.append(detector(misc.to_device_async(torch.from_numpy(batch), device)))
             _advance(images_bar, len(batch) * num_gpus)
     return stats.all_reduce()
 
