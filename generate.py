@@ -24,7 +24,8 @@ from torch_utils import progress
 from training import samplers, samplers_karras
 from training.compile import COMPILE_HELP, compile_network
 from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
-from training.generation import check_class_idx, generate_batches, make_grid, save_png
+from training.generation import (BackgroundWriter, check_class_idx, generate_batches, host_batches, make_grid,
+                                 save_png)
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing PNGs.
@@ -41,17 +42,16 @@ def check_outdir(outdir):
 
 
 def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
-    """Consume (seeds, uint8 images); write per-seed PNGs or one grid; a progress bar (images, img/s) on rank 0,
-    which counts its own images times `world_size`, the processes sampling in step with it."""
+    """Consume (seeds, uint8 images); write per-seed PNGs (on background threads) or one grid; a progress bar
+    (images, img/s) on rank 0, which counts its own images times `world_size`, the processes sampling in step."""
     collected = []
-    with progress.bar(total=num_seeds, desc='generating', unit='img') as images_bar:
-        for batch_seeds, images in images_iter:
-            images = images.cpu().numpy()
+    with progress.bar(total=num_seeds, desc='generating', unit='img') as images_bar, BackgroundWriter() as writer:
+        for batch_seeds, images in host_batches(images_iter):
             if grid:
                 collected.append(images)
             else:
                 for seed, image in zip(batch_seeds, images):
-                    save_png(image_path(outdir, seed, subdirs), image)
+                    writer.submit(save_png, image_path(outdir, seed, subdirs), image)
             images_bar.update(min(len(batch_seeds) * world_size, num_seeds - images_bar.n))
     if grid and collected:
         save_png(os.path.join(outdir, 'grid.png'), make_grid(np.concatenate(collected)))

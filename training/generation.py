@@ -5,7 +5,10 @@ own CPU generator (docs/ECT.md §5), drawn in the order latent, class index (con
 noise each stochastic step needs.
 """
 
+import collections
+import concurrent.futures
 import math
+import os
 
 import numpy as np
 import PIL.Image
@@ -87,6 +90,31 @@ def generate_images(net, seeds, class_idx=None, sampler=None, sampler_kwargs=Non
     batches = generate_batches(net, seeds, class_idx, sampler, sampler_kwargs, batch_size, device, rank, world_size)
     return ((b, samplers.to_uint8(images)) for b, images, _ in batches)
 
+
+def host_batches(image_batches):
+    """(seeds, images as numpy) of an iterator of (seeds, images on any device). From a CUDA device each batch is
+    copied into pinned memory without blocking, and batch k is handed out only once batch k + 1 has been queued,
+    so the device samples the next batch while the host writes this one."""
+    waiting = collections.deque()
+    for batch_seeds, images in image_batches:
+        if images.device.type != 'cuda':
+            yield batch_seeds, images.cpu().numpy()
+            continue
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        host.copy_(images, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        waiting.append((batch_seeds, host, copied))
+        if len(waiting) > 1:
+            yield _when_copied(*waiting.popleft())
+    while waiting:
+        yield _when_copied(*waiting.popleft())
+
+
+def _when_copied(batch_seeds, host, copied):
+    copied.synchronize()
+    return batch_seeds, host.numpy()
+
 # ----------------------------------------------------------------------------------------------------------
 # Grids and PNGs.
 
@@ -112,3 +140,38 @@ def save_grid_png(path, images):
     """Tile N,H,W,C uint8 images (numpy or torch, any device) into a near-square grid and write it as a PNG."""
     images = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     save_png(path, make_grid(images))
+
+
+class BackgroundWriter:
+    """Runs writes (e.g. save_png) on a few background threads, off the sampling loop; PNG encoding and fsync
+    release the GIL. At most `max_pending` writes wait at a time (bounded memory: `submit` blocks on the oldest);
+    the first failure is raised in the caller, at the next `submit` or at the end of the `with` block."""
+
+    def __init__(self, num_threads=None, max_pending=1024):
+        self.num_threads = num_threads or min(8, max(4, os.cpu_count() or 1))   # writer threads (fsync waits)
+        self.max_pending = max_pending                                  # queued writes before submit blocks
+        self._pool = None
+        self._pending = collections.deque()
+
+    def __enter__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix='writer')
+        return self
+
+    def submit(self, fn, *args):
+        """Queue fn(*args); raises the error of any earlier write that failed."""
+        while self._pending and (len(self._pending) >= self.max_pending or self._pending[0].done()):
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None:
+                for future in self._pending:
+                    future.cancel()
+            while self._pending:
+                future = self._pending.popleft()
+                if exc_type is None:
+                    future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        return False
