@@ -53,7 +53,9 @@ def synchronize(device):
 
 
 def time_steps(options, data, precision, device, iters, warmup):
-    """(seconds per step list, peak GiB or None on the CPU, parameter count) for one precision."""
+    """(seconds per step list, peak GiB or None on the CPU, parameter count) for one precision ('auto' resolved
+    for `device` as the training loop does)."""
+    precision = runtime.resolve_precision(precision, device)
     runtime.setup_runtime(0, precision)
     batch_gpu, rounds = runtime.check_batch(options.batch_size, options.batch_gpu, 1)
     state = tl.build_state(options.replace(precision=precision, transfer=None), data, device)

@@ -119,8 +119,14 @@ def test_foreach_optimizer_matches_for_loop(cls_name, max_ulps):
         assert ((a - b).abs() <= max_ulps * ulp).all()
 
 
-def test_tf32_follows_the_official_recipes():
-    """CIFAR-10: the official loop's --tf32 default is off; ImageNet-64: its loop always enables TF32."""
-    assert presets.resolve('cifar10-ecm', dict(data='x')).precision == 'fp32'
-    for size in presets.IMAGENET64_SIZES:
-        assert presets.resolve(f'imagenet64-ecm-{size}', dict(data='x')).precision == 'tf32'
+def test_tf32_switches_follow_the_precision():
+    """TF32 only for --precision=tf32 (the official ImageNet-64 loop's arithmetic; the ECT presets' 'auto' is bf16
+    on CUDA and fp32 on the CPU, tests/test_gpu_path.py)."""
+    from training import runtime
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for precision, tf32 in [('tf32', True), ('fp32', False), ('bf16', False), ('fp16', False)]:
+            runtime.setup_runtime(0, precision)
+            assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

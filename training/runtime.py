@@ -30,6 +30,46 @@ def setup_runtime(seed, precision):
     return dist.device()
 
 
+def resolve_precision(precision, device):
+    """The arithmetic of a run: 'auto' is bf16 autocast on a CUDA device with native bf16 (compute capability 8.0
+    or newer: A100, H100, ...), fp32 anywhere else (the CPU: bit-identical to --precision=fp32); other values
+    are kept."""
+    if precision != 'auto':
+        return precision
+    if device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0):
+        return 'bf16'
+    return 'fp32'
+
+
+def optimizer_kwargs_for(optimizer_kwargs, device):
+    """The optimiser's kwargs on `device`: on CUDA an optimiser asked for foreach=True runs its fused kernel
+    instead where it has one (Adam and AdamW in torch 2.13; RAdam has none and keeps foreach). Fused steps under
+    the fp16 GradScaler skip overflowing steps on the device, without a host sync. The CPU path is unchanged."""
+    kwargs = dict(optimizer_kwargs)
+    optimizer_class = dnnlib.util.get_obj_by_name(kwargs['class_name'])
+    if device.type == 'cuda' and kwargs.get('foreach') and 'fused' not in kwargs \
+            and 'fused' in inspect.signature(optimizer_class).parameters:
+        kwargs.update(foreach=False, fused=True)
+    return kwargs
+
+
+IMPLEMENTATION_KEYS = ('foreach', 'fused', 'capturable')
+
+
+def restore_optimizer_implementation(optimizer, implementation):
+    """After optimizer.load_state_dict: the implementation flags this run chose (`implementation`: one dict of
+    IMPLEMENTATION_KEYS per parameter group, taken before loading), since loading brings back those of the run
+    that saved the state; the step counters are moved where that implementation keeps them (fused and
+    capturable: float32 on the parameter's device; otherwise on the CPU). Old states load on any device."""
+    for group, flags in zip(optimizer.param_groups, implementation):
+        group.update(flags)
+        on_device = bool(flags.get('fused') or flags.get('capturable'))
+        for param in group['params']:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get('step')):
+                state['step'] = state['step'].to(device=param.device if on_device else 'cpu', dtype=torch.float32)
+
+
 def check_batch(batch_size, batch_gpu, world_size):
     """(batch_gpu, rounds): micro-batch size per rank and accumulation rounds; one UserError if inconsistent."""
     if batch_size <= 0 or (batch_gpu is not None and batch_gpu <= 0):
@@ -150,9 +190,21 @@ class PreemptionHandler:
                 signal.signal(s, handler)
 
 
-def agree_any(*flags):
-    """The flags OR-ed over all ranks (one tiny all-reduce when distributed), so every rank stops together."""
+def host_flag_group():
+    """The process group of agree_any: under NCCL a gloo group (created here by every rank together), so the
+    per-step exchange of host flags never waits for the GPU; None (the default group) for gloo or one process."""
+    if dist.get_world_size() == 1 or torch.distributed.get_backend() == 'gloo':
+        return None
+    return torch.distributed.new_group(backend='gloo')
+
+
+def agree_any(*flags, group=None):
+    """The flags OR-ed over all ranks (one tiny all-reduce of host memory when distributed: over `group`, a
+    host_flag_group(), else the default group), so every rank stops together."""
     local = torch.tensor([float(bool(f)) for f in flags])
     if dist.get_world_size() > 1:
-        local = dist.all_reduce_sum(local)
+        if group is not None:
+            torch.distributed.all_reduce(local, group=group)
+        else:
+            local = dist.all_reduce_sum(local)
     return [bool(v > 0) for v in local.tolist()]

@@ -122,11 +122,21 @@ def build_state(options, dataset, device):
     transfer = options.transfer if options.resume_state is None else None
     net = runtime.build_network(options.network_kwargs, dataset, transfer, device, options.seed)
     method = dnnlib.util.construct_class_by_name(**options.method_kwargs)
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **options.optimizer_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(),
+                                                    **runtime.optimizer_kwargs_for(options.optimizer_kwargs, device))
     ema = dnnlib.util.construct_class_by_name(net, **options.ema_kwargs)
     scaler = torch.amp.GradScaler(device.type) if options.precision == 'fp16' else None
     method.setup(net, device)
     return TrainingState(net=net, ema=ema, method=method, optimizer=optimizer, scaler=scaler)
+
+
+def resume(state, path, seed):
+    """state.resume(path, seed), keeping this run's optimiser implementation (fused on CUDA, foreach on the CPU)
+    whatever the saving run used."""
+    implementation = [{key: group.get(key) for key in runtime.IMPLEMENTATION_KEYS}
+                      for group in state.optimizer.param_groups]
+    state.resume(path, seed)
+    runtime.restore_optimizer_implementation(state.optimizer, implementation)
 
 
 def _due(ticks, cur_tick):
@@ -142,13 +152,14 @@ class Trainer:
                  run_dir,       # output directory
                  callbacks=(),  # training.callbacks.Callback objects (besides the stats.jsonl writer)
                  ):
-        o = options
-        device = runtime.setup_runtime(o.seed, o.precision)
+        device = dist.device()
+        o = options.replace(precision=runtime.resolve_precision(options.precision, device))
+        runtime.setup_runtime(o.seed, o.precision)
         batch_gpu, self.num_rounds = runtime.check_batch(o.batch_size, o.batch_gpu, dist.get_world_size())
         dataset = runtime.build_dataset(o.dataset_kwargs)
         state = build_state(o, dataset, device)
         if o.resume_state is not None:
-            state.resume(o.resume_state, o.seed)
+            resume(state, o.resume_state, o.seed)
             dist.print0(f'Resumed from {o.resume_state} at {state.progress.cur_nimg / 1e3:.1f} kimg, '
                         f'tick {state.progress.cur_tick}')
         self.run_ctx = RunContext(options=o, run_dir=run_dir, device=device, state=state)
@@ -159,6 +170,7 @@ class Trainer:
         self.callbacks = ([run_files.StatsWriter(run_dir)] if dist.get_rank() == 0 else []) \
             + trackers.tracker_callbacks(o, run_dir) + list(callbacks)
         self.scalars = {}   # the method's schedule values of the last step
+        self.flag_group = runtime.host_flag_group()   # agree_any without a GPU sync per step
 
     def progress(self):
         """The method-facing (immutable) view of the progress."""
@@ -231,7 +243,7 @@ class Trainer:
             self.step()
             p.elapsed_sec = elapsed_before + time.time() - start_time
             out_of_time = o.max_hours is not None and p.elapsed_sec >= o.max_hours * 3600
-            preempted, out_of_time = runtime.agree_any(handler.requested, out_of_time)
+            preempted, out_of_time = runtime.agree_any(handler.requested, out_of_time, group=self.flag_group)
             if preempted:
                 dist.print0(f'Pre-emption signal: writing the training state at {p.cur_nimg / 1e3:.1f} kimg')
                 self.write_state()
