@@ -1,18 +1,24 @@
 """training/compile.py on the sampling path: a compiled tiny ECM network samples what the eager one does (1-step,
-2-step consistency and EDM Heun), seed by seed, without recompiling or breaking the graph; generate.py --compile.
+2-step consistency and EDM Heun), seed by seed, without recompiling or breaking the graph; --compile of generate.py,
+fid.py net and metrics.evaluate.
 
 One inductor compile of a tiny network (8x8, 8 channels) for the whole module: tens of seconds on one CPU core
 the first time, seconds once torch's compile cache holds it.
 """
 
+import json
 import os
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from click.testing import CliRunner
 
+import fid
 import generate
+from metrics import evaluate
+from tests.test_metrics import TinyDetector, save_torchscript
 from training import checkpoint, compile as tc, generation, networks
 
 SEEDS = list(range(8))
@@ -92,3 +98,29 @@ def test_generate_cli_compile_writes_the_eager_pngs(nets, tmp_path):
         eager = np.array(PIL.Image.open(tmp_path / 'eager' / name), dtype=np.int16)
         compiled = np.array(PIL.Image.open(tmp_path / 'compiled' / name), dtype=np.int16)
         assert np.abs(eager - compiled).max() <= 1
+
+
+def test_fid_net_and_evaluate_compile_score_as_eager(nets, tmp_path):
+    """fid.py net --compile prints the eager FID; metrics.evaluate --compile records it."""
+    net, _ = nets
+    run_dir = tmp_path / 'run'
+    snapshot = run_dir / 'network-snapshot-000001.pt'
+    run_dir.mkdir()
+    checkpoint.save_network_snapshot(snapshot, net, mid_t=0.821, kimg=1)
+    features = np.random.default_rng(2).standard_normal([40, 6])
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    common = [f'--ref={ref}', f'--detector={save_torchscript(tmp_path / "det.pt", TinyDetector())}',
+              '--allow-unsafe-pickle', f'--batch={BATCH}', '--device=cpu', '--no-progress']
+    values = []
+    for extra in ([], ['--compile']):
+        result = CliRunner().invoke(fid.cli, ['net', f'--network={snapshot}', '--num=8', '--steps=1', *common, *extra],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        values.append(float(result.output.strip().splitlines()[-1]))
+    assert values[1] == pytest.approx(values[0], rel=1e-4)
+    result = CliRunner().invoke(evaluate.cli, [f'--resume={run_dir}', '--metrics=fid50k_full', '--num-images=8',
+                                               '--compile', *common], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((run_dir / 'metric-fid50k_full.jsonl').read_text())
+    assert record['results']['fid50k_full'] == pytest.approx(values[0], rel=1e-4)
