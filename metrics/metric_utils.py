@@ -68,7 +68,7 @@ class FeatureStats:
             self._tensor_sums[0] += x.sum(dim=0)
             self._tensor_sums[1].addmm_(x.T, x)
         if self.capture_all:
-            self.all_features.append(x.cpu().numpy())
+            self.all_features.append(features.reshape(len(features), -1).clone())  # on its device until get_all
 
     def _flush(self):
         """Fold the sums kept on a device into the float64 numpy sums (the one copy to the host)."""
@@ -113,6 +113,7 @@ class FeatureStats:
             raise ValueError('FeatureStats: features were not captured (capture_all=False)')
         if not self.all_features:
             return np.zeros([0, self.num_features or 0], dtype=np.float64)
+        self.all_features = [f.to('cpu', torch.float64).numpy() if torch.is_tensor(f) else f for f in self.all_features]
         return np.concatenate(self.all_features, axis=0)
 
     def get_mean_cov(self):

@@ -68,7 +68,8 @@ def test_host_batches_on_cpu_gives_numpy_in_order():
 
 
 def test_feature_stats_from_torch_batches_match_float64_reference():
-    """Torch batches (summed on their device) and numpy batches give numpy's float64 mean and covariance."""
+    """Torch batches (summed on their device) and numpy batches give numpy's float64 mean and covariance; kept
+    features come back as float64 numpy rows in order."""
     rng = np.random.default_rng(1)
     features = rng.standard_normal([50, 7]).astype(np.float32) * 3 + 1
     stats = metric_utils.FeatureStats()
@@ -79,7 +80,11 @@ def test_feature_stats_from_torch_batches_match_float64_reference():
     torch_half = metric_utils.FeatureStats()
     torch_half.append(torch.from_numpy(features[20:]))
     merged = numpy_half.merge(torch_half)
+    kept = metric_utils.FeatureStats(capture_all=True, capture_mean_cov=False)
+    for chunk in np.array_split(features, 3):
+        kept.append(torch.from_numpy(chunk))
     reference = features.astype(np.float64)
+    assert kept.get_all().dtype == np.float64 and np.array_equal(kept.get_all(), reference)
     for result in (stats, merged):
         mu, sigma = result.get_mean_cov()
         assert result.num_items == 50
