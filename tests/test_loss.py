@@ -242,7 +242,7 @@ def test_target_is_x0_where_r_is_zero_also_when_all_zero():
 
     net.calls.clear()
     f_t, f_r = loss_fn.prediction_and_target(net, x0, t, torch.zeros_like(t), eps)
-    assert len(net.calls) == 2 and torch.equal(f_r, x0)   # no host-side test of r: the target pass runs
+    assert len(net.calls) == 1 and torch.equal(f_r, x0)   # on the CPU no r > 0: no target pass at all
     zero_fn = loss_lib.ECTLoss(mapping=ZeroMapping(), weighting=dict(class_name='training.loss.NoWeighting'))
     got = zero_fn.loss_from_noise(net, x0, torch.zeros(len(x0), 1, 1, 1), eps)
     f_t64 = _toy_f64(net, x0.double() + np.exp(-1.1) * eps.double(), np.full(len(x0), np.exp(-1.1)))
@@ -289,6 +289,25 @@ def test_shared_dropout_masks_make_prediction_and_target_identical(kind):
     torch.manual_seed(11)
     net(x0 + t * eps, t, labels, boundary=False)
     assert torch.equal(torch.rand(8), after_shared)
+
+
+def test_cpu_target_pass_runs_only_on_samples_with_positive_r_and_keeps_their_masks():
+    net = _dropout_net()
+    loss_fn = loss_lib.ECTLoss(mapping=IdentityMapping())
+    x0 = torch.randn(4, 3, 8, 8)
+    eps = torch.randn_like(x0)
+    t, _ = loss_fn.times(torch.tensor([-0.5, 0.3, 1.0, 0.1]).reshape(-1, 1, 1, 1))
+    r = t * torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(-1, 1, 1, 1)     # r = t for samples 0 and 2, else r = 0
+    batch_sizes = []
+    net.register_forward_pre_hook(lambda module, args: batch_sizes.append(len(args[0])))
+    torch.manual_seed(3)
+    f_t, f_r = loss_fn.prediction_and_target(net, x0, t, r, eps)
+    assert batch_sizes == [4, 2]
+    torch.testing.assert_close(f_r[[0, 2]], f_t.detach()[[0, 2]], rtol=0, atol=1e-6)   # the same masks
+    assert torch.equal(f_r[[1, 3]], x0[[1, 3]])
+    torch.manual_seed(3)
+    _, fresh = loss_fn.prediction_and_target(net, x0, t, r, eps, shared_dropout=False)
+    assert (fresh[[0, 2]] - f_t.detach()[[0, 2]]).abs().max() > 1e-3
 
 
 def test_ect_loss_uses_tuning_form_of_ecm_precond():

@@ -10,6 +10,7 @@ Mapping functions (t, stage) -> r and regular weightings (t, r) -> w are compone
 name like every other component, so a new one needs no edit outside its own class.
 """
 
+import contextlib
 import inspect
 import math
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from training.networks.randomness import sharing_draws
 
 
 def reduce_loss(per_sample_loss, global_batch_size):
@@ -195,25 +197,33 @@ class ECTLoss(_NoiseLoss):
     def prediction_and_target(self, net, x0, t, r, eps, labels=None, net_kwargs=None, shared_dropout=True):
         """(f_t, f_r) of docs/ECT.md §3 steps 3-5: f_t with gradients, f_r without, same dropout masks.
 
-        The global CPU RNG state (and the CUDA RNG state of x0's device) is saved before the prediction and
-        restored for the target pass inside fork_rng, so both passes draw identical dropout masks and the
-        global streams afterwards continue exactly as if only the prediction pass had run.
-        shared_dropout=False lets the target draw fresh masks (for ablations and tests).
-        The target pass always runs on the whole batch and r = 0 samples select x0 (torch.where): asking whether
-        any r > 0 would stall the host on an accelerator every step.
+        The prediction pass records its random draws (dropout masks, label dropout) on a DrawTape
+        (training/networks/randomness.py) and the target pass replays them: identical masks without drawing twice,
+        and the global RNG streams continue exactly as after the prediction pass alone (as the official code's
+        RNG-state restore leaves them). shared_dropout=False lets the target draw fresh masks (ablations, tests).
+        Samples with r = 0 take x0 as their target. On an accelerator the target pass runs on the whole batch
+        (selecting which samples have r > 0 would stall the host every step); on the CPU, where there is no such
+        stall, it runs only on the samples with r > 0 (most of them in the first curriculum stages) and not at all
+        when there are none.
         """
         kwargs = net_kwargs or {}
-        cuda_devices = [x0.device] if x0.device.type == 'cuda' else []
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in cuda_devices]
-        f_t = net(x0 + t * eps, t, labels, **kwargs)
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
-            if shared_dropout:
-                torch.set_rng_state(cpu_state)
-                for d, state in zip(cuda_devices, cuda_states):
-                    torch.cuda.set_rng_state(state, d)
-            f_r = net(x0 + r * eps, r, labels, **kwargs).to(f_t.dtype).nan_to_num()
-        return f_t, torch.where(r > 0, f_r, x0.to(f_t.dtype))
+        with sharing_draws(net) as tape:
+            with tape.recording():
+                f_t = net(x0 + t * eps, t, labels, **kwargs)
+            rows = (r.flatten() > 0).nonzero().flatten() if x0.device.type == 'cpu' else None
+            with torch.no_grad(), (tape.replaying(rows) if shared_dropout else contextlib.nullcontext()):
+                f_r = self._target(net, x0, r, eps, labels, kwargs, rows)
+        return f_t, torch.where(r > 0, f_r.to(f_t.dtype).nan_to_num(), x0.to(f_t.dtype))
+
+    @staticmethod
+    def _target(net, x0, r, eps, labels, kwargs, rows):
+        """f(x0 + r·eps, r) for every sample (rows None) or for `rows` only (x0 elsewhere)."""
+        if rows is None:
+            return net(x0 + r * eps, r, labels, **kwargs)
+        f_r = x0.clone()
+        if len(rows):
+            f_r[rows] = net(x0[rows] + r[rows] * eps[rows], r[rows], None if labels is None else labels[rows], **kwargs).to(x0.dtype)
+        return f_r
 
     # docs/ECT.md §3 steps 6-8: L = w(t, r)·(sqrt(‖f_t − f_r‖² + c²) − c).
     def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, net_kwargs=None):

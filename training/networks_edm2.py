@@ -21,6 +21,7 @@ import torch
 from dnnlib.util import UserError
 from torch_utils import persistence
 from training.networks.precond import label_input, skip_out_scalings
+from training.networks.randomness import dropout
 
 
 # EDM2 Config D/E (Sec. 2): normalise each slice along `dim` to unit RMS; eps keeps zero slices finite.
@@ -126,6 +127,8 @@ class MPConv(torch.nn.Module):
 class Block(torch.nn.Module):
     """EDM2 Appendix B: encoder or decoder residual block with optional self-attention."""
 
+    draw_tape = None    # a training.networks.randomness.DrawTape lent for one step (ECT's shared dropout)
+
     def __init__(self,
         in_channels,                # Number of input channels.
         out_channels,               # Number of output channels.
@@ -164,7 +167,7 @@ class Block(torch.nn.Module):
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))
-        y = torch.nn.functional.dropout(y, p=self.dropout, training=self.training and self.dropout != 0)
+        y = dropout(y, self.dropout, self.training, self.draw_tape)
         return self.conv_res1(y)
 
     def forward(self, x, emb):

@@ -38,6 +38,7 @@ class TrainingOptions:
     mid_t: list = dataclasses.field(default_factory=lambda: [CIFAR10_MID_T])    # intermediate times of 2-step grids
     grid_sampler: str = 'consistency'   # consistency | edm
     find_unused_parameters: bool = False    # DDP option for networks with parameters the loss never uses
+    channels_last: bool = False         # train the network in NHWC layout (training.networks.layers.set_memory_format)
     tensorboard: bool = False           # also write TensorBoard events (scalars, grids, metrics)
     wandb: str = None                   # 'PROJECT[/RUN]': also log to Weights & Biases (training.trackers)
     resume_state: str = None            # training-state file to continue from

@@ -12,6 +12,7 @@ import threading
 import torch
 
 import dnnlib
+from torch_utils import cpu_memory
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import checkpoint
@@ -27,7 +28,10 @@ def setup_runtime(seed, precision):
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cudnn.benchmark = True
-    return dist.device()
+    device = dist.device()
+    if device.type == 'cpu':
+        cpu_memory.retain_freed_memory()   # no page faults for the step's recurring allocations
+    return device
 
 
 def resolve_precision(precision, device):

@@ -28,6 +28,7 @@ from training.callbacks import RunContext
 from training.checkpoint import TrainingState
 from training.loss import reduce_loss
 from training.methods.base import Progress
+from training.networks.layers import set_memory_format
 
 AUTOCAST_DTYPES = types.MappingProxyType(dict(fp32=None, tf32=None, bf16=torch.bfloat16, fp16=torch.float16))
 
@@ -125,6 +126,8 @@ def build_state(options, dataset, device):
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(),
                                                     **runtime.optimizer_kwargs_for(options.optimizer_kwargs, device))
     ema = dnnlib.util.construct_class_by_name(net, **options.ema_kwargs)
+    if options.channels_last:   # the trained network only: EMA copies and snapshots stay NCHW
+        set_memory_format(net, 'channels_last')
     scaler = torch.amp.GradScaler(device.type) if options.precision == 'fp16' else None
     method.setup(net, device)
     return TrainingState(net=net, ema=ema, method=method, optimizer=optimizer, scaler=scaler)

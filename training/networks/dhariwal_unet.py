@@ -7,7 +7,8 @@ from torch.nn.functional import silu
 
 from torch_utils import persistence
 from training.networks.layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, add_decoder_level,
-    add_encoder_blocks, drop_labels, encoder_step)
+    add_encoder_blocks, encoder_step, working_layout)
+from training.networks.randomness import drop_labels
 
 #----------------------------------------------------------------------------
 # Builders of the encoder and decoder, called in EDM's order.
@@ -40,6 +41,9 @@ def _adm_decoder(levels, enc, cout, num_blocks, attn_resolutions, block_kwargs):
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
+    draw_tape = None        # a training.networks.randomness.DrawTape lent for one step (label dropout)
+    memory_format = 'contiguous'    # activation layout, 'channels_last' via layers.set_memory_format
+
     def __init__(self,
         img_resolution,                     # Image resolution.
         in_channels,                        # Input image channels.
@@ -87,11 +91,12 @@ class DhariwalUNet(torch.nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, self.training))
+            emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, self.training, self.draw_tape))
         return silu(emb)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         emb = self._embed(noise_labels, class_labels, augment_labels)
+        x = working_layout(x, self.memory_format)
         skips = []
         for name, block in self.enc.items():
             x = encoder_step(name, block, x, emb)
@@ -100,4 +105,4 @@ class DhariwalUNet(torch.nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(silu(self.out_norm(x)))
+        return self.out_conv(silu(self.out_norm(x))).contiguous()

@@ -7,6 +7,7 @@ from torch.nn.functional import silu
 
 import dnnlib
 from torch_utils import persistence
+from training.networks.randomness import dropout
 
 #----------------------------------------------------------------------------
 # Weight initialisation (EDM's four schemes). `fan_in` / `fan_out` as in Glorot & Bengio / He et al.
@@ -141,12 +142,46 @@ class GroupNorm(torch.nn.Module):
 # channels are grouped as [head, channel within head, q/k/v]; softmax(q^T k / sqrt(C/heads)) v.
 
 def attention(qkv, num_heads):
+    """The attention output, in qkv's memory layout (a channels-last qkv gives a channels-last output)."""
     n, c3, h, w = qkv.shape
     c = c3 // 3
+    channels_last = is_channels_last(qkv)
     qkv = qkv.reshape(n, num_heads, c // num_heads, 3, h * w)
     q, k, v = (t.transpose(-1, -2).contiguous() for t in qkv.unbind(3))
-    a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v)   # [n, heads, h*w, c/heads]
+    if channels_last:
+        return a.transpose(1, 2).reshape(n, h, w, c).permute(0, 3, 1, 2)
     return a.transpose(-1, -2).reshape(n, c, h, w)
+
+#----------------------------------------------------------------------------
+# Memory layout of a U-Net's activations and weights: NCHW ('contiguous', the default) or NHWC ('channels_last',
+# `--channels-last` in train.py). On this project's 2-core CPU NHWC saved 2-5% of an fp32 ECT step (DDPM++ at
+# CIFAR-10 width; the convolutions run the same oneDNN kernels either way), and it makes convolution results depend
+# on the batch size at the rounding level, which would break seed-for-seed sampling at any batch size: so it is
+# opt-in, for the trained network only. On CUDA it is measured by bench/gpu_check.sh.
+
+MEMORY_FORMATS = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
+
+
+def is_channels_last(x):
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def working_layout(x, memory_format):
+    """x in a U-Net's activation layout ('contiguous' or 'channels_last')."""
+    return x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
+
+
+def set_memory_format(net, memory_format):
+    """Run every U-Net inside `net` in `memory_format`, its 4-D weights stored the same way (no per-call weight
+    reorders; values unchanged). Returns `net`."""
+    if memory_format not in MEMORY_FORMATS:
+        raise dnnlib.UserError(f'memory_format: "{memory_format}" is not one of {", ".join(MEMORY_FORMATS)}')
+    for module in net.modules():
+        if hasattr(type(module), 'memory_format'):
+            module.memory_format = memory_format
+            module.to(memory_format=MEMORY_FORMATS[memory_format])
+    return net
 
 #----------------------------------------------------------------------------
 # Residual U-Net block with optional up/down-sampling and self-attention (EDM Appendix F.2, Fig. 5;
@@ -154,6 +189,8 @@ def attention(qkv, num_heads):
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
+    draw_tape = None    # a training.networks.randomness.DrawTape lent for one step (ECT's shared dropout)
+
     def __init__(self,
         in_channels,                    # Number of input channels.
         out_channels,                   # Number of output channels.
@@ -209,7 +246,7 @@ class UNetBlock(torch.nn.Module):
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
             x = silu(self.norm1(x.add_(params)))
-        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(dropout(x, self.dropout, self.training, self.draw_tape))
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
         if self.num_heads:
@@ -271,14 +308,6 @@ class FourierEmbedding(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # Shared mapping helpers.
-
-def drop_labels(class_labels, label_dropout, training):
-    """Classifier-free-guidance label dropout (Ho & Salimans 2022): zero each sample's label with prob. label_dropout."""
-    if not (training and label_dropout):
-        return class_labels
-    keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= label_dropout
-    return class_labels * keep.to(class_labels.dtype)
-
 
 def check_choice(name, value, choices):
     if value not in choices:

@@ -7,7 +7,8 @@ from torch.nn.functional import silu
 
 from torch_utils import persistence
 from training.networks.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-    add_decoder_level, add_encoder_blocks, check_choice, drop_labels, encoder_step)
+    add_decoder_level, add_encoder_blocks, check_choice, encoder_step, working_layout)
+from training.networks.randomness import drop_labels
 
 #----------------------------------------------------------------------------
 # Builders of the three parts (mapping, encoder, decoder), called in EDM's order.
@@ -79,6 +80,9 @@ def _song_decoder(levels, enc, cout, out_channels, num_blocks, attn_resolutions,
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
+    draw_tape = None        # a training.networks.randomness.DrawTape lent for one step (label dropout)
+    memory_format = 'contiguous'    # activation layout, 'channels_last' via layers.set_memory_format
+
     def __init__(self,
         img_resolution,                     # Image resolution.
         in_channels,                        # Input image channels.
@@ -128,7 +132,7 @@ class SongUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # DDPM++ order: sines first.
         if self.map_label is not None:
-            labels = drop_labels(class_labels, self.label_dropout, self.training)
+            labels = drop_labels(class_labels, self.label_dropout, self.training, self.draw_tape)
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -169,5 +173,5 @@ class SongUNet(torch.nn.Module):
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         emb = self._embed(noise_labels, class_labels, augment_labels)
-        x, skips = self._encode(x, emb)
-        return self._decode(x, emb, skips)
+        x, skips = self._encode(working_layout(x, self.memory_format), emb)
+        return self._decode(x, emb, skips).contiguous()
