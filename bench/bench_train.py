@@ -3,12 +3,15 @@
     python bench/bench_train.py                                         # CUDA if present, cifar10-ecm, batch 128
     python bench/bench_train.py --device=cpu --batch=8 --iters=2        # a quick CPU run
     python bench/bench_train.py --precision=fp32,tf32,bf16 --batch-gpu=64
+    python bench/bench_train.py --device=cpu --batch=2 --arch-kwargs='{"model_channels":16}' --json=rows.json
 
 The step is the training loop's own (training.training_loop.training_step: forward, target pass, backward,
-nan_to_num, optimiser step) plus the EMA update, on synthetic uint8 images of the preset's resolution
-(the speed does not depend on the data or the weights). Timings are bracketed by torch.cuda.synchronize().
+nan_to_num, optimiser step) plus the EMA update, on synthetic uint8 images of the preset's resolution already
+on the device, as with --data-on-device (the speed does not depend on the data or the weights). Timings are
+bracketed by torch.cuda.synchronize(). 'auto' is resolved as the training loop does (bf16 on A100/H100).
 """
 
+import json
 import os
 import statistics
 import sys
@@ -39,10 +42,11 @@ class SyntheticData:
         self.label_dim = label_dim
 
 
-def synthetic_batches(data, batch_gpu):
-    """Endless (uint8 images, one-hot labels) micro-batches on the CPU, as the DataLoader yields them."""
+def synthetic_batches(data, batch_gpu, device='cpu'):
+    """Endless (uint8 images, one-hot labels) micro-batches on `device` (the CPU: as the DataLoader yields them)."""
     images = torch.randint(0, 256, [batch_gpu, data.num_channels, data.resolution, data.resolution], dtype=torch.uint8)
     labels = torch.eye(max(data.label_dim, 1))[torch.randint(max(data.label_dim, 1), [batch_gpu])][:, :data.label_dim]
+    images, labels = images.to(device), labels.to(device)
     while True:
         yield images, labels
 
@@ -61,7 +65,7 @@ def time_steps(options, data, precision, device, iters, warmup):
     state = tl.build_state(options.replace(precision=precision, transfer=None), data, device)
     net, optimizer, ema, scaler = state.net, state.optimizer, state.ema, state.scaler
     loss_fn, base_lr = state.method.loss, options.optimizer_kwargs['lr']
-    iterator = synthetic_batches(data, batch_gpu)
+    iterator = synthetic_batches(data, batch_gpu, device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
@@ -75,7 +79,7 @@ def time_steps(options, data, precision, device, iters, warmup):
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
-    return seconds, peak, sum(p.numel() for p in net.parameters())
+    return seconds, peak, sum(p.numel() for p in net.parameters()), precision
 
 
 def parse_precisions(text):
@@ -96,30 +100,38 @@ def parse_precisions(text):
 @click.option('--precision', 'precision_text', help='Comma list of fp32,tf32,bf16,fp16', metavar='LIST', type=str, default='fp32,tf32,bf16', show_default=True)
 @click.option('--iters', help='Timed steps per precision', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
 @click.option('--warmup', help='Untimed steps first', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
-def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text, iters, warmup):
+@click.option('--arch-kwargs', help='Network kwargs over the preset\'s, as JSON (e.g. a tiny width for a dry run)', metavar='JSON', type=str, default=None)
+@click.option('--json', 'json_path', help='Also write the rows to this JSON file', metavar='FILE', type=str, default=None)
+def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text, iters, warmup, arch_kwargs, json_path):
     """Time the ECT training step of a preset's network and loss."""
     try:
         device = dist.resolve_device(device)
-    except dnnlib.UserError as e:
+        network_kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+        options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none',
+                                               network_kwargs=network_kwargs))
+    except (dnnlib.UserError, json.JSONDecodeError) as e:
         raise click.UsageError(str(e)) from None
     precisions = parse_precisions(precision_text)
-    try:
-        options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none'))
-    except dnnlib.UserError as e:
-        raise click.ClickException(str(e)) from None
     data = SyntheticData(resolution, 3, label_dim)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     rows = []
     for precision in precisions:
-        seconds, peak, num_params = time_steps(options, data, precision, device, iters, warmup)
+        seconds, peak, num_params, resolved = time_steps(options, data, precision, device, iters, warmup)
         median = statistics.median(seconds)
-        rows.append((precision, median, batch / median, peak))
+        rows.append((precision if resolved == precision else f'{precision}={resolved}', median, batch / median, peak))
     print(f'{preset}: {options.network_kwargs["class_name"]}, {num_params / 1e6:.1f}M params, {resolution}x{resolution}, '
           f'batch {batch} (batch-gpu {batch_gpu or batch}), {name}')
     print(f'{"precision":<10}{"sec/step":>10}{"img/s":>10}{"peak GiB":>10}')
     for precision, sec, rate, peak in rows:
         peak_text = '-' if peak is None else f'{peak:.2f}'
         print(f'{precision:<10}{sec:>10.3f}{rate:>10.1f}{peak_text:>10}')
+    if json_path:
+        records = [dict(kind='train', preset=preset, precision=precision, batch=batch, batch_gpu=batch_gpu or batch,
+                        resolution=resolution, label_dim=label_dim, sec_per_step=sec, img_per_s=rate, peak_gib=peak,
+                        params_m=num_params / 1e6, device=name, iters=iters,
+                        arch_kwargs=network_kwargs) for precision, sec, rate, peak in rows]
+        with dnnlib.util.atomic_write(json_path, 'w') as f:
+            json.dump(records, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -207,8 +207,8 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
             ratios, ours, official = compare(official_root, batch, resolution, s, threads, steps, warmup, rounds,
                                              device, precision)
             lo, hi = quartiles(ratios)
-            rows.append(dict(precision=precision, stage=s, ratio_median=statistics.median(ratios), ratio_q1=lo,
-                             ratio_q3=hi, ours_s=statistics.median(ours), official_s=statistics.median(official),
+            rows.append(dict(kind='vs_official', precision=precision, stage=s, ratio_median=statistics.median(ratios),
+                             ratio_q1=lo, ratio_q3=hi, ours_s=statistics.median(ours), official_s=statistics.median(official),
                              ratios=ratios, batch=batch, device=device,
                              ours_img_per_s=batch / statistics.median(ours),
                              official_img_per_s=batch / statistics.median(official)))

@@ -1,27 +1,40 @@
-"""Correctness checks that need a CUDA device; bench/gpu_check.sh runs them with the throughput tables.
+"""Correctness checks that need a CUDA device, and the report of bench/gpu_check.sh.
 
     python bench/gpu_check.py checks                                   # shared dropout, fp16 GradScaler
-    python bench/gpu_check.py compile                                  # torch.compile vs eager (minutes)
+    python bench/gpu_check.py nosync                                   # no host sync inside training steps
+    python bench/gpu_check.py compile                                  # torch.compile vs eager, graph breaks
     torchrun --standalone --nproc_per_node=2 bench/gpu_check.py ddp    # NCCL DDP gradient equality (1 or 2 GPUs)
+    python bench/gpu_check.py report DIR --out=bench/results/NAME      # DIR/*.json -> NAME.json + NAME.md
 
-Every check prints one `PASS`/`FAIL` line with its measured numbers and the command exits with status 1 when
-any failed. The networks are small DDPM++ U-Nets (random weights) so the whole run takes seconds.
+Every check prints one `PASS`/`FAIL` (or `INFO`/`SKIP`) line with its measured numbers, appends it to
+`--json FILE` when given, and the command exits with status 1 when any failed. The networks are small DDPM++
+U-Nets (random weights) so the checks take seconds. `--allow-cpu` runs the code on the CPU (a dry run: the
+CUDA-only parts report SKIP).
 """
 
 import copy
+import glob
+import json
 import os
 import sys
+import tempfile
+import traceback
 
 import click
+import numpy as np
+import PIL.Image
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from training import runtime  # noqa: E402
+from training.compile import compile_network  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 from training.loss import ECTLoss, tuning_kwargs  # noqa: E402
+from bench import gpu_report  # noqa: E402
 from bench.bench_train import SyntheticData, synthetic_batches  # noqa: E402
 
 SMALL_NET = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16])
@@ -34,9 +47,21 @@ def small_net(device, dropout, seed=0):
     return runtime.build_network(options.network_kwargs, DATA, None, device, seed)
 
 
-def report(name, ok, detail):
-    print(f'{"PASS" if ok else "FAIL"}  {name}: {detail}', flush=True)
+RECORDS = []   # this process's check lines, written to --json at exit
+
+
+def report(name, ok, detail, status=None):
+    """Print one check line (status PASS/FAIL from `ok` unless given: INFO, SKIP) and record it."""
+    status = status or ('PASS' if ok else 'FAIL')
+    print(f'{status}  {name}: {detail}', flush=True)
+    RECORDS.append(dict(kind='check', name=name, status=status, detail=detail))
     return bool(ok)
+
+
+def write_records(path, records):
+    """`records` (a list of dicts) as a JSON file, atomically."""
+    with dnnlib.util.atomic_write(path, 'w') as f:
+        json.dump(records, f, indent=1)
 
 
 def _passes(net, device, dtype, shared):
@@ -76,11 +101,16 @@ def check_shared_dropout(device):
     return ok
 
 
-def check_grad_scaler(device):
-    """fp16 + GradScaler: overflowing steps are skipped (weights unchanged, scale backs off), later ones apply."""
+ADAM = dict(class_name='torch.optim.Adam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True)   # fused on CUDA
+
+
+def check_grad_scaler(device, optimizer=None):
+    """fp16 + GradScaler: overflowing steps are skipped (weights unchanged, scale backs off), later ones apply;
+    with the preset's RAdam (foreach) or an Adam (`optimizer`; fused on CUDA: the skip happens on the device)."""
     options = presets.resolve('cifar10-ecm', dict(transfer='none', batch=8, network_kwargs=SMALL_NET,
-                                                  precision='fp16'))
+                                                  precision='fp16', optimizer=optimizer))
     state = tl.build_state(options, DATA, device)
+    kind = type(state.optimizer).__name__ + (' fused' if state.optimizer.param_groups[0].get('fused') else '')
     state.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 40)
     net, iterator = state.net, synthetic_batches(DATA, 8)
     before = [p.detach().clone() for p in net.parameters()]
@@ -96,24 +126,87 @@ def check_grad_scaler(device):
             break
     moved = not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
-    return report('fp16 GradScaler', skipped and first_scale == 2.0 ** 39 and moved and finite,
+    return report(f'fp16 GradScaler ({kind})', skipped and first_scale == 2.0 ** 39 and moved and finite,
                   f'first step skipped: {skipped}, scale 2^40 -> {first_scale:g}, applied after {steps} steps at '
                   f'scale {state.scaler.get_scale():g}: {moved}, weights finite: {finite}')
 
 
+def write_dataset(root, num_images=64, resolution=32):
+    """An EDM-format folder of random 32x32 RGB PNGs (what the Trainer reads)."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, '00000'))
+    for i in range(num_images):
+        image = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        PIL.Image.fromarray(image).save(os.path.join(root, '00000', f'img{i:08d}.png'))
+    return root
+
+
+def _first_repo_frame(error):
+    """'file:line: code' of the innermost frame of this repository in `error`'s traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename.startswith(root)]
+    frame = frames[-1] if frames else traceback.extract_tb(error.__traceback__)[-1]
+    return f'{os.path.relpath(frame.filename, root)}:{frame.lineno}: {frame.line}'
+
+
+def check_no_sync(device, precision, optimizer=None, expect_sync=False, steps=5):
+    """Trainer.step() (the loop's own step: data on the device, loss, backward, optimiser, EMA, statistics) under
+    torch.cuda.set_sync_debug_mode('error') after 3 warm-up steps: no host synchronisation inside a step."""
+    name = f'no host sync per step ({precision}, {(optimizer or {}).get("class_name", "preset RAdam")})'
+    with tempfile.TemporaryDirectory() as tmp:
+        options = presets.resolve('cifar10-ecm', dict(
+            data=write_dataset(os.path.join(tmp, 'data')), transfer='none', batch=16, network_kwargs=SMALL_NET,
+            dropout=0.2, precision=precision, optimizer=optimizer, workers=0, data_on_device=True))
+        trainer = tl.Trainer(options, tmp)
+        for _ in range(3):
+            trainer.step()
+        if device.type != 'cuda':
+            return report(name, True, 'the steps ran; sync detection needs CUDA', status='SKIP')
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            for _ in range(steps):
+                trainer.step()
+            error = None
+        except RuntimeError as e:
+            error = e
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    resolved = trainer.run_ctx.options.precision
+    if error is None:
+        return report(name, True, f'{steps} steps in {resolved}, no synchronising CUDA call')
+    where = f'{str(error).splitlines()[0]} at {_first_repo_frame(error)}'
+    return report(name, expect_sync, f'{resolved}: {where}' + (' (expected: a non-fused optimiser under the '
+                                                              'GradScaler reads found_inf on the host)' if expect_sync else ''),
+                  status='INFO' if expect_sync else None)
+
+
+def check_graph_breaks(net, *args, **kwargs):
+    """torch._dynamo.explain of one call: PASS when the network compiles into one graph."""
+    explanation = torch._dynamo.explain(net)(*args, **kwargs)
+    reasons = sorted({str(getattr(r, 'reason', r)).splitlines()[0] for r in explanation.break_reasons})
+    torch._dynamo.reset()
+    mode = 'train' if net.training else 'eval'
+    return report(f'graph breaks ({mode})', explanation.graph_break_count == 0,
+                  f'{explanation.graph_count} graph(s), {explanation.graph_break_count} break(s)'
+                  + (f': {"; ".join(reasons[:3])}' if reasons else ''))
+
+
 def check_compile(device):
-    """torch.compile of the network (no --compile switch exists yet): eval output vs eager, and shared dropout."""
+    """torch.compile of the network: eval output vs eager, shared dropout compiled, graph breaks (dynamo)."""
     eager = small_net(device, dropout=0.5)
-    compiled = torch.compile(eager)
     x = torch.randn(16, 3, 32, 32, device=device)
     sigma = torch.rand(16, device=device) + 0.1
+    breaks_ok = [check_graph_breaks(eager.eval(), x, sigma, **tuning_kwargs(eager)),
+                 check_graph_breaks(eager.train(), x, sigma, **tuning_kwargs(eager))]
+    compiled = compile_network(eager)   # what --compile uses
     with torch.no_grad():
         eager.eval()
         diff = (compiled(x, sigma, **tuning_kwargs(eager)) - eager(x, sigma, **tuning_kwargs(eager))).abs().max().item()
         eager.train()
     torch.manual_seed(5)
     f_t, f_r, _ = _passes(compiled, device, None, True)
-    return report('compiled vs eager', diff < 1e-4 and torch.equal(f_t, f_r),
+    return all(breaks_ok) & report('compiled vs eager', diff < 1e-4 and torch.equal(f_t, f_r),
                   f'eval max|compiled - eager| = {diff:.3g}; compiled passes with r = t bit-identical: '
                   f'{torch.equal(f_t, f_r)} (max diff {(f_t - f_r).abs().max().item():.3g})')
 
@@ -147,7 +240,7 @@ def check_ddp(device, batch_size=16):
 
 @click.group()
 def main():
-    """CUDA correctness checks of the training step."""
+    """CUDA correctness checks of the training step, and the report of bench/gpu_check.sh."""
 
 
 def _device(allow_cpu):
@@ -160,34 +253,74 @@ def _device(allow_cpu):
     return device
 
 
+def _finish(results, json_path):
+    """Write this process's records to `json_path` (if given) and exit 0 when every result is true, else 1."""
+    if json_path:
+        write_records(json_path, RECORDS)
+    sys.exit(0 if all(results) else 1)
+
+
 ALLOW_CPU = click.option('--allow-cpu', help='Run on the CPU when there is no GPU (a dry run of the code)', is_flag=True)
+JSON_OUT = click.option('--json', 'json_path', help='Also write the check lines to this JSON file', metavar='FILE', type=str, default=None)
 
 
 @main.command()
 @ALLOW_CPU
-def checks(allow_cpu):
-    """Shared dropout and the fp16 GradScaler on this process's device."""
+@JSON_OUT
+def checks(allow_cpu, json_path):
+    """Shared dropout and the fp16 GradScaler (RAdam foreach, Adam fused on CUDA) on this process's device."""
     device = _device(allow_cpu)
-    results = [check_shared_dropout(device), check_grad_scaler(device)]
-    sys.exit(0 if all(results) else 1)
+    _finish([check_shared_dropout(device), check_grad_scaler(device), check_grad_scaler(device, ADAM)], json_path)
+
+
+@main.command()
+@ALLOW_CPU
+@JSON_OUT
+def nosync(allow_cpu, json_path):
+    """No host synchronisation inside steady-state training steps (fp32, auto = bf16 on CUDA, fp16 fused Adam)."""
+    device = _device(allow_cpu)
+    _finish([check_no_sync(device, 'fp32'), check_no_sync(device, 'auto'), check_no_sync(device, 'fp16', ADAM),
+             check_no_sync(device, 'fp16', expect_sync=True)], json_path)
 
 
 @main.command(name='compile')
 @ALLOW_CPU
-def compile_check(allow_cpu):
-    """torch.compile of the network against eager (compile time included: minutes)."""
-    sys.exit(0 if check_compile(_device(allow_cpu)) else 1)
+@JSON_OUT
+def compile_check(allow_cpu, json_path):
+    """torch.compile of the network against eager, and its graph breaks (compile time included)."""
+    _finish([check_compile(_device(allow_cpu))], json_path)
 
 
 @main.command()
 @ALLOW_CPU
-def ddp(allow_cpu):
-    """The DDP equality check; run under torchrun (1 or more processes, one GPU each; gloo on the CPU)."""
+@JSON_OUT
+def ddp(allow_cpu, json_path):
+    """The DDP equality check; run under torchrun (1 or more processes, one GPU each; gloo on the CPU). With
+    --json, each rank writes FILE with its rank inserted before the extension."""
     dist.init()
+    rank = dist.get_rank()
     ok = check_ddp(_device(allow_cpu))
     if dist.is_distributed():
         torch.distributed.destroy_process_group()
-    sys.exit(0 if ok else 1)
+    stem, ext = os.path.splitext(json_path) if json_path else (None, None)
+    _finish([ok], f'{stem}-rank{rank}{ext}' if json_path else None)
+
+
+@main.command(name='report')
+@click.argument('results_dir', type=click.Path(exists=True, file_okay=False))
+@click.option('--out', 'out_prefix', help='Write OUT.json and OUT.md', metavar='OUT', type=str, required=True)
+@click.option('--header', help='Lines above the tables (device, versions, budget)', metavar='TEXT', type=str, default='')
+def report_command(results_dir, out_prefix, header):
+    """Merge the JSON files of RESULTS_DIR (check lines, benchmark rows) into OUT.json and a markdown OUT.md."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
+        with open(path) as f:
+            loaded = json.load(f)
+        records += [dict(r, source=os.path.basename(path)) for r in (loaded if isinstance(loaded, list) else [loaded])]
+    write_records(out_prefix + '.json', dict(header=header, records=records))
+    with dnnlib.util.atomic_write(out_prefix + '.md', 'w') as f:
+        f.write(gpu_report.markdown(header, records))
+    print(f'wrote {out_prefix}.json and {out_prefix}.md ({len(records)} records)')
 
 
 if __name__ == '__main__':

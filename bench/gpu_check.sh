@@ -1,46 +1,105 @@
 #!/usr/bin/env bash
-# One script for a GPU machine (about 4 minutes on an H100/H200, at most 8 by the timeouts below):
+# One script for a GPU machine: at most 8 minutes (the per-section limits below add up to BUDGET_S, checked
+# before anything runs; a section past its limit is killed and reported, the others still run):
 #   1. CUDA correctness: ECT's prediction and target passes share dropout masks bit for bit (r = t, dropout 0.5;
-#      fp32/bf16/fp16), the fp16 GradScaler skips overflowing steps, DDP over NCCL (2 processes when 2 GPUs
-#      exist, else 1) gives one process's gradient;
-#   2. throughput tables: the ECT training step (DDPM++ CIFAR-10 batch 128, EDM2-S ImageNet-64 batch 64) in
-#      fp32/tf32/bf16, 1-step sampling at batch 512;
-#   3. torch.compile of the network vs eager (informational: no --compile switch exists yet).
-# Everything is printed and written to bench/results/gpu_check-<UTC time>-<GPU name>.txt; the exit status is 1
-# when any check failed or timed out.
+#      fp32/bf16/fp16), the fp16 GradScaler skips overflowing steps (RAdam foreach, Adam fused), no host sync
+#      inside steady-state training steps (torch.cuda.set_sync_debug_mode), DDP over NCCL (2 processes when 2
+#      GPUs exist, else 1) gives one process's gradient, torch.compile of the network equals eager (graph breaks
+#      reported by torch._dynamo.explain);
+#   2. throughput: the ECT training step (DDPM++ CIFAR-10 batch 128 in fp32/tf32/bf16; the official locuslab/ect
+#      arithmetic in fp32/tf32 when OFFICIAL_ECT names a checkout of it; EDM2-S ImageNet-64 batch 64) and 1-step
+#      sampling at batch 512.
+# Results: bench/results/gpu_check-<UTC time>-<GPU>.json and .md (the raw per-section JSON and the log in the
+# folder of the same name); the exit status is 1 when any check or section failed or timed out.
 #
 #   bash bench/gpu_check.sh
+#   OFFICIAL_ECT=/path/to/locuslab-ect bash bench/gpu_check.sh
+#   bash bench/gpu_check.sh --allow-cpu      # dry run of every section on the CPU: tiny sizes, limits x CPU_SCALE
 set -u
 cd "$(dirname "$0")/.."
-mkdir -p bench/results
+allow_cpu=0
+if [ "${1:-}" = --allow-cpu ]; then allow_cpu=1; fi
+
+# Per-section wall-time limits in seconds on a GPU; their sum must stay within BUDGET_S.
+BUDGET_S=480
+L_INFO=15 L_CHECKS=45 L_NOSYNC=40 L_DDP=40 L_TRAIN=60 L_OFFICIAL=70 L_IMAGENET=50 L_SAMPLING=40 L_COMPILE=75 L_REPORT=15
+total=$((L_INFO + L_CHECKS + L_NOSYNC + L_DDP + L_TRAIN + L_OFFICIAL + L_IMAGENET + L_SAMPLING + L_COMPILE + L_REPORT))
+if [ "$total" -gt "$BUDGET_S" ]; then echo "bench/gpu_check.sh: section limits add up to ${total} s > ${BUDGET_S} s" >&2; exit 2; fi
+
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'none')")
-if [ "$gpu" = none ]; then echo "bench/gpu_check.sh: no CUDA device visible" >&2; exit 2; fi
-ngpu=$(python -c "import torch; print(min(torch.cuda.device_count(), 2))")
-out="bench/results/gpu_check-$(date -u +%Y%m%d-%H%M)-${gpu}.txt"
+scale=1
+if [ "$gpu" = none ]; then
+    if [ "$allow_cpu" = 0 ]; then echo "bench/gpu_check.sh: no CUDA device visible (--allow-cpu for a CPU dry run)" >&2; exit 2; fi
+    gpu=cpu-dry-run scale=4   # CPU_SCALE: the CPU is slower; the 8-minute budget is the GPU's
+fi
+ngpu=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), 2)))")
+name="gpu_check-$(date -u +%Y%m%d-%H%M%S)-${gpu}"
+raw="bench/results/$name"
+mkdir -p "$raw"
+log="$raw/log.txt"
 status=0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
-# run SECONDS COMMAND...: print and record the command's output; a FAIL line when it fails or times out.
+# run NAME LIMIT COMMAND...: run with a time limit (x scale), log it, record exit status and seconds as JSON;
+# a failed benchmark section leaves a 'missing' row saying why.
 run() {
-    local limit=$1; shift
-    echo "== $* (limit ${limit}s)" | tee -a "$out"
+    local section=$1 limit=$(($2 * scale)); shift 2
+    echo "== $section: $* (limit ${limit}s)" | tee -a "$log"
     local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | grep -v 'FutureWarning\|DistributedDataParallel(' | tee -a "$out"
-    local rc=${PIPESTATUS[0]}
-    echo "-- ${*:1:3}: exit $rc after $((SECONDS - start)) s" | tee -a "$out"
-    if [ "$rc" -ne 0 ]; then echo "FAIL  exit $rc: $*" | tee -a "$out"; status=1; fi
+    timeout "$limit" "$@" 2>&1 | grep -v 'FutureWarning\|DistributedDataParallel(' | tee -a "$log"
+    local rc=${PIPESTATUS[0]} seconds=$((SECONDS - start))
+    echo "-- $section: exit $rc after ${seconds} s" | tee -a "$log"
+    printf '{"kind": "section", "name": "%s", "exit": %d, "seconds": %d, "limit": %d}\n' "$section" "$rc" "$seconds" "$limit" > "$raw/section-$section.json"
+    if [ "$rc" -ne 0 ]; then
+        status=1
+        local why="exit $rc after ${seconds} s"; [ "$rc" -eq 124 ] && why="timed out after ${limit} s"
+        printf '{"kind": "missing", "what": "section %s", "reason": "%s"}\n' "$section" "$why" > "$raw/missing-$section.json"
+    fi
 }
 
-run 15 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-run 15 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-run 60 python bench/gpu_check.py checks
-run 60 torchrun --standalone --nproc_per_node="$ngpu" bench/gpu_check.py ddp
-run 90 python bench/bench_train.py --preset=cifar10-ecm --batch=128 --precision=fp32,tf32,bf16 --iters=10 --warmup=3
-run 75 python bench/bench_train.py --preset=imagenet64-ecm-s --batch=64 --resolution=64 --label-dim=1000 \
-    --precision=fp32,tf32,bf16 --iters=5 --warmup=2
-for precision in fp32 tf32 bf16; do
-    run 30 python bench/bench_sampling.py --batch=512 --precision="$precision" --iters=10
-done
-run 90 python bench/gpu_check.py compile
-echo "== summary: $(grep -c '^PASS' "$out") PASS, $(grep -c '^FAIL' "$out") FAIL; written to $out" | tee -a "$out"
+if [ "$scale" = 1 ]; then
+    run info "$L_INFO" nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    dev=--device=cuda
+    train_sizes=(--batch=128 --iters=10 --warmup=3)
+    imagenet_sizes=(--batch=64 --resolution=64 --iters=5 --warmup=2)
+    sampling_sizes=(--batch=512 --iters=10 --warmup=3)
+    official_sizes=(--device=cuda --batch=128 --rounds=1 --steps=10 --warmup=3 --precision=fp32,tf32)
+    cpu_flag=()
+else
+    dev=--device=cpu
+    train_sizes=(--batch=2 --iters=1 --warmup=0 '--arch-kwargs={"model_channels":16,"channel_mult":[1,2],"num_blocks":1,"attn_resolutions":[16]}')
+    imagenet_sizes=(--batch=2 --resolution=16 --iters=1 --warmup=0 '--arch-kwargs={"model_channels":16,"channel_mult":[1,2],"num_blocks":1,"attn_resolutions":[8]}')
+    sampling_sizes=(--batch=2 --iters=1 --warmup=0)
+    official_sizes=(--device=cpu --batch=2 --rounds=1 --steps=1 --warmup=0 --precision=fp32)
+    cpu_flag=(--allow-cpu)
+fi
+versions=$(python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())")
+echo "$versions" | tee -a "$log"
+
+run checks "$L_CHECKS" python bench/gpu_check.py checks "${cpu_flag[@]}" --json="$raw/checks.json"
+run nosync "$L_NOSYNC" python bench/gpu_check.py nosync "${cpu_flag[@]}" --json="$raw/nosync.json"
+run ddp "$L_DDP" torchrun --standalone --nproc_per_node="$ngpu" bench/gpu_check.py ddp "${cpu_flag[@]}" --json="$raw/ddp.json"
+run train "$L_TRAIN" python bench/bench_train.py --preset=cifar10-ecm "$dev" --precision=fp32,tf32,bf16 "${train_sizes[@]}" \
+    --json="$raw/train-cifar10.json"
+if [ -n "${OFFICIAL_ECT:-}" ] && [ -f "${OFFICIAL_ECT}/training/loss.py" ]; then
+    run official "$L_OFFICIAL" python bench/bench_vs_official.py --official-root="$OFFICIAL_ECT" "${official_sizes[@]}" \
+        --out="$raw/vs-official.json"
+else
+    reason="OFFICIAL_ECT is not set to a checkout of locuslab/ect (got '${OFFICIAL_ECT:-}'): no official rows"
+    echo "== official: skipped: $reason" | tee -a "$log"
+    printf '{"kind": "missing", "what": "ECT train step, DDPM++ CIFAR-10 (official locuslab/ect arithmetic)", "reason": "%s"}\n' "$reason" > "$raw/missing-official.json"
+fi
+run imagenet "$L_IMAGENET" python bench/bench_train.py --preset=imagenet64-ecm-s "$dev" --label-dim=1000 \
+    --precision=fp32,tf32,bf16 "${imagenet_sizes[@]}" --json="$raw/train-imagenet64.json"
+run sampling "$L_SAMPLING" python bench/bench_sampling.py "$dev" --precision=fp32,tf32,bf16 "${sampling_sizes[@]}" \
+    --json="$raw/sampling.json"
+run compile "$L_COMPILE" python bench/gpu_check.py compile "${cpu_flag[@]}" --json="$raw/compile.json"
+
+fails=$(cat "$raw"/*.json | grep -c '"status": "FAIL"')
+header="device: ${gpu}; ${versions}
+budget: ${total} s of section limits (x${scale}) within ${BUDGET_S} s; wall time so far ${SECONDS} s
+official checkout: ${OFFICIAL_ECT:-none} $( [ -n "${OFFICIAL_ECT:-}" ] && git -C "$OFFICIAL_ECT" rev-parse --short HEAD 2>/dev/null)"
+run report "$L_REPORT" python bench/gpu_check.py report "$raw" --out="bench/results/$name" --header="$header"
+if [ "$fails" -ne 0 ]; then status=1; fi
+echo "== summary: $fails failed check(s), exit $status, ${SECONDS} s; bench/results/$name.md" | tee -a "$log"
 exit $status
