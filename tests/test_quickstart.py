@@ -169,9 +169,11 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
     assert options['metrics'] == ['fd_randnet', 'two_step_fd_randnet']
     assert options['eval_init_metrics'] == ['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet']
     assert options['total_kimg'] / options['tick_kimg'] / method['double_ticks'] >= 2   # the curriculum advances
-    # The sizes the README and the preset's comment state: 48 kimg at batch 32, a stage every 4 ticks, EMA 0.99.
-    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], method['double_ticks']) == (48, 32, 2, 4)
+    # The sizes the README and the preset's comment state: 20 kimg at batch 16 (1250 steps), a stage every 2 ticks,
+    # EMA 0.99, and the 2-step mid_t searched on this data (1.5), not CIFAR-10's 0.821.
+    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], method['double_ticks']) == (20, 16, 2, 2)
     assert options['ema_kwargs']['beta'] == 0.99 and options['optimizer_kwargs']['lr'] == 1e-3
+    assert options['mid_t'] == [1.5]
     net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)                          # safe snapshot loader
     assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
     ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
@@ -229,7 +231,9 @@ def test_short_quickstart_run(shapes_zip, tmp_path):
     log = (run_dir / 'log.txt').read_text()
     table = log[log.index('Summary of the metric records'):]
     assert len([line for line in table.splitlines() if 'fd_randnet' in line]) == 5
-    assert checkpoint.load_network(str(run_dir / 'network-snapshot-000000.pt')).sigma_min == pytest.approx(0.003)
+    net, metadata = checkpoint.load_network_snapshot(str(run_dir / 'network-snapshot-000000.pt'))
+    assert net.sigma_min == pytest.approx(0.003)
+    assert metadata['mid_t'] == [presets.QUICKSTART_MID_T]        # 2-step grids and metrics at the preset's mid_t
 
 
 @pytest.mark.parametrize('flag, message', [('--eval-init=bogus', '--eval-init: unknown metric "bogus"'),
