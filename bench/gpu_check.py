@@ -6,8 +6,9 @@
     torchrun --standalone --nproc_per_node=2 bench/gpu_check.py ddp    # NCCL DDP gradient equality (1 or 2 GPUs)
     python bench/gpu_check.py report DIR --out=bench/results/NAME      # DIR/*.json -> NAME.json + NAME.md
 
-Every check prints one `PASS`/`FAIL` (or `INFO`/`SKIP`) line with its measured numbers, appends it to
-`--json FILE` when given, and the command exits with status 1 when any failed. The networks are small DDPM++
+Every check prints one `PASS`/`FAIL` (or `INFO`/`SKIP`) line with its measured numbers (`report` reads them back
+from gpu_check.sh's log, so a section cut short keeps the lines it printed), and the command exits with status 1
+when any failed. The networks are small DDPM++
 U-Nets (random weights) so the checks take seconds. `--allow-cpu` runs the code on the CPU (a dry run: the
 CUDA-only parts report SKIP).
 """
@@ -16,6 +17,7 @@ import copy
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -47,21 +49,18 @@ def small_net(device, dropout, seed=0):
     return runtime.build_network(options.network_kwargs, DATA, None, device, seed)
 
 
-RECORDS = []   # this process's check lines, written to --json at exit
+CHECK_LINE = re.compile(r'^(PASS|FAIL|INFO|SKIP)  ([^:]+): (.*)$')   # report()'s lines, read back by `report`
 
 
 def report(name, ok, detail, status=None):
-    """Print one check line (status PASS/FAIL from `ok` unless given: INFO, SKIP) and record it."""
-    status = status or ('PASS' if ok else 'FAIL')
-    print(f'{status}  {name}: {detail}', flush=True)
-    RECORDS.append(dict(kind='check', name=name, status=status, detail=detail))
+    """Print one check line: status PASS/FAIL from `ok` unless given (INFO, SKIP)."""
+    print(f'{status or ("PASS" if ok else "FAIL")}  {name}: {detail}', flush=True)
     return bool(ok)
 
 
-def write_records(path, records):
-    """`records` (a list of dicts) as a JSON file, atomically."""
+def write_json(path, value):
     with dnnlib.util.atomic_write(path, 'w') as f:
-        json.dump(records, f, indent=1)
+        json.dump(value, f, indent=1)
 
 
 def _passes(net, device, dtype, shared):
@@ -111,7 +110,8 @@ def check_grad_scaler(device, optimizer=None):
                                                   precision='fp16', optimizer=optimizer))
     state = tl.build_state(options, DATA, device)
     kind = type(state.optimizer).__name__ + (' fused' if state.optimizer.param_groups[0].get('fused') else '')
-    state.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 40)
+    init_exp = 40 if device.type == 'cuda' else 24   # fewer overflowing steps in a CPU dry run (slow fp16)
+    state.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** init_exp)
     net, iterator = state.net, synthetic_batches(DATA, 8)
     before = [p.detach().clone() for p in net.parameters()]
     tl.training_step(net, net, state.method.loss, state.optimizer, iterator, 1, 8, 1e-4, device, torch.float16,
@@ -126,8 +126,8 @@ def check_grad_scaler(device, optimizer=None):
             break
     moved = not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
-    return report(f'fp16 GradScaler ({kind})', skipped and first_scale == 2.0 ** 39 and moved and finite,
-                  f'first step skipped: {skipped}, scale 2^40 -> {first_scale:g}, applied after {steps} steps at '
+    return report(f'fp16 GradScaler ({kind})', skipped and first_scale == 2.0 ** (init_exp - 1) and moved and finite,
+                  f'first step skipped: {skipped}, scale 2^{init_exp} -> {first_scale:g}, applied after {steps} steps at '
                   f'scale {state.scaler.get_scale():g}: {moved}, weights finite: {finite}')
 
 
@@ -151,14 +151,14 @@ def _first_repo_frame(error):
 
 def check_no_sync(device, precision, optimizer=None, expect_sync=False, steps=5):
     """Trainer.step() (the loop's own step: data on the device, loss, backward, optimiser, EMA, statistics) under
-    torch.cuda.set_sync_debug_mode('error') after 3 warm-up steps: no host synchronisation inside a step."""
+    torch.cuda.set_sync_debug_mode('error') after warm-up steps: no host synchronisation inside a step."""
     name = f'no host sync per step ({precision}, {(optimizer or {}).get("class_name", "preset RAdam")})'
     with tempfile.TemporaryDirectory() as tmp:
         options = presets.resolve('cifar10-ecm', dict(
             data=write_dataset(os.path.join(tmp, 'data')), transfer='none', batch=16, network_kwargs=SMALL_NET,
             dropout=0.2, precision=precision, optimizer=optimizer, workers=0, data_on_device=True))
         trainer = tl.Trainer(options, tmp)
-        for _ in range(3):
+        for _ in range(3 if device.type == 'cuda' else 1):   # warm-up: cudnn.benchmark, allocator, lazy state
             trainer.step()
         if device.type != 'cuda':
             return report(name, True, 'the steps ran; sync detection needs CUDA', status='SKIP')
@@ -253,57 +253,43 @@ def _device(allow_cpu):
     return device
 
 
-def _finish(results, json_path):
-    """Write this process's records to `json_path` (if given) and exit 0 when every result is true, else 1."""
-    if json_path:
-        write_records(json_path, RECORDS)
-    sys.exit(0 if all(results) else 1)
-
-
 ALLOW_CPU = click.option('--allow-cpu', help='Run on the CPU when there is no GPU (a dry run of the code)', is_flag=True)
-JSON_OUT = click.option('--json', 'json_path', help='Also write the check lines to this JSON file', metavar='FILE', type=str, default=None)
 
 
 @main.command()
 @ALLOW_CPU
-@JSON_OUT
-def checks(allow_cpu, json_path):
+def checks(allow_cpu):
     """Shared dropout and the fp16 GradScaler (RAdam foreach, Adam fused on CUDA) on this process's device."""
     device = _device(allow_cpu)
-    _finish([check_shared_dropout(device), check_grad_scaler(device), check_grad_scaler(device, ADAM)], json_path)
+    sys.exit(0 if all([check_shared_dropout(device), check_grad_scaler(device), check_grad_scaler(device, ADAM)]) else 1)
 
 
 @main.command()
 @ALLOW_CPU
-@JSON_OUT
-def nosync(allow_cpu, json_path):
+def nosync(allow_cpu):
     """No host synchronisation inside steady-state training steps (fp32, auto = bf16 on CUDA, fp16 fused Adam)."""
     device = _device(allow_cpu)
-    _finish([check_no_sync(device, 'fp32'), check_no_sync(device, 'auto'), check_no_sync(device, 'fp16', ADAM),
-             check_no_sync(device, 'fp16', expect_sync=True)], json_path)
+    results = [check_no_sync(device, 'fp32'), check_no_sync(device, 'auto'), check_no_sync(device, 'fp16', ADAM),
+               check_no_sync(device, 'fp16', expect_sync=True)]
+    sys.exit(0 if all(results) else 1)
 
 
 @main.command(name='compile')
 @ALLOW_CPU
-@JSON_OUT
-def compile_check(allow_cpu, json_path):
+def compile_check(allow_cpu):
     """torch.compile of the network against eager, and its graph breaks (compile time included)."""
-    _finish([check_compile(_device(allow_cpu))], json_path)
+    sys.exit(0 if check_compile(_device(allow_cpu)) else 1)
 
 
 @main.command()
 @ALLOW_CPU
-@JSON_OUT
-def ddp(allow_cpu, json_path):
-    """The DDP equality check; run under torchrun (1 or more processes, one GPU each; gloo on the CPU). With
-    --json, each rank writes FILE with its rank inserted before the extension."""
+def ddp(allow_cpu):
+    """The DDP equality check; run under torchrun (1 or more processes, one GPU each; gloo on the CPU)."""
     dist.init()
-    rank = dist.get_rank()
     ok = check_ddp(_device(allow_cpu))
     if dist.is_distributed():
         torch.distributed.destroy_process_group()
-    stem, ext = os.path.splitext(json_path) if json_path else (None, None)
-    _finish([ok], f'{stem}-rank{rank}{ext}' if json_path else None)
+    sys.exit(0 if ok else 1)
 
 
 @main.command(name='report')
@@ -311,13 +297,18 @@ def ddp(allow_cpu, json_path):
 @click.option('--out', 'out_prefix', help='Write OUT.json and OUT.md', metavar='OUT', type=str, required=True)
 @click.option('--header', help='Lines above the tables (device, versions, budget)', metavar='TEXT', type=str, default='')
 def report_command(results_dir, out_prefix, header):
-    """Merge the JSON files of RESULTS_DIR (check lines, benchmark rows) into OUT.json and a markdown OUT.md."""
+    """Merge RESULTS_DIR's check lines (log.txt: also those of a section cut short by its limit) and JSON files
+    (benchmark rows, sections) into OUT.json and a markdown OUT.md."""
     records = []
+    if os.path.isfile(os.path.join(results_dir, 'log.txt')):
+        with open(os.path.join(results_dir, 'log.txt')) as f:
+            matches = [CHECK_LINE.match(line.rstrip('\n')) for line in f]
+        records += [dict(kind='check', status=m[1], name=m[2], detail=m[3]) for m in matches if m]
     for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
         with open(path) as f:
             loaded = json.load(f)
         records += [dict(r, source=os.path.basename(path)) for r in (loaded if isinstance(loaded, list) else [loaded])]
-    write_records(out_prefix + '.json', dict(header=header, records=records))
+    write_json(out_prefix + '.json', dict(header=header, records=records))
     with dnnlib.util.atomic_write(out_prefix + '.md', 'w') as f:
         f.write(gpu_report.markdown(header, records))
     print(f'wrote {out_prefix}.json and {out_prefix}.md ({len(records)} records)')

@@ -57,7 +57,7 @@ def markdown(header, records):
     sections = [r for r in records if r.get('kind') == 'section']
     lines = ['# bench/gpu_check.sh', '', *[f'    {line}' for line in header.splitlines() if line.strip()], '',
              '## Checks', '']
-    lines += _table(['status', 'check', 'detail'], [(r['status'], r['name'], r['detail'].replace('|', '/'))
+    lines += _table(['status', 'check', 'detail'], [(r['status'], r['name'], r['detail'].replace('|', '\\|'))
                                                     for r in checks])
     lines += ['', '## Throughput', '']
     lines += _table(['what', 'precision', 'batch', 'img/s', 'time per step/call', 'peak GiB'], throughput_rows(records))
