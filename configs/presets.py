@@ -18,7 +18,8 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
   grid_sampler ('consistency' | 'edm'), xflip, cache, workers, data_on_device (the whole dataset on the training
-  device, no DataLoader workers: training.device_data), find_unused_parameters, channels_last, tensorboard, wandb,
+  device, no DataLoader workers: training.device_data), compile (torch.compile the trained network; off
+  everywhere, see train.py --compile), find_unused_parameters, channels_last, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
   metric_samples (generated images per metric; None = the metric's published count);
@@ -80,7 +81,7 @@ DEFAULTS = dict(
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True),
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
-    data_on_device=False,
+    data_on_device=False, compile=False,
     find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
     eval_init_metrics=[], metric_samples=None, detector_files={}, **presets_cm.FLAG_DEFAULTS,
@@ -354,7 +355,7 @@ def build_options(o):
         snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,
         eval_ticks=o.eval_ticks, metrics=list(o.metrics), eval_init_metrics=list(o.eval_init_metrics),
         metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours,
-        seed=int(o.seed), precision=o.precision, transfer=_transfer(o),
+        seed=int(o.seed), precision=o.precision, compile=bool(o.compile), transfer=_transfer(o),
         mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
         find_unused_parameters=bool(o.find_unused_parameters), channels_last=bool(o.channels_last), metrics_ref=o.metrics_ref,
         tensorboard=bool(o.tensorboard), wandb=o.wandb or None, detector_files=dict(o.detector_files),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from training import loss_compiled
 from training.networks.randomness import sharing_draws
 
 
@@ -207,6 +208,9 @@ class ECTLoss(_NoiseLoss):
         when there are none.
         """
         kwargs = net_kwargs or {}
+        compiled = loss_compiled.compiled_network(net)
+        if compiled is not None:   # torch.compile'd (train.py --compile): the same masks by the compiled graph's RNG
+            return loss_compiled.prediction_and_target(net, compiled, x0, t, r, eps, labels, kwargs, shared_dropout)
         with sharing_draws(net) as tape:
             with tape.recording():
                 f_t = net(x0 + t * eps, t, labels, **kwargs)

@@ -34,6 +34,7 @@ class TrainingOptions:
     max_hours: float = None             # stop (with a state) after this much training time
     seed: int = 0                       # global seed
     precision: str = 'fp32'             # fp32 | tf32 | bf16 | fp16
+    compile: bool = False               # torch.compile the trained network (training.compile; off: see train.py --compile)
     transfer: str = None                # initial weights: official pickle, URL or our snapshot
     mid_t: list = dataclasses.field(default_factory=lambda: [CIFAR10_MID_T])    # intermediate times of 2-step grids
     grid_sampler: str = 'consistency'   # consistency | edm

@@ -21,6 +21,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
+from training import compile as tc
 from training import run_files
 from training import runtime
 from training import trackers
@@ -166,7 +167,9 @@ class Trainer:
             dist.print0(f'Resumed from {o.resume_state} at {state.progress.cur_nimg / 1e3:.1f} kimg, '
                         f'tick {state.progress.cur_tick}')
         self.run_ctx = RunContext(options=o, run_dir=run_dir, device=device, state=state)
-        self.ddp = runtime.wrap_ddp(state.net, device, o.find_unused_parameters)
+        # --compile: DDP around the compiled module (training/loss_compiled.py says why); state.net, the EMAs and
+        # everything saved stay the plain module.
+        self.ddp = runtime.wrap_ddp(tc.compile_network(state.net, o.compile), device, o.find_unused_parameters)
         self.data_iterator = runtime.build_data_iterator(dataset, o.data_loader_kwargs, batch_gpu, o.seed,
                                                          state.progress.cur_nimg, device, o.data_on_device)
         self.lr_schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)

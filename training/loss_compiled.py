@@ -1,0 +1,62 @@
+"""ECT's prediction and target passes through a torch.compile'd network (train.py --compile).
+
+The training loop compiles the trained network and puts DDP around the compiled module (`compiled_network`
+finds it again); EMA copies, snapshots and training states always hold the plain module. torch's DDP notes
+recommend the other order, compile(DDP(net)), whose DDPOptimizer splits the graph at gradient buckets so the
+all-reduce overlaps the backward; DDP(compile(net)) gives that overlap up (the all-reduce starts when the
+compiled backward ends) for two things: the target pass can call the compiled module without DDP (below), and
+DDP's no_sync() for gradient accumulation (torch_utils.misc.ddp_sync) works unchanged.
+
+The eager path (training.loss.ECTLoss.prediction_and_target) records the prediction pass's masks on a DrawTape
+and replays them; a compiled network draws no tape (none is lent to it): the tape's Python state (mode, cursor,
+recorded list) would be traced into the graph, making the recording and the replaying pass different graphs.
+Instead the compiled path restores the RNG state, as the official code does. Why the two passes then share
+dropout masks exactly (tested in tests/test_compile_train.py): inductor lowers every random op of a graph to its own counter-based generator, seeded by one seed tensor that
+each CALL of the compiled graph draws from torch's global generator (the CPU one, or the CUDA one of the
+device). Saving the global RNG state before the prediction pass and restoring it for the target pass therefore
+gives the target call the same seeds; and since the target runs the very same compiled graph (same kernels,
+same random offsets), it draws the same masks. The target pass runs with gradients enabled (its output
+detached) rather than under no_grad: no_grad would compile a second, inference graph (another compile, and its
+fusions may round differently), while the same graph reproduces the prediction bit for bit when r = t.
+torch._inductor.config.fallback_random is not needed (measured: the masks agree without it).
+"""
+
+import torch
+
+import dnnlib
+
+
+def check_compile(enabled, network_kwargs, device):
+    """--compile on the CPU only without dropout: torch 2.13's inductor miscompiles the networks' CPU dropout
+    (training/networks/randomness.dropout: a fused kernel reads the mask buffer, filled with NaN, before the
+    bernoulli_ fallback writes it, so every output is NaN). One UserError before any work."""
+    if enabled and device.type == 'cpu' and float(network_kwargs.get('dropout') or 0) > 0:
+        raise dnnlib.UserError(f'--compile: on the CPU, torch {torch.__version__}\'s inductor turns the networks\' '
+                               f'dropout into NaN outputs; train with --dropout=0 or without --compile')
+
+
+def compiled_network(net):
+    """The torch.compile'd module `net` is, or that DDP wraps (DDP(compile(net)), as the training loop builds it);
+    None for an eager network."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        net = net.module
+    return net if isinstance(net, torch._dynamo.eval_frame.OptimizedModule) else None
+
+
+def prediction_and_target(net, compiled, x0, t, r, eps, labels, kwargs, shared_dropout):
+    """(f_t, f_r) of docs/ECT.md §3 steps 3-5 for a compiled network: f_t through `net` (DDP or the compiled module)
+    with gradients, f_r through `compiled` (the same graph, outside DDP: a second grad-enabled call through DDP
+    would prepare its reducer for a backward that never comes), detached; same dropout masks unless
+    `shared_dropout` is False."""
+    cuda_devices = [x0.device] if x0.device.type == 'cuda' else []
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in cuda_devices]
+    f_t = net(x0 + t * eps, t, labels, **kwargs)
+    with torch.random.fork_rng(devices=cuda_devices):
+        if shared_dropout:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(cuda_devices, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+        f_r = compiled(x0 + r * eps, r, labels, **kwargs).detach()
+    f_r = f_r.to(f_t.dtype).nan_to_num()
+    return f_t, torch.where(r > 0, f_r, x0.to(f_t.dtype))
