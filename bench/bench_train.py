@@ -110,15 +110,16 @@ def parse_precisions(text):
 @click.option('--warmup', help='Untimed steps first (at least one)', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--compile', 'compile_too', help='Also time each precision with the network torch.compile\'d (train.py --compile)', is_flag=True)
 @click.option('--arch-kwargs', help='Network kwargs over the preset\'s, as JSON (e.g. a tiny width for a dry run)', metavar='JSON', type=str, default=None)
+@click.option('--channels-last', help='Train the network in NHWC layout (train.py --channels-last)', is_flag=True)
 @click.option('--json', 'json_path', help='Also write the rows to this JSON file', metavar='FILE', type=str, default=None)
 def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text, iters, warmup, compile_too, arch_kwargs,
-         json_path):
+         channels_last, json_path):
     """Time the ECT training step of a preset's network and loss."""
     try:
         device = dist.resolve_device(device)
         network_kwargs = json.loads(arch_kwargs) if arch_kwargs else None
         options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none',
-                                               network_kwargs=network_kwargs))
+                                               network_kwargs=network_kwargs, channels_last=channels_last))
         loss_compiled.check_compile(compile_too, options.network_kwargs, device)
     except (dnnlib.UserError, json.JSONDecodeError) as e:
         raise click.UsageError(str(e)) from None
@@ -131,8 +132,8 @@ def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text
             seconds, first, peak, num_params, resolved = time_steps(options, data, precision, device, iters, warmup,
                                                                     compiled)
             median = statistics.median(seconds)
-            rows.append((precision if resolved == precision else f'{precision}={resolved}',
-                         'compiled' if compiled else 'eager', median, batch / median, peak,
+            label = (precision if resolved == precision else f'{precision}={resolved}') + (' NHWC' if channels_last else '')
+            rows.append((label, 'compiled' if compiled else 'eager', median, batch / median, peak,
                          first - median if compiled else None))
     print(f'{preset}: {options.network_kwargs["class_name"]}, {num_params / 1e6:.1f}M params, {resolution}x{resolution}, '
           f'batch {batch} (batch-gpu {batch_gpu or batch}), {name}')
@@ -145,7 +146,7 @@ def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text
         records = [dict(kind='train', preset=preset, precision=precision, mode=mode, batch=batch,
                         batch_gpu=batch_gpu or batch, resolution=resolution, label_dim=label_dim, sec_per_step=sec,
                         img_per_s=rate, peak_gib=peak, compile_sec=compile_sec, params_m=num_params / 1e6, device=name,
-                        iters=iters, arch_kwargs=network_kwargs)
+                        iters=iters, arch_kwargs=network_kwargs, channels_last=channels_last)
                    for precision, mode, sec, rate, peak, compile_sec in rows]
         with dnnlib.util.atomic_write(json_path, 'w') as f:
             json.dump(records, f, indent=1)

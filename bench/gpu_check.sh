@@ -6,7 +6,7 @@
 #      inside steady-state training steps (torch.cuda.set_sync_debug_mode), DDP over NCCL (2 processes when 2
 #      GPUs exist, else 1) gives one process's gradient, torch.compile of the network equals eager (graph breaks
 #      reported by torch._dynamo.explain);
-#   2. throughput: the ECT training step (DDPM++ CIFAR-10 batch 128 in fp32/tf32/bf16; the official locuslab/ect
+#   2. throughput: the ECT training step (DDPM++ CIFAR-10 batch 128 in fp32/tf32/bf16, bf16 NHWC; the official locuslab/ect
 #      arithmetic in fp32/tf32 when OFFICIAL_ECT names a checkout of it; EDM2-S ImageNet-64 batch 64) and 1-step
 #      sampling at batch 512.
 # Results: bench/results/gpu_check-<UTC time>-<GPU>.json and .md (the raw per-section JSON and the log in the
@@ -22,8 +22,10 @@ if [ "${1:-}" = --allow-cpu ]; then allow_cpu=1; fi
 
 # Per-section wall-time limits in seconds on a GPU; their sum must stay within BUDGET_S.
 BUDGET_S=480
-L_INFO=15 L_CHECKS=45 L_NOSYNC=40 L_DDP=40 L_TRAIN=60 L_OFFICIAL=70 L_IMAGENET=50 L_SAMPLING=40 L_COMPILE=75 L_REPORT=15
-total=$((L_INFO + L_CHECKS + L_NOSYNC + L_DDP + L_TRAIN + L_OFFICIAL + L_IMAGENET + L_SAMPLING + L_COMPILE + L_REPORT))
+L_INFO=15 L_CHECKS=45 L_NOSYNC=40 L_DDP=40 L_TRAIN=60 L_TRAIN_NHWC=30 L_OFFICIAL=70 L_IMAGENET=50 L_SAMPLING=35 L_COMPILE=70
+L_REPORT=15
+total=$((L_INFO + L_CHECKS + L_NOSYNC + L_DDP + L_TRAIN + L_TRAIN_NHWC + L_OFFICIAL + L_IMAGENET + L_SAMPLING + L_COMPILE
+         + L_REPORT))
 if [ "$total" -gt "$BUDGET_S" ]; then echo "bench/gpu_check.sh: section limits add up to ${total} s > ${BUDGET_S} s" >&2; exit 2; fi
 
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'none')")
@@ -41,7 +43,7 @@ status=0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 # run NAME LIMIT COMMAND...: run with a time limit (x scale), log it, record exit status and seconds as JSON;
-# a failed benchmark section (train, official, imagenet, sampling) leaves a 'missing' row saying why.
+# a failed benchmark section (train, train_nhwc, official, imagenet, sampling) leaves a 'missing' row saying why.
 run() {
     local section=$1 limit=$(($2 * scale)); shift 2
     echo "== $section: $* (limit ${limit}s)" | tee -a "$log"
@@ -53,7 +55,7 @@ run() {
     if [ "$rc" -ne 0 ]; then
         status=1
         local why="exit $rc after ${seconds} s"; [ "$rc" -eq 124 ] && why="timed out after ${limit} s"
-        case $section in train|official|imagenet|sampling)
+        case $section in train|train_nhwc|official|imagenet|sampling)
             printf '{"kind": "missing", "what": "section %s", "reason": "%s"}\n' "$section" "$why" > "$raw/missing-$section.json";;
         esac
     fi
@@ -83,6 +85,8 @@ run nosync "$L_NOSYNC" python bench/gpu_check.py nosync "${cpu_flag[@]}"
 run ddp "$L_DDP" torchrun --standalone --nproc_per_node="$ngpu" bench/gpu_check.py ddp "${cpu_flag[@]}"
 run train "$L_TRAIN" python bench/bench_train.py --preset=cifar10-ecm "$dev" --precision=fp32,tf32,bf16 "${train_sizes[@]}" \
     --json="$raw/train-cifar10.json"
+run train_nhwc "$L_TRAIN_NHWC" python bench/bench_train.py --preset=cifar10-ecm "$dev" --precision=bf16 --channels-last \
+    "${train_sizes[@]}" --json="$raw/train-cifar10-nhwc.json"
 if [ -n "${OFFICIAL_ECT:-}" ] && [ -f "${OFFICIAL_ECT}/training/loss.py" ]; then
     run official "$L_OFFICIAL" python bench/bench_vs_official.py --official-root="$OFFICIAL_ECT" "${official_sizes[@]}" \
         --out="$raw/vs-official.json"
