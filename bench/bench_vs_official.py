@@ -2,6 +2,7 @@
 
     python bench/bench_vs_official.py --official-root=/path/to/locuslab-ect            # CPU, 1 thread, batch 4
     python bench/bench_vs_official.py --official-root=... --rounds=12 --stage=0,3 --threads=2
+    python bench/bench_vs_official.py --official-root=... --ours-precision=bf16     # ours in bf16 autocast
     python bench/bench_vs_official.py --official-root=... --device=cuda --batch=128 --precision=fp32,tf32 --rounds=1 --steps=10 --warmup=3
 
 Each round runs one process per side, alternating which side goes first, and each process times `--steps`
@@ -23,7 +24,8 @@ steady state of a run.
 
 With --device=cuda both sides run on the GPU (synthetic images already on it, like a device-resident dataset),
 each timing bracketed by torch.cuda.synchronize(); --precision=tf32 sets the TF32 switches on both sides (the
-official `--tf32`), fp32 clears them. On the CPU nothing changes: the official loss's CUDA RNG calls are pointed
+official `--tf32`), fp32 clears them. --ours-precision=bf16 runs our side in bf16 autocast (fp32 master weights
+and loss) against the official fp32/TF32 step: our default on CUDA, and on CPUs with native bf16 an opt-in. On the CPU nothing changes: the official loss's CUDA RNG calls are pointed
 at the CPU generator, as before.
 """
 
@@ -103,7 +105,7 @@ def official_worker(root, batch, resolution, stage, steps, warmup, device):
 
 def ours_worker(batch, resolution, stage, steps, warmup, device, precision):
     """Seconds per step of training.training_loop.training_step (cifar10-ecm preset, no transfer) in `precision`
-    (fp32 or tf32: the official code's arithmetic)."""
+    (fp32 or tf32: the official code's arithmetic; bf16: our autocast)."""
     sys.path.insert(0, REPO_ROOT)
     import torch
     from configs import presets
@@ -120,13 +122,16 @@ def ours_worker(batch, resolution, stage, steps, warmup, device, precision):
     data = _batches(torch, batch, resolution, device)
     lr = options.optimizer_kwargs['lr']
 
+    autocast_dtype = tl.AUTOCAST_DTYPES[options.precision]
+
     def step():
-        tl.training_step(state.net, state.net, state.method.loss, state.optimizer, data, 1, batch, lr, device)
+        tl.training_step(state.net, state.net, state.method.loss, state.optimizer, data, 1, batch, lr, device,
+                         autocast_dtype, state.scaler)
         state.ema.update(batch, batch)
     return _time(step, steps, warmup, device)
 
 
-def run_worker(side, official_root, batch, resolution, stage, threads, steps, warmup, device, precision):
+def run_worker(side, official_root, batch, resolution, stage, threads, steps, warmup, device, precision, ours_precision):
     """One process's timing as a dict (run in a subprocess by the parent)."""
     import torch
     torch.set_num_threads(threads)
@@ -137,13 +142,14 @@ def run_worker(side, official_root, batch, resolution, stage, threads, steps, wa
     if side == 'official':
         seconds = official_worker(official_root, batch, resolution, stage, steps, warmup, device)
     else:
-        seconds = ours_worker(batch, resolution, stage, steps, warmup, device, precision)
+        seconds = ours_worker(batch, resolution, stage, steps, warmup, device, ours_precision or precision)
     return dict(side=side, stage=stage, seconds=seconds, median=statistics.median(seconds))
 
 
 def spawn(side, args):
     env = dict(os.environ, OMP_NUM_THREADS=str(args['threads']), MKL_NUM_THREADS=str(args['threads']))
-    cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}'] + [f'--{k.replace("_", "-")}={v}' for k, v in args.items()]
+    cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}'] + [f'--{k.replace("_", "-")}={v}' for k, v in args.items()
+                                                                 if v is not None]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise click.ClickException(f'{side} worker failed:\n{out.stderr[-3000:]}')
@@ -157,10 +163,11 @@ def quartiles(values):
     return q[0], q[2]
 
 
-def compare(official_root, batch, resolution, stage, threads, steps, warmup, rounds, device='cpu', precision='fp32'):
+def compare(official_root, batch, resolution, stage, threads, steps, warmup, rounds, device='cpu', precision='fp32',
+            ours_precision=None):
     """Per-round ours/official ratios at one stage, sides alternating which runs first."""
     args = dict(official_root=official_root, batch=batch, resolution=resolution, stage=stage, threads=threads,
-                steps=steps, warmup=warmup, device=device, precision=precision)
+                steps=steps, warmup=warmup, device=device, precision=precision, ours_precision=ours_precision)
     ratios, ours, official = [], [], []
     for i in range(rounds):
         order = ('ours', 'official') if i % 2 == 0 else ('official', 'ours')
@@ -185,8 +192,10 @@ def compare(official_root, batch, resolution, stage, threads, steps, warmup, rou
 @click.option('--out', help='Also write the table as JSON here', metavar='FILE', type=str, default=None)
 @click.option('--device', help='Where both sides run', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
 @click.option('--precision', 'precision_text', help='Comma list of fp32,tf32 (the official arithmetic: --tf32 off/on)', metavar='LIST', type=str, default='fp32', show_default=True)
+@click.option('--ours-precision', help='Our side only: fp32, tf32 or bf16  [default: --precision]', type=click.Choice(['fp32', 'tf32', 'bf16']), default=None)
 @click.option('--worker', help='(internal) run one side and print its timing', type=click.Choice(['ours', 'official']), default=None, hidden=True)
-def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds, out, device, precision_text, worker):
+def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds, out, device, precision_text, ours_precision,
+         worker):
     """Time our ECT step against the official one, interleaved, and print ours/official."""
     if not os.path.isfile(os.path.join(official_root, 'training', 'loss.py')):
         raise click.BadParameter(f'{official_root} has no training/loss.py; expected a checkout of locuslab/ect', param_hint='--official-root')
@@ -199,24 +208,25 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
         raise click.BadParameter(f'"{precision_text}" is not a comma list of fp32, tf32', param_hint='--precision')
     if worker is not None:
         print(json.dumps(run_worker(worker, official_root, batch, resolution, stages[0], threads, steps, warmup,
-                                    device, precisions[0])))
+                                    device, precisions[0], ours_precision)))
         return
     rows = []
     for precision in precisions:
         for s in stages:
             ratios, ours, official = compare(official_root, batch, resolution, s, threads, steps, warmup, rounds,
-                                             device, precision)
+                                             device, precision, ours_precision)
             lo, hi = quartiles(ratios)
-            rows.append(dict(kind='vs_official', precision=precision, stage=s, ratio_median=statistics.median(ratios),
-                             ratio_q1=lo, ratio_q3=hi, ours_s=statistics.median(ours), official_s=statistics.median(official),
+            rows.append(dict(kind='vs_official', precision=precision, ours_precision=ours_precision or precision, stage=s,
+                             ratio_median=statistics.median(ratios), ratio_q1=lo, ratio_q3=hi,
+                             ours_s=statistics.median(ours), official_s=statistics.median(official),
                              ratios=ratios, batch=batch, device=device,
                              ours_img_per_s=batch / statistics.median(ours),
                              official_img_per_s=batch / statistics.median(official)))
     print(f'ECT step, DDPM++ {resolution}x{resolution} batch {batch}, {device}, {threads} thread(s), {rounds} rounds '
           f'x {steps} steps ({os.uname().machine}, torch threads {threads})')
-    print(f'{"precision":>9}{"stage":>6}{"ours s":>10}{"official s":>12}{"ours/official":>15}{"IQR":>16}')
+    print(f'{"official":>9}{"ours":>6}{"stage":>6}{"ours s":>10}{"official s":>12}{"ours/official":>15}{"IQR":>16}')
     for r in rows:
-        print(f'{r["precision"]:>9}{r["stage"]:>6}{r["ours_s"]:>10.3f}{r["official_s"]:>12.3f}{r["ratio_median"]:>15.3f}'
+        print(f'{r["precision"]:>9}{r["ours_precision"]:>6}{r["stage"]:>6}{r["ours_s"]:>10.3f}{r["official_s"]:>12.3f}{r["ratio_median"]:>15.3f}'
               f'{r["ratio_q1"]:>8.3f}-{r["ratio_q3"]:.3f}')
     if out:
         with open(out, 'w') as f:
