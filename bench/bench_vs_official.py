@@ -103,7 +103,7 @@ def official_worker(root, batch, resolution, stage, steps, warmup, device):
     return _time(step, steps, warmup, device)
 
 
-def ours_worker(batch, resolution, stage, steps, warmup, device, precision):
+def ours_worker(batch, resolution, stage, steps, warmup, device, precision, channels_last=False):
     """Seconds per step of training.training_loop.training_step (cifar10-ecm preset, no transfer) in `precision`
     (fp32 or tf32: the official code's arithmetic; bf16: our autocast)."""
     sys.path.insert(0, REPO_ROOT)
@@ -111,7 +111,8 @@ def ours_worker(batch, resolution, stage, steps, warmup, device, precision):
     from configs import presets
     from training import runtime
     from training import training_loop as tl
-    options = presets.resolve('cifar10-ecm', dict(batch=batch, transfer='none', precision=precision))
+    options = presets.resolve('cifar10-ecm', dict(batch=batch, transfer='none', precision=precision,
+                                                  channels_last=channels_last))
     runtime.setup_runtime(0, options.precision)
 
     class Data:
@@ -131,7 +132,8 @@ def ours_worker(batch, resolution, stage, steps, warmup, device, precision):
     return _time(step, steps, warmup, device)
 
 
-def run_worker(side, official_root, batch, resolution, stage, threads, steps, warmup, device, precision, ours_precision):
+def run_worker(side, official_root, batch, resolution, stage, threads, steps, warmup, device, precision, ours_precision,
+               channels_last=False):
     """One process's timing as a dict (run in a subprocess by the parent)."""
     import torch
     torch.set_num_threads(threads)
@@ -142,7 +144,7 @@ def run_worker(side, official_root, batch, resolution, stage, threads, steps, wa
     if side == 'official':
         seconds = official_worker(official_root, batch, resolution, stage, steps, warmup, device)
     else:
-        seconds = ours_worker(batch, resolution, stage, steps, warmup, device, ours_precision or precision)
+        seconds = ours_worker(batch, resolution, stage, steps, warmup, device, ours_precision or precision, channels_last)
     return dict(side=side, stage=stage, seconds=seconds, median=statistics.median(seconds))
 
 
@@ -164,10 +166,11 @@ def quartiles(values):
 
 
 def compare(official_root, batch, resolution, stage, threads, steps, warmup, rounds, device='cpu', precision='fp32',
-            ours_precision=None):
+            ours_precision=None, channels_last=False):
     """Per-round ours/official ratios at one stage, sides alternating which runs first."""
     args = dict(official_root=official_root, batch=batch, resolution=resolution, stage=stage, threads=threads,
-                steps=steps, warmup=warmup, device=device, precision=precision, ours_precision=ours_precision)
+                steps=steps, warmup=warmup, device=device, precision=precision, ours_precision=ours_precision,
+                channels_last=channels_last)
     ratios, ours, official = [], [], []
     for i in range(rounds):
         order = ('ours', 'official') if i % 2 == 0 else ('official', 'ours')
@@ -193,9 +196,10 @@ def compare(official_root, batch, resolution, stage, threads, steps, warmup, rou
 @click.option('--device', help='Where both sides run', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
 @click.option('--precision', 'precision_text', help='Comma list of fp32,tf32 (the official arithmetic: --tf32 off/on)', metavar='LIST', type=str, default='fp32', show_default=True)
 @click.option('--ours-precision', help='Our side only: fp32, tf32 or bf16  [default: --precision]', type=click.Choice(['fp32', 'tf32', 'bf16']), default=None)
+@click.option('--channels-last', help='Our side trains in NHWC (train.py --channels-last)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--worker', help='(internal) run one side and print its timing', type=click.Choice(['ours', 'official']), default=None, hidden=True)
 def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds, out, device, precision_text, ours_precision,
-         worker):
+         channels_last, worker):
     """Time our ECT step against the official one, interleaved, and print ours/official."""
     if not os.path.isfile(os.path.join(official_root, 'training', 'loss.py')):
         raise click.BadParameter(f'{official_root} has no training/loss.py; expected a checkout of locuslab/ect', param_hint='--official-root')
@@ -208,15 +212,16 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
         raise click.BadParameter(f'"{precision_text}" is not a comma list of fp32, tf32', param_hint='--precision')
     if worker is not None:
         print(json.dumps(run_worker(worker, official_root, batch, resolution, stages[0], threads, steps, warmup,
-                                    device, precisions[0], ours_precision)))
+                                    device, precisions[0], ours_precision, channels_last)))
         return
     rows = []
     for precision in precisions:
         for s in stages:
             ratios, ours, official = compare(official_root, batch, resolution, s, threads, steps, warmup, rounds,
-                                             device, precision, ours_precision)
+                                             device, precision, ours_precision, channels_last)
             lo, hi = quartiles(ratios)
-            rows.append(dict(kind='vs_official', precision=precision, ours_precision=ours_precision or precision, stage=s,
+            rows.append(dict(kind='vs_official', precision=precision, ours_precision=ours_precision or precision,
+                             channels_last=channels_last, stage=s,
                              ratio_median=statistics.median(ratios), ratio_q1=lo, ratio_q3=hi,
                              ours_s=statistics.median(ours), official_s=statistics.median(official),
                              ratios=ratios, batch=batch, device=device,
