@@ -30,7 +30,6 @@ from configs import presets
 from configs import presets_cm
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import loss_compiled
 from training import run_dirs
 from training.cli_common import parse_float_list, user_errors
 
@@ -173,7 +172,6 @@ def check_data(options, data_source=None, check_images=True):
         from training import device_data
         device_data.check_device_data(dataset, dist.device())
     check_network_kwargs(options.network_kwargs, dataset)
-    loss_compiled.check_compile(options.compile, options.network_kwargs, dist.device())
     check_transfer(options, dataset)
     return dataset.name
 

@@ -12,8 +12,7 @@ on the device, as with --data-on-device (the speed does not depend on the data o
 bracketed by torch.cuda.synchronize(). 'auto' is resolved as the training loop does (bf16 on A100/H100).
 With --compile every precision is timed twice, eager and with the network torch.compile'd as train.py --compile
 does; the first step (where the compile happens) is never among the timed ones and is reported on its own:
-'compile s' is the first step's time minus the median step. On the CPU it needs dropout 0
-(--arch-kwargs='{"dropout":0}'; training.loss_compiled.check_compile says why).
+'compile s' is the first step's time minus the median step.
 """
 
 import json
@@ -31,7 +30,6 @@ import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from training import compile as tc  # noqa: E402
-from training import loss_compiled  # noqa: E402
 from training import runtime  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 
@@ -120,7 +118,6 @@ def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text
         network_kwargs = json.loads(arch_kwargs) if arch_kwargs else None
         options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none',
                                                network_kwargs=network_kwargs, channels_last=channels_last))
-        loss_compiled.check_compile(compile_too, options.network_kwargs, device)
     except (dnnlib.UserError, json.JSONDecodeError) as e:
         raise click.UsageError(str(e)) from None
     precisions = parse_precisions(precision_text)

@@ -18,24 +18,12 @@ gives the target call the same seeds; and since the target runs the very same co
 same random offsets), it draws the same masks. The target pass runs with gradients enabled (its output
 detached) rather than under no_grad: no_grad would compile a second, inference graph (another compile, and its
 fusions may round differently), while the same graph reproduces the prediction bit for bit when r = t.
-torch._inductor.config.fallback_random is not needed. Measured on the CPU with r = t at dropout 0.5 (bit for bit)
-while the networks used torch.nn.functional.dropout; their present CPU dropout (randomness.dropout,
-empty().bernoulli_()) is miscompiled by inductor (check_compile), so tests/test_compile_train.py covers the
-compiled passes at dropout 0 and bench/gpu_check.py is where dropout > 0 compiled is checked (CUDA).
+torch._inductor.config.fallback_random is not needed. Under compilation the networks' dropout draws its masks
+functionally (training/networks/randomness.dropout: inductor mis-orders the eager path's in-place bernoulli_);
+tests/test_compile_train.py checks r = t bit for bit at dropout 0.5, compiled and eager.
 """
 
 import torch
-
-import dnnlib
-
-
-def check_compile(enabled, network_kwargs, device):
-    """--compile on the CPU only without dropout: torch 2.13's inductor miscompiles the networks' CPU dropout
-    (training/networks/randomness.dropout: a fused kernel reads the mask buffer, filled with NaN, before the
-    bernoulli_ fallback writes it, so every output is NaN). One UserError before any work."""
-    if enabled and device.type == 'cpu' and float(network_kwargs.get('dropout') or 0) > 0:
-        raise dnnlib.UserError(f'--compile: on the CPU, torch {torch.__version__}\'s inductor turns the networks\' '
-                               f'dropout into NaN outputs; train with --dropout=0 or without --compile')
 
 
 def compiled_network(net):

@@ -91,6 +91,10 @@ def dropout(x, p, training, tape=None):
     keep = 1 - p
 
     def make():
+        if torch.compiler.is_compiling():
+            # torch 2.13's inductor runs the in-place bernoulli_ of an empty buffer after the kernel that reads
+            # it (NaN outputs on the CPU): a functional draw there (its own masks, shared by the compiled passes).
+            return (torch.rand(x.shape, dtype=x.dtype, device=x.device) < keep).to(x.dtype) / keep
         return torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
     return x * draw(tape, make)
 
