@@ -68,6 +68,24 @@ def set_rng_states(states):
 #----------------------------------------------------------------------------
 # Parameters, buffers and DDP.
 
+class TorchRNGSnapshot:
+    """torch's global CPU generator state and, for a CUDA `device`, that device's, captured at construction.
+    `replay(fn)` runs fn() from those states inside fork_rng: fn draws what the code after the capture drew, and
+    the streams continue afterwards as if fn had not run (a second pass sharing the first pass's random draws)."""
+
+    def __init__(self, device):
+        self.devices = [device] if device.type == 'cuda' else []
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_states = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def replay(self, fn):
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu_state)
+            for device, state in zip(self.devices, self.cuda_states):
+                torch.cuda.set_rng_state(state, device)
+            return fn()
+
+
 def to_device_async(tensor, device):
     """`tensor` on `device`; CPU to CUDA through pinned memory without blocking, so the host prepares the next
     batch while the device works instead of waiting for its queue to drain first."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
+from torch_utils import misc
 from training.loss import tuning_kwargs
 
 WEIGHT_SCHEDULES = ('snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
@@ -138,21 +139,6 @@ def call_net(net, x, t, labels, edm_form=False):
     return net(x, t, labels, **(tuning_kwargs(net) if edm_form else {}))
 
 
-def _rng_devices(x):
-    return [x.device] if x.device.type == 'cuda' else []
-
-
-def _target_pass(target_fn, cpu_state, cuda_states, devices, shared_dropout):
-    """The target network's pass, with the student's dropout masks (RNG states restored) when shared."""
-    if not shared_dropout:
-        return target_fn()
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(cpu_state)
-        for device, state in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(state, device)
-        return target_fn()
-
-
 # Consistency Models Alg. 2 (CD) and Alg. 3 (CT), eq. 7: λ(t_n)·d(f_θ(x_{t_n}, t_n), f_θ⁻(x̂_{t_{n+1}}, t_{n+1})).
 def consistency_loss(net, target, x0, noise, indices, num_scales, labels=None, teacher=None, solver='heun',
                      loss_norm='l2', weight_schedule='uniform', lpips=None, shared_dropout=True,
@@ -166,16 +152,17 @@ def consistency_loss(net, target, x0, noise, indices, num_scales, labels=None, t
     grid = dict(denominator=num_scales - 1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     t, t_next = level_sigma(indices, **grid), level_sigma(indices + 1, **grid)
     x_t = x0 + noise * _col(t, x0.ndim)
-    devices = _rng_devices(x0)
-    cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+    rng = misc.TorchRNGSnapshot(x0.device)
     student = call_net(net, x_t, t, labels)
     if teacher is None:
         x_next = ode_step(x_t, t, t_next, lambda x, s: x0, 'euler')
     else:
         x_next = ode_step(x_t, t, t_next, lambda x, s: call_net(teacher, x, s, labels, edm_form=True), solver)
+
+    def target_pass():
+        return call_net(target, x_next.detach(), t_next, labels)
     with torch.no_grad():
-        target_out = _target_pass(lambda: call_net(target, x_next.detach(), t_next, labels),
-                                  cpu_state, cuda_states, devices, shared_dropout).detach()
+        target_out = (rng.replay(target_pass) if shared_dropout else target_pass()).detach()
     weights = get_weightings(weight_schedule, t ** -2, sigma_data)
     return distance(loss_norm, student, target_out.to(student.dtype), lpips) * weights
 

@@ -25,6 +25,8 @@ tests/test_compile_train.py checks r = t bit for bit at dropout 0.5, compiled an
 
 import torch
 
+from torch_utils import misc
+
 
 def compiled_network(net):
     """The torch.compile'd module `net` is, or that DDP wraps (DDP(compile(net)), as the training loop builds it);
@@ -39,15 +41,11 @@ def prediction_and_target(net, compiled, x0, t, r, eps, labels, kwargs, shared_d
     with gradients, f_r through `compiled` (the same graph, outside DDP: a second grad-enabled call through DDP
     would prepare its reducer for a backward that never comes), detached; same dropout masks unless
     `shared_dropout` is False."""
-    cuda_devices = [x0.device] if x0.device.type == 'cuda' else []
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in cuda_devices]
+    rng = misc.TorchRNGSnapshot(x0.device)
     f_t = net(x0 + t * eps, t, labels, **kwargs)
-    with torch.random.fork_rng(devices=cuda_devices):
-        if shared_dropout:
-            torch.set_rng_state(cpu_state)
-            for d, state in zip(cuda_devices, cuda_states):
-                torch.cuda.set_rng_state(state, d)
-        f_r = compiled(x0 + r * eps, r, labels, **kwargs).detach()
+
+    def target():
+        return compiled(x0 + r * eps, r, labels, **kwargs).detach()
+    f_r = rng.replay(target) if shared_dropout else target()
     f_r = f_r.to(f_t.dtype).nan_to_num()
     return f_t, torch.where(r > 0, f_r, x0.to(f_t.dtype))
