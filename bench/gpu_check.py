@@ -75,7 +75,7 @@ def _passes(net, device, dtype, shared):
 
 
 def check_shared_dropout(device):
-    """ECT's prediction and target passes with r = t and dropout 0.5 agree bit for bit (CUDA RNG restored)."""
+    """ECT's prediction and target passes with r = t and dropout 0.5 agree bit for bit (masks replayed)."""
     net = small_net(device, dropout=0.5)
     with torch.no_grad():   # away from the (near) zero initialisation of the output layers, so masks show
         gen = torch.Generator().manual_seed(2)

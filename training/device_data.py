@@ -14,6 +14,7 @@ import psutil
 import torch
 
 import dnnlib
+from torch_utils import misc
 
 DEVICE_MEMORY_FRACTION = 0.5   # the dataset may take at most this share of the device's free memory
 LOAD_CHUNK = 4096              # images decoded on the host per copy to the device
@@ -78,8 +79,7 @@ class DeviceDataset:
     def batch(self, indices):
         """(uint8 images [B, C, H, W], float32 labels [B, label_dim]) of the items `indices` (int64 numpy), on the
         device, without waiting for it (the indices travel through pinned memory on CUDA)."""
-        idx = torch.from_numpy(indices)
-        idx = idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else idx
+        idx = misc.to_device_async(torch.from_numpy(indices), self.device)
         rows = self.row_of[idx]
         images = self.images[rows]
         images = torch.where(self.mirrored[idx].view(-1, 1, 1, 1), images.flip(-1), images)
