@@ -81,6 +81,15 @@ def parse_json_dict(text, flag):
     return value
 
 
+def parse_metric_list(text):
+    """--metrics / --eval-init: None = the preset's list; '' or 'none' = no metrics; else the comma list."""
+    if text is None:
+        return None
+    if text.strip().lower() == 'none':
+        return []
+    return [m.strip() for m in text.split(',') if m.strip()]
+
+
 def cli_overrides(kw):
     """Flat option overrides (configs.presets keys) from the parsed flags; None = not given."""
     precision = kw['precision'] or ('fp16' if kw['fp16'] else 'tf32' if kw['tf32'] else None)
@@ -88,8 +97,8 @@ def cli_overrides(kw):
         raise dnnlib.UserError('--workers: there are no DataLoader workers with --data-on-device (the batches are '
                                'gathered on the device)')
     mid_t = parse_float_list(kw['mid_t'], '--mid-t')
-    metrics = [m for m in (kw['metrics'] or '').split(',') if m.strip()] or None
-    eval_init = [m for m in (kw['eval_init'] or '').split(',') if m.strip()] or None
+    metrics = parse_metric_list(kw['metrics'])
+    eval_init = parse_metric_list(kw['eval_init'])
     return dict(
         data=kw['data'], cond=kw['cond'], arch=kw['arch'], precond=kw['precond'],
         network_kwargs=parse_json_dict(kw['arch_kwargs'], '--arch-kwargs'), dropout=kw['dropout'],
@@ -359,10 +368,10 @@ def launch(options, run_dir):
 @click.option('--snap', help='Network snapshot every N ticks', metavar='TICKS', type=int)
 @click.option('--dump', help='Training state every N ticks', metavar='TICKS', type=int)
 @click.option('--sample-every', help='Sample grids every N ticks (0 = none)', metavar='TICKS', type=int)
-@click.option('--metrics', help='Comma list of metrics (e.g. fid50k_full,two_step_fid50k_full)', metavar='LIST', type=str)
+@click.option('--metrics', help='Comma list of metrics (e.g. fid50k_full,two_step_fid50k_full; "none" = none)', metavar='LIST', type=str)
 @click.option('--ref', help='Reference statistics/dataset for --metrics', metavar='NPZ|DIR', type=str)
 @click.option('--eval-every', help='Evaluate --metrics every N ticks', metavar='TICKS', type=int)
-@click.option('--eval-init', help='Comma list of metrics of the initial (e.g. transferred) network, before training', metavar='LIST', type=str)
+@click.option('--eval-init', help='Comma list of metrics of the initial (e.g. transferred) network, before training ("none" = none)', metavar='LIST', type=str)
 @click.option('--detector', help='Inception detector for the metrics: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str)
 @click.option('--vgg16', help='VGG16 detector for pr50k3_full: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str)
 @click.option('--dinov2', help='DINOv2 weights for fd_dinov2 (official .pth state dict)  [default: official URL]', metavar='PATH|URL', type=str)

@@ -241,3 +241,18 @@ def test_short_quickstart_run(shapes_zip, tmp_path):
 def test_quickstart_flag_errors_are_one_line(tmp_path, flag, message):
     result = CliRunner().invoke(train.main, ['--preset=quickstart', f'--outdir={tmp_path}', '--dry-run', flag])
     assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output
+
+
+@pytest.mark.parametrize('flag', ['none', '', 'NONE'])
+def test_empty_metric_flags_disable_the_presets_metrics(tmp_path, flag):
+    # --metrics= / --eval-init= given empty (or "none") turn the preset's lists off instead of keeping them.
+    result = CliRunner().invoke(train.main, ['--preset=quickstart', f'--outdir={tmp_path}', '--dry-run',
+                                             f'--metrics={flag}', f'--eval-init={flag}'])
+    assert result.exit_code == 0, result.output
+    with open(next(d for d in tmp_path.iterdir() if d.is_dir()) / 'training_options.json') as f:
+        options = json.load(f)
+    assert options['metrics'] == [] and options['eval_init_metrics'] == []
+    only = CliRunner().invoke(train.main, ['--preset=quickstart', f'--outdir={tmp_path / "b"}', '--dry-run',
+                                           '--metrics= fd_randnet ,'])
+    with open(next(d for d in (tmp_path / 'b').iterdir() if d.is_dir()) / 'training_options.json') as f:
+        assert only.exit_code == 0 and json.load(f)['metrics'] == ['fd_randnet']
