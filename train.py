@@ -105,7 +105,8 @@ def cli_overrides(kw):
         duration_mimg=kw['duration'], batch=kw['batch'], batch_gpu=kw['batch_gpu'], tick_kimg=kw['tick'],
         double_ticks=parse_double(kw['double']), snap_ticks=kw['snap'], dump_ticks=kw['dump'],
         sample_ticks=kw['sample_every'], eval_ticks=kw['eval_every'], metrics=metrics, metrics_ref=kw['ref'],
-        eval_init_metrics=eval_init, metric_samples=kw['metric_samples'],
+        eval_init_metrics=eval_init, eval_init_background=kw['eval_init_background'],
+        metric_samples=kw['metric_samples'],
         detector_files={k: kw[k] for k in ('detector', 'vgg16', 'dinov2') if kw[k]} or None,
         max_hours=kw['max_hours'], seed=kw['seed'], precision=precision, transfer=kw['transfer'], loss=kw['loss'],
         q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
@@ -135,10 +136,11 @@ def check_buildable(flat, preset_data):
 
 
 def ensure_data(flat, options, dry_run, preset_data):
-    """Build --data from the preset's dataset_tool source when it does not exist yet (not under --dry-run)."""
+    """Build --data from the preset's dataset_tool source when it does not exist yet (not under --dry-run);
+    True when it did (the images were just written and checked by the conversion: no need to decode them again)."""
     path = flat.data
     if flat.data_source is None or path is None or os.path.exists(path) or dry_run:
-        return
+        return False
     check_buildable(flat, preset_data)
     check_transfer_file(options.transfer)   # before the build: a typo must not cost the build first
     from training.dataset_convert import convert_dataset
@@ -146,6 +148,7 @@ def ensure_data(flat, options, dry_run, preset_data):
     if dist.get_rank() == 0:
         print(convert_dataset(flat.data_source, path, flat.data_max_images, None, None))
     dist.barrier()
+    return True
 
 
 def check_transfer(options, dataset):
@@ -287,8 +290,8 @@ def prepare(kw):
     preset_data = presets.merge(kw['preset'], {}).data
     check_buildable(flat, preset_data)
     check_extras(options)
-    ensure_data(flat, options, kw['dry_run'], preset_data)
-    dataset_name = check_data(options, flat.data_source, check_images=not kw['no_check_data'])
+    built = ensure_data(flat, options, kw['dry_run'], preset_data)
+    dataset_name = check_data(options, flat.data_source, check_images=not (kw['no_check_data'] or built))
     from training.runtime import resolve_precision   # --precision=auto -> this device's (printed below, recorded)
     options = options.replace(precision=resolve_precision(options.precision, dist.device()))
     desc = describe(options, dataset_name, kw['desc'])
@@ -371,6 +374,7 @@ def launch(options, run_dir):
 @click.option('--metrics', help='Comma list of metrics (e.g. fid50k_full,two_step_fid50k_full; "none" = none)', metavar='LIST', type=str)
 @click.option('--ref', help='Reference statistics/dataset for --metrics', metavar='NPZ|DIR', type=str)
 @click.option('--eval-every', help='Evaluate --metrics every N ticks', metavar='TICKS', type=int)
+@click.option('--eval-init-background', 'eval_init_background', help='Score the initial network in a background process while training starts (on the CPU it takes one of the threads)', metavar='BOOL', type=bool)
 @click.option('--eval-init', help='Comma list of metrics of the initial (e.g. transferred) network, before training ("none" = none)', metavar='LIST', type=str)
 @click.option('--detector', help='Inception detector for the metrics: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str)
 @click.option('--vgg16', help='VGG16 detector for pr50k3_full: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str)

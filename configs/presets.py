@@ -22,6 +22,7 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   everywhere, see train.py --compile), find_unused_parameters, channels_last, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
+  eval_init_background (score them in a background process while training starts: metrics.background),
   metric_samples (generated images per metric; None = the metric's published count);
   Consistency Models (configs/presets_cm.py): teacher, loss_norm, lpips_vgg, lpips_lin, transfer='teacher'.
 """
@@ -84,7 +85,8 @@ DEFAULTS = dict(
     data_on_device=False, compile=False,
     find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
-    eval_init_metrics=[], metric_samples=None, detector_files={}, **presets_cm.FLAG_DEFAULTS,
+    eval_init_metrics=[], eval_init_background=False, metric_samples=None, detector_files={},
+    **presets_cm.FLAG_DEFAULTS,
 )
 
 # ECT CIFAR-10 recipe (docs/ECT.md §6, official run_ecm.sh): 200k iterations at batch 128.
@@ -354,6 +356,7 @@ def build_options(o):
         batch_gpu=None if o.batch_gpu is None else int(o.batch_gpu), tick_kimg=float(o.tick_kimg),
         snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,
         eval_ticks=o.eval_ticks, metrics=list(o.metrics), eval_init_metrics=list(o.eval_init_metrics),
+        eval_init_background=bool(o.eval_init_background),
         metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours,
         seed=int(o.seed), precision=o.precision, compile=bool(o.compile), transfer=_transfer(o),
         mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,

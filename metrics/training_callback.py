@@ -2,14 +2,15 @@
 imports the metrics package).
 
 MetricsCallback evaluates the initial network before the first step (`eval_init_metrics`, not on resume) with
-its sample grids from both samplers, every EMA network each `eval_ticks` ticks and at the end (`metrics`), and
-prints a table of the records at the end (not after a pre-emption). Records go to metric-*.jsonl in the run
+its sample grids from both samplers (or, with `eval_init_background`, in a background process while training
+starts: metrics.background), every EMA network each `eval_ticks` ticks and at the end (`metrics`), and prints a
+table of the records at the end (not after a pre-emption). Records go to metric-*.jsonl in the run
 directory (metrics.metric_main.report_metric), under the snapshot names the networks have.
 """
 
 import torch
 
-from metrics import metric_main
+from metrics import background, metric_main
 from torch_utils import distributed as dist
 from training import run_files
 from training.callbacks import Callback
@@ -34,11 +35,30 @@ def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix
             dist.print0(f'{metric}{suffix}: {metric_main.format_result(result)}')
 
 
+def score_initial_network(net, metrics, metrics_ref, mid_t, run_dir, device, num_samples=None, detector_files=None,
+                          grids=True, detectors=None):
+    """The initial network's grids grid-initial-{heun,1step,...}.png (rank 0, when `grids`) and `metrics`,
+    recorded as initial-network.pt; `net` in eval mode. In the loop before the first step, or in the background
+    process of metrics.background."""
+    device = torch.device(device)
+    if grids and dist.get_rank() == 0:
+        runs = run_files.grid_runs('edm', mid_t) + run_files.grid_runs('consistency', mid_t)
+        run_files.save_grids(net.to(device), run_dir, 'grid-initial', runs, device)
+    evaluate_metrics(metrics, [('', net.to(device))], metrics_ref, mid_t, run_dir, 'initial-network', device,
+                     num_samples, detectors, detector_files)
+
+
 class MetricsCallback(Callback):
     """Metrics of the initial network, periodic metrics of the EMA networks and the summary table."""
 
     def __init__(self):
-        self.detectors = {}   # feature networks by kind, loaded once per run
+        self.detectors = {}     # feature networks by kind, loaded once per run
+        self.background = None  # the running metrics.background.InitialEvaluation (rank 0), if any
+
+    def _report_background(self):
+        lines, self.background = self.background.finish(), None
+        for line in lines:
+            dist.print0(line)
 
     def _evaluate(self, run, metrics, nets, snapshot_prefix):
         o = run.options
@@ -49,28 +69,42 @@ class MetricsCallback(Callback):
     def on_start(self, run):
         """Before training (not on resume): `eval_init_metrics` of the initial network (e.g. the transferred
         diffusion model), recorded as 'initial-network.pt', and its grids grid-initial-{tag}.png with both the EDM
-        Heun and the consistency samplers, so 'before' and 'after' come from the same code."""
+        Heun and the consistency samplers, so 'before' and 'after' come from the same code. With
+        `eval_init_background` rank 0 does this in a background process (metrics.background) instead."""
         o, net = run.options, run.state.net
         if run.state.progress.cur_nimg != 0 or not o.eval_init_metrics:
+            return
+        job = dict(metrics=list(o.eval_init_metrics), metrics_ref=o.metrics_ref, mid_t=list(o.mid_t),
+                   run_dir=run.run_dir, num_samples=o.metric_samples, detector_files=o.detector_files,
+                   grids=bool(o.sample_ticks))
+        if o.eval_init_background:
+            if dist.get_rank() == 0:
+                self.background = background.InitialEvaluation.start(net, run.run_dir, job, run.device)
             return
         was_training = net.training
         net.eval()
         try:
-            if o.sample_ticks and dist.get_rank() == 0:
-                runs = run_files.grid_runs('edm', o.mid_t) + run_files.grid_runs('consistency', o.mid_t)
-                run_files.save_grids(net, run.run_dir, 'grid-initial', runs, run.device)
-            self._evaluate(run, o.eval_init_metrics, [('', net)], 'initial-network')
+            score_initial_network(net, **job, device=run.device, detectors=self.detectors)
         finally:
             net.train(was_training)
 
     def on_tick(self, run, stopping):
+        """Reports a finished background evaluation; metrics when due (after waiting for a background evaluation
+        still running: both rewrite the metric-*.jsonl files)."""
         o, progress = run.options, run.state.progress
-        if o.metrics and (stopping or (o.eval_ticks and progress.cur_tick % o.eval_ticks == 0)):
+        due = o.metrics and (stopping or (o.eval_ticks and progress.cur_tick % o.eval_ticks == 0))
+        if self.background is not None and (due or self.background.done()):
+            self._report_background()
+        if due:
             self._evaluate(run, o.metrics, run.state.ema.get(), f'network-snapshot-{progress.cur_nimg // 1000:06d}')
 
     def on_end(self, run, outcome):
         """The metric records of the initial network and of the final snapshots, as a table (rank 0)."""
         o = run.options
+        if self.background is not None and outcome == 'preempted':
+            self.background.cancel()
+        elif self.background is not None:
+            self._report_background()
         if outcome == 'preempted' or dist.get_rank() != 0 or not (o.metrics or o.eval_init_metrics):
             return
         kimg = run.state.progress.cur_nimg // 1000

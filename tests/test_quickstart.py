@@ -188,8 +188,9 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
 def test_missing_preset_data_is_built(tmp_path):
     flat = presets.merge('quickstart', dict(data=str(tmp_path / 'built.zip')))
     flat.data_max_images = 7
-    train.ensure_data(flat, presets.build_options(flat), dry_run=False, preset_data=flat.data)
+    assert train.ensure_data(flat, presets.build_options(flat), dry_run=False, preset_data=flat.data)
     assert len(ImageFolderDataset(flat.data)) == 7
+    assert not train.ensure_data(flat, presets.build_options(flat), dry_run=False, preset_data=flat.data)  # there
     flat.update(data=str(tmp_path / 'never.zip'), transfer=str(tmp_path / 'missing.pt'))
     with pytest.raises(dnnlib.UserError, match='--transfer: no such file'):
         train.ensure_data(flat, presets.build_options(flat), dry_run=False, preset_data=flat.data)

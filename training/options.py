@@ -28,6 +28,7 @@ class TrainingOptions:
     metrics: list = dataclasses.field(default_factory=list)             # metric names (metrics callback)
     metrics_ref: str = None             # reference statistics/dataset of the metrics (metrics callback)
     eval_init_metrics: list = dataclasses.field(default_factory=list)   # metrics of the initial network (callback)
+    eval_init_background: bool = False  # score the initial network in a background process (metrics.background)
     metric_samples: int = None          # generated images per metric evaluation; None = the metric's own count
     detector_files: dict = dataclasses.field(default_factory=dict)      # metric detector files (detector, vgg16,
                                                                         # dinov2); missing = the official ones
