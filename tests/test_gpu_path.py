@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from configs import presets
+from torch_utils import distributed as dist
 from training import runtime
 
 CUDA = torch.device('cuda', 0)   # a device object only: nothing is allocated on it
@@ -101,7 +102,8 @@ def _flag_worker(rank, port, out):
     torch.distributed.init_process_group('gloo', rank=rank, world_size=2)
     try:
         group = torch.distributed.new_group(backend='gloo')
-        results = [runtime.agree_any(rank == 1, False, group=group), runtime.agree_any(rank == 0, rank == 1)]
+        results = [runtime.agree_any(rank == 1, False, group=group), runtime.agree_any(rank == 0, rank == 1),
+                   dist.all_reduce_sum(torch.tensor([rank + 1.0]), group=group).item()]
         torch.save(results, os.path.join(out, f'flags{rank}.pt'))
     finally:
         torch.distributed.destroy_process_group()
@@ -113,5 +115,5 @@ def test_agree_any_over_a_host_group(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_flag_worker, args=(port, str(tmp_path)), nprocs=2)
     for rank in range(2):
-        assert torch.load(tmp_path / f'flags{rank}.pt') == [[True, False], [True, True]]
+        assert torch.load(tmp_path / f'flags{rank}.pt') == [[True, False], [True, True], 3.0]
     assert runtime.host_flag_group() is None   # one process: nothing to agree over

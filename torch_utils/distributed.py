@@ -86,11 +86,13 @@ def barrier():
         torch.distributed.barrier()
 
 
-def all_reduce_sum(tensor):
-    """Sum `tensor` over all ranks; returns a new tensor on the tensor's own device (a copy when alone)."""
-    result = tensor.detach().to(collective_device(), copy=True)
+def all_reduce_sum(tensor, group=None):
+    """Sum `tensor` over all ranks of `group` (None = the default group; a gloo group of an NCCL run reduces in
+    host memory); returns a new tensor on the tensor's own device (a copy when alone)."""
+    on_host = group is not None and torch.distributed.get_backend(group) != 'nccl'
+    result = tensor.detach().to('cpu' if on_host else collective_device(), copy=True)
     if is_distributed():
-        torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.SUM, group=group)
     return result.to(tensor.device)
 
 

@@ -206,9 +206,4 @@ def agree_any(*flags, group=None):
     """The flags OR-ed over all ranks (one tiny all-reduce of host memory when distributed: over `group`, a
     host_flag_group(), else the default group), so every rank stops together."""
     local = torch.tensor([float(bool(f)) for f in flags])
-    if dist.get_world_size() > 1:
-        if group is not None:
-            torch.distributed.all_reduce(local, group=group)
-        else:
-            local = dist.all_reduce_sum(local)
-    return [bool(v > 0) for v in local.tolist()]
+    return [bool(v > 0) for v in dist.all_reduce_sum(local, group=group).tolist()]
