@@ -89,11 +89,11 @@ class MetricsCallback(Callback):
             net.train(was_training)
 
     def on_tick(self, run, stopping):
-        """Reports a finished background evaluation; metrics when due (after waiting for a background evaluation
-        still running: both rewrite the metric-*.jsonl files)."""
+        """Reports a finished background evaluation (waits for it on the last tick, so the tick's trackers see its
+        records, and before metrics: both rewrite the metric-*.jsonl files); metrics when due."""
         o, progress = run.options, run.state.progress
         due = o.metrics and (stopping or (o.eval_ticks and progress.cur_tick % o.eval_ticks == 0))
-        if self.background is not None and (due or self.background.done()):
+        if self.background is not None and (due or stopping or self.background.done()):
             self._report_background()
         if due:
             self._evaluate(run, o.metrics, run.state.ema.get(), f'network-snapshot-{progress.cur_nimg // 1000:06d}')

@@ -169,11 +169,12 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
     assert options['metrics'] == ['fd_randnet', 'two_step_fd_randnet']
     assert options['eval_init_metrics'] == ['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet']
     assert options['total_kimg'] / options['tick_kimg'] / method['double_ticks'] >= 2   # the curriculum advances
-    # The sizes the README and the preset's comment state: 20 kimg at batch 16 (1250 steps), a stage every 2 ticks,
-    # EMA 0.99, and the 2-step mid_t searched on this data (1.5), not CIFAR-10's 0.821.
-    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], method['double_ticks']) == (20, 16, 2, 2)
-    assert options['ema_kwargs']['beta'] == 0.99 and options['optimizer_kwargs']['lr'] == 1e-3
-    assert options['mid_t'] == [1.5]
+    # The sizes the README and the preset's comment state: 16 kimg at batch 16 (1000 steps), a stage every 2 ticks,
+    # lr 5e-4, EMA 0.995, the 2-step mid_t searched on this data (1.5), not CIFAR-10's 0.821, and the initial
+    # network scored in the background.
+    assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], method['double_ticks']) == (16, 16, 2, 2)
+    assert options['ema_kwargs']['beta'] == 0.995 and options['optimizer_kwargs']['lr'] == 5e-4
+    assert options['mid_t'] == [1.5] and options['eval_init_background'] is True
     net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)                          # safe snapshot loader
     assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
     ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
+from configs import presets
 from training import checkpoint, run_records, trackers
 from training.dataset_convert import convert_dataset
 
@@ -82,7 +83,8 @@ def test_tensorboard_events_read_back(data_zip, tmp_path):
     events = EventAccumulator(str(run_dir), size_guidance={'scalars': 0, 'images': 0})
     events.Reload()
     stats = run_records.stats_records(str(run_dir))
-    assert [s['Progress/lr']['mean'] for s in stats] == pytest.approx([1e-3, 1e-3])   # the quickstart's lr, no schedule
+    lr = presets.resolve('quickstart', {}).optimizer_kwargs['lr']
+    assert [s['Progress/lr']['mean'] for s in stats] == pytest.approx([lr, lr])   # the quickstart's lr, no schedule
     for name in ('Loss/loss', 'Progress/lr', 'Progress/stage'):
         assert [e.value for e in events.Scalars(name)] == pytest.approx([s[name]['mean'] for s in stats])
     status = [line for line in (run_dir / 'log.txt').read_text().splitlines() if line.startswith('tick ')]
