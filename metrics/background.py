@@ -8,7 +8,8 @@ and scores it in a spawned process with the same code as the in-loop path (metri
 training process gives them up until the child is done, so the two never oversubscribe the cores. The child's
 report lines are printed by the training process (so they reach log.txt) when it is found finished at a tick, and
 at the end of training the loop waits for it before the summary table. A failure in the child is raised in the
-training process as one error naming the metric run.
+training process as one error naming the metric run. A pre-emption stops the child; the run that resumes in the
+same directory (--resume=auto) scores what has no record yet from the initial-network.pt already there.
 """
 
 import contextlib
@@ -19,7 +20,9 @@ import traceback
 
 import torch
 
+from metrics import metric_main
 from torch_utils import progress
+from training import checkpoint
 
 SNAPSHOT_NAME = 'initial-network.pt'
 
@@ -30,8 +33,7 @@ def _score_snapshot(snapshot_path, job, child_threads, connection):
     torch.set_num_threads(child_threads)
     out = io.StringIO()
     try:
-        from metrics import training_callback
-        from training import checkpoint
+        from metrics import training_callback   # (imports this module)
         with contextlib.redirect_stdout(out):
             net = checkpoint.load_network(snapshot_path).eval().requires_grad_(False)
             training_callback.score_initial_network(net, **job)
@@ -51,11 +53,25 @@ class InitialEvaluation:
         self.restore_threads = restore_threads  # intra-op threads the training process gets back; None = unchanged
 
     @classmethod
-    def start(cls, net, run_dir, job, device, child_threads=1):
-        """Snapshot `net` and score it in the background with `job` (score_initial_network's keyword arguments)."""
-        from training import checkpoint
+    def start_or_resume(cls, net, run_dir, job, device, resumed):
+        """`start` for a fresh run; for a resumed one, the metrics of `job` that the snapshot of the run it
+        continues has no records of yet (its run was pre-empted before the child finished), else None."""
+        if not resumed:
+            return cls.start(net, run_dir, job, device)
         path = os.path.join(run_dir, SNAPSHOT_NAME)
-        checkpoint.save_network_snapshot(path, net)
+        done = {r['metric'] for r in metric_main.all_records(run_dir) if r.get('snapshot_pkl') == SNAPSHOT_NAME}
+        missing = [m for m in job['metrics'] if m not in done]
+        if not missing or not os.path.isfile(path):
+            return None
+        return cls.start(None, run_dir, dict(job, metrics=missing, grids=False), device)
+
+    @classmethod
+    def start(cls, net, run_dir, job, device, child_threads=1):
+        """Snapshot `net` (None: the snapshot is there already) and score it in the background with `job`
+        (score_initial_network's keyword arguments)."""
+        path = os.path.join(run_dir, SNAPSHOT_NAME)
+        if net is not None:
+            checkpoint.save_network_snapshot(path, net)
         context = multiprocessing.get_context('spawn')
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(target=_score_snapshot, args=(path, dict(job, device=str(device)), child_threads,

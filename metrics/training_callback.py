@@ -70,16 +70,18 @@ class MetricsCallback(Callback):
         """Before training (not on resume): `eval_init_metrics` of the initial network (e.g. the transferred
         diffusion model), recorded as 'initial-network.pt', and its grids grid-initial-{tag}.png with both the EDM
         Heun and the consistency samplers, so 'before' and 'after' come from the same code. With
-        `eval_init_background` rank 0 does this in a background process (metrics.background) instead."""
+        `eval_init_background` rank 0 does this in a background process (metrics.background) instead, and a
+        resumed run finishes the scores a pre-emption cut short."""
         o, net = run.options, run.state.net
-        if run.state.progress.cur_nimg != 0 or not o.eval_init_metrics:
+        if not o.eval_init_metrics or (run.state.progress.cur_nimg != 0 and not o.eval_init_background):
             return
         job = dict(metrics=list(o.eval_init_metrics), metrics_ref=o.metrics_ref, mid_t=list(o.mid_t),
                    run_dir=run.run_dir, num_samples=o.metric_samples, detector_files=o.detector_files,
                    grids=bool(o.sample_ticks))
         if o.eval_init_background:
             if dist.get_rank() == 0:
-                self.background = background.InitialEvaluation.start(net, run.run_dir, job, run.device)
+                self.background = background.InitialEvaluation.start_or_resume(
+                    net, run.run_dir, job, run.device, resumed=run.state.progress.cur_nimg != 0)
             return
         was_training = net.training
         net.eval()

@@ -89,3 +89,19 @@ def test_cancel_stops_the_child(tmp_path):
     evaluation = background.InitialEvaluation.start(net, str(tmp_path), job, torch.device('cpu'))
     evaluation.cancel()
     assert not evaluation.process.is_alive() and torch.get_num_threads() == threads
+
+
+def test_a_resumed_run_finishes_what_a_preemption_cut_short(shapes_zip, tmp_path):
+    outdir = tmp_path / 'runs'
+    run_dir, records, _ = _run(shapes_zip, outdir, '--eval-init-background=1', '--sample-every=0')
+    heun = run_dir / 'metric-fd_randnet_heun.jsonl'
+    first = heun.read_text()
+    heun.unlink()                      # as if pre-empted before the child wrote it
+    resumed_dir, resumed, output = _run(shapes_zip, outdir, '--eval-init-background=1', '--sample-every=0',
+                                        '--resume=auto', '--duration=0.000096')
+    assert resumed_dir == run_dir
+    initial = [r for r in metric_main.all_records(str(run_dir)) if r['snapshot_pkl'] == 'initial-network.pt']
+    assert sorted(r['metric'] for r in initial) == ['fd_randnet', 'fd_randnet_heun']   # each once: only the missing
+    assert resumed[('initial-network.pt', 'fd_randnet_heun')] == pytest.approx(
+        json.loads(first)['results'], rel=1e-4)
+    assert 'fd_randnet_heun: fd_randnet_heun' in output
