@@ -8,7 +8,8 @@ The copy is `git archive HEAD` of this checkout (uncommitted changes are not tim
 so nothing a previous run built or cached is reused. Phases come from the run's own output: the dataset build
 (until the run directory is announced), the start (until the first status line's tick began), tuning (the ticks'
 sec/tick), and the rest (scores after the last tick, snapshots, the summary). The last lines of each run's metric
-table are printed too, so a faster run can be checked for the same numbers.
+table are printed too, so a faster run can be checked for the same numbers; --json also keeps the status and
+metric lines with the second each was printed.
 """
 
 import json
@@ -70,7 +71,9 @@ def main(repeats, json_path, extra):
             wall, lines = timed_run(workdir, list(extra))
         split = phases(wall, lines)
         table = [line for _, line in lines if '|' in line]
-        runs.append(dict(phases=split, table=table))
+        progress = [(round(seconds, 1), line) for seconds, line in lines
+                    if line.startswith(('tick ', 'Curriculum', 'Building')) or re.match(r'\w+: \w+ [\d.]+ \(', line)]
+        runs.append(dict(phases=split, table=table, progress=progress))
         print(f'run {i}: ' + '  '.join(f'{name} {seconds:.1f} s' for name, seconds in split.items()))
         print('\n'.join(table))
     if json_path:

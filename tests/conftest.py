@@ -97,3 +97,18 @@ def zip_folder(root, dest):
                 path = os.path.join(dirpath, name)
                 zf.write(path, os.path.relpath(path, root).replace(os.sep, '/'))
     return str(dest)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Dataset statistics are cached under dnnlib's cache dir: keep the test's own (pytestmark usefixtures)."""
+    monkeypatch.setenv('ECT_CACHE_DIR', str(tmp_path / 'cache'))
+
+
+@pytest.fixture(scope='session')
+def shapes_zip(tmp_path_factory):
+    """96 images of the quickstart's procedural source (dataset_tool.py --source=procedural:shapes), read only."""
+    from training.dataset_convert import convert_dataset
+    path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
+    convert_dataset('procedural:shapes', path, 96, None, None)
+    return path

@@ -13,19 +13,9 @@ import train
 from configs import presets
 from metrics import background, metric_main
 from training import checkpoint
-from training.dataset_convert import convert_dataset
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv('ECT_CACHE_DIR', str(tmp_path / 'cache'))
-
-
-@pytest.fixture(scope='module')
-def shapes_zip(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
-    convert_dataset('procedural:shapes', path, 64, None, None)
-    return path
+pytestmark = pytest.mark.usefixtures('private_cache')
 
 
 def _run(shapes_zip, outdir, *extra):

@@ -21,17 +21,7 @@ from training.dataset import ImageFolderDataset
 from training.dataset_convert import convert_dataset
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Dataset statistics are cached under dnnlib's cache dir: keep the tests' own."""
-    monkeypatch.setenv('ECT_CACHE_DIR', str(tmp_path / 'cache'))
-
-
-@pytest.fixture(scope='module')
-def shapes_zip(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
-    convert_dataset('procedural:shapes', path, 96, None, None)
-    return path
+pytestmark = pytest.mark.usefixtures('private_cache')
 
 
 def _zip_images(path):
