@@ -71,7 +71,7 @@ class InitialEvaluation:
         (score_initial_network's keyword arguments)."""
         path = os.path.join(run_dir, SNAPSHOT_NAME)
         if net is not None:
-            checkpoint.save_network_snapshot(path, net)
+            checkpoint.save_network_snapshot(path, net, kimg=0, mid_t=list(job['mid_t']))
         context = multiprocessing.get_context('spawn')
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(target=_score_snapshot, args=(path, dict(job, device=str(device)), child_threads,
@@ -85,6 +85,7 @@ class InitialEvaluation:
         return cls(process, receiver, restore)
 
     def done(self):
+        """True once the child has reported or ended (finish() then returns at once)."""
         return not self.process.is_alive() or self.connection.poll()
 
     def finish(self):

@@ -41,10 +41,11 @@ def score_initial_network(net, metrics, metrics_ref, mid_t, run_dir, device, num
     recorded as initial-network.pt; `net` in eval mode. In the loop before the first step, or in the background
     process of metrics.background."""
     device = torch.device(device)
+    net = net.to(device)
     if grids and dist.get_rank() == 0:
         runs = run_files.grid_runs('edm', mid_t) + run_files.grid_runs('consistency', mid_t)
-        run_files.save_grids(net.to(device), run_dir, 'grid-initial', runs, device)
-    evaluate_metrics(metrics, [('', net.to(device))], metrics_ref, mid_t, run_dir, 'initial-network', device,
+        run_files.save_grids(net, run_dir, 'grid-initial', runs, device)
+    evaluate_metrics(metrics, [('', net)], metrics_ref, mid_t, run_dir, 'initial-network', device,
                      num_samples, detectors, detector_files)
 
 

@@ -55,7 +55,8 @@ def test_background_scores_match_the_in_loop_scores(shapes_zip, tmp_path):
     assert log.index('fd_randnet_heun: ') < log.index('Summary of the metric records')
     assert {'grid-initial-heun.png', 'grid-initial-1step.png', 'grid-initial-2step.png'} <= set(os.listdir(run_dir))
     # initial-network.pt, the name the records carry, holds the transferred diffusion model.
-    snap = checkpoint.load_network(str(run_dir / background.SNAPSHOT_NAME))
+    snap, metadata = checkpoint.load_network_snapshot(str(run_dir / background.SNAPSHOT_NAME))
+    assert metadata['mid_t'] == [presets.QUICKSTART_MID_T] and metadata['kimg'] == 0
     expected = net.state_dict()
     assert all(torch.equal(value, expected[name]) for name, value in snap.state_dict().items())
 
