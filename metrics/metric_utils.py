@@ -225,12 +225,14 @@ def inception_score(probs, num_splits=10):
 
 def compute_dataset_stats(dataset, detector, stats, batch_size=64, device='cpu', rank=0, num_gpus=1, max_items=None):
     """Features of the first `max_items` dataset items (this rank's share: rank, rank + num_gpus, ...) into
-    `stats`, then merged across ranks. A progress bar on rank 0 (torch_utils.progress)."""
+    `stats`, then merged across ranks; the next batches are read and decoded on a background thread while the
+    detector runs (misc.prefetch). A progress bar on rank 0 (torch_utils.progress)."""
     num_items = len(dataset) if max_items is None else min(len(dataset), max_items)
     indices = list(range(rank, num_items, num_gpus))
+    chunks = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    decoded = misc.prefetch(lambda chunk: np.stack([dataset[i][0] for i in chunk]), chunks)
     with progress.bar(total=num_items, desc='dataset features', unit='img', leave=False) as images_bar:
-        for start in range(0, len(indices), batch_size):
-            batch = np.stack([dataset[i][0] for i in indices[start:start + batch_size]])
+        for batch in decoded:
             stats.append(detector(misc.to_device_async(torch.from_numpy(batch), device)))
             _advance(images_bar, len(batch) * num_gpus)
     return stats.all_reduce()

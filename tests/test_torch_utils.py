@@ -271,3 +271,27 @@ def test_ddp_sync_on_plain_module_is_transparent():
     with misc.ddp_sync(net, False):
         net(torch.ones(1, 2)).sum().backward()
     assert torch.equal(net.weight.grad, torch.ones(1, 2))
+
+
+def test_prefetch_hands_out_in_order_runs_ahead_by_depth_and_raises_in_place():
+    import threading
+    started, handed = [], []
+    main_thread = threading.get_ident()
+
+    def work(item):
+        assert threading.get_ident() != main_thread                      # off the consumer's thread
+        started.append(item)
+        if item == 7:
+            raise ValueError('item 7')
+        return item * item
+
+    results = misc.prefetch(work, range(10), depth=2)
+    for expected in range(7):
+        value = next(results)
+        handed.append(value)
+        assert value == expected * expected
+        assert max(started) <= expected + 2          # never more than `depth` items ahead of what was handed out
+    with pytest.raises(ValueError, match='item 7'):
+        next(results)
+    assert handed == [i * i for i in range(7)]
+    assert list(misc.prefetch(work, [], depth=2)) == []

@@ -3,6 +3,8 @@
 The endless, resumable data sampler (`InfiniteSampler`) lives with the dataset in training/dataset.py.
 """
 
+import collections
+import concurrent.futures
 import contextlib
 import random
 import re
@@ -93,6 +95,20 @@ def to_device_async(tensor, device):
     if device.type == 'cuda' and tensor.device.type == 'cpu':
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def prefetch(fn, items, depth=2):
+    """fn(item) for every item, in order, computed on one background thread up to `depth` items ahead of the
+    consumer (e.g. image decoding, which releases the GIL, behind feature extraction). fn runs on that one thread
+    only, one call at a time; an error is raised where its item would have been handed out."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='prefetch') as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def named_params_and_buffers(module):
