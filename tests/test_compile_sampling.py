@@ -72,12 +72,18 @@ def test_compiled_samples_equal_eager_seed_by_seed(nets, sampling):
 
 
 def test_no_recompilation_or_graph_break_across_batches(nets):
-    """Every sampler at the compiled batch size reuses the one graph: no new frame, no graph break."""
-    _, compiled = nets
+    """Every sampler at the compiled batch size reuses the one graph: no new frame, no graph break; nor does a
+    short last batch (7 seeds at batch 4 split 4 + 3), which is sampled padded to 4 and cut back."""
+    net, compiled = nets
     before = tc.compile_counters()
     for sampling in SAMPLINGS:
         float_images(compiled, sampling, batch_size=BATCH)
+    odd = list(generation.generate_batches(compiled, SEEDS[:7], sampler='consistency',
+                                           sampler_kwargs=dict(t_steps=(80.0, 0.0)), batch_size=BATCH))
     after = tc.compile_counters()
+    assert [seeds for seeds, _, _ in odd] == [SEEDS[:4], SEEDS[4:7]] and odd[1][1].shape[0] == 3
+    eager = generation.sample_batch(net, SEEDS[:7], sampler='consistency', sampler_kwargs=dict(t_steps=(80.0, 0.0)))
+    torch.testing.assert_close(torch.cat([images for _, images, _ in odd]), eager, rtol=0, atol=1e-5)
     assert before['frames'] >= 1 and after['frames'] == before['frames'] and after['graphs'] == before['graphs']
     assert after['graph_breaks'] == 0, after['break_reasons']
 

@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 
 import dnnlib
-from training import samplers, samplers_karras
+from training import compile as tc, samplers, samplers_karras
 
 
 def split_batches(seeds, batch_size, world_size=1):
@@ -74,7 +74,18 @@ def generate_batches(net, seeds, class_idx=None, sampler=None, sampler_kwargs=No
         sampler, defaults = samplers.resolve_sampler(net, sampler)
         sampler_kwargs = defaults if sampler_kwargs is None else sampler_kwargs
     batches = [b for b in split_batches(seeds, batch_size, world_size)[rank::world_size] if b]
-    return ((b, *sample_labeled_batch(net, b, class_idx, sampler, sampler_kwargs, device)) for b in batches)
+    size = max(len(b) for b in batches) if batches and tc.is_compiled(net) else 0
+    return (_sample_padded(net, b, size, class_idx, sampler, sampler_kwargs, device) for b in batches)
+
+
+def _sample_padded(net, batch_seeds, size, class_idx, sampler, sampler_kwargs, device):
+    """(seeds, images, labels) of sample_labeled_batch. A batch shorter than `size` is sampled padded with copies
+    of its last seed and cut back: a compiled network (static shapes) then meets one batch size per run, not
+    two (split_batches); with per-seed generators the padding changes no image."""
+    padded = batch_seeds + batch_seeds[-1:] * (size - len(batch_seeds))
+    images, labels = sample_labeled_batch(net, padded, class_idx, sampler, sampler_kwargs, device)
+    n = len(batch_seeds)
+    return batch_seeds, images[:n], None if labels is None else labels[:n]
 
 
 def generate_images(net, seeds, class_idx=None, sampler=None, sampler_kwargs=None, batch_size=64, device=None,
