@@ -122,17 +122,6 @@ def test_zip_and_folder_give_the_same_items(rgb_set, tmp_path):
     np.testing.assert_array_equal(labels.numpy(), np.stack([ds_dir[i][1] for i in range(len(ds_dir))]))
 
 
-def test_load_to_tensor_matches_items(rgb_set):
-    path, _, _ = rgb_set
-    ds = ImageFolderDataset(path, use_labels=True, xflip=True, max_size=5)
-    images, labels = ds.load_to_tensor(torch.device('cpu'))
-    assert images.dtype == torch.uint8 and images.shape == (10, 3, 8, 8)
-    assert labels.dtype == torch.float32 and labels.shape == (10, 4)
-    for i in range(10):
-        np.testing.assert_array_equal(images[i].numpy(), ds[i][0])
-        np.testing.assert_array_equal(labels[i].numpy(), ds[i][1])
-
-
 def write_png(path, arr):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     PIL.Image.fromarray(arr).save(path)

@@ -92,14 +92,6 @@ class Dataset(torch.utils.data.Dataset):
         """The labels of all raw images: int64 class indices [R], float32 vectors [R, D], or zeros [R, 0]."""
         return self._get_raw_labels()
 
-    def load_to_tensor(self, device='cpu'):
-        """The whole dataset, in index order, as (uint8 images [N, C, H, W], float32 labels [N, label_dim]) on `device`."""
-        images = np.empty([len(self)] + self.image_shape, dtype=np.uint8)
-        labels = np.empty([len(self)] + self.label_shape, dtype=np.float32)
-        for idx in range(len(self)):
-            images[idx], labels[idx] = self[idx]
-        return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-
     @property
     def name(self):
         return self._name
