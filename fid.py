@@ -26,7 +26,7 @@ from training.cli_common import load_network, parse_float_list, parse_int_list, 
 from training.compile import COMPILE_HELP, compile_network
 from training.generation import generate_images
 
-_KINDS = ['inception', 'dinov2', 'vgg16']
+_KINDS = list(detectors.FEATURE_KINDS)
 
 # ----------------------------------------------------------------------------------------------------------
 # The work, without the command line.

@@ -168,7 +168,7 @@ def run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho
 @click.option('--sigma_max', 't_max', help='Grid: highest time (and the first step)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True)
 @click.option('--rho', help='Grid exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
 @state_dict_options
-@click.option('--kind', help='Feature network', type=click.Choice(['inception', 'dinov2', 'vgg16']), default='inception', show_default=True)
+@click.option('--kind', help='Feature network', type=click.Choice(detectors.FEATURE_KINDS), default='inception', show_default=True)
 @click.option('--detector', help='Feature network file  [default: official]', metavar='PATH|URL', default=None)
 @click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--allow-unsafe-pickle', help='Trust the network and detector files (legacy pickles, TorchScript)', is_flag=True)

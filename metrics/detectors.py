@@ -292,6 +292,11 @@ class RandomConvDetector:
 # Named detectors.
 
 
+# The feature networks a Frechet distance can be taken in (fid.py and schedule_search.py --kind); 'randnet' is the
+# quickstart's download-free fd_randnet (its numbers are not FID and compare only with each other).
+FEATURE_KINDS = ('inception', 'dinov2', 'vgg16', 'randnet')
+
+
 def get_detector(kind, url_or_path=None, allow_unsafe_pickle=False, cache_dir=None, device='cpu'):
     """Detector for `kind` ('inception', 'inception_probs', 'vgg16', 'dinov2', 'randnet') from a URL/path or the
     default; 'randnet' takes no file (`url_or_path` is refused)."""

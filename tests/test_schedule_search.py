@@ -13,8 +13,9 @@ import fid
 import schedule_search
 from tests.test_fid_cli import _tiny_ecm_snapshot
 from tests.test_metrics import TinyDetector, save_torchscript
-from metrics import detectors, metric_utils
+from metrics import detectors, metric_main, metric_utils
 from training import checkpoint_cm, samplers, samplers_karras, ternary_search
+from training.dataset_convert import convert_dataset
 
 
 class Counted:
@@ -163,3 +164,23 @@ def test_bad_flags_fail_before_sampling(setup, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / 'schedule-search.json').exists()
+
+
+def test_randnet_search_reproduces_the_metric_of_the_training_callback(tmp_path):
+    """The quickstart's mid_t search from the command line: fid.py ref --kind=randnet, then schedule_search.py
+    --kind=randnet; the winner's score is two_step_fd_randnet of metric_main at that mid_t (the in-run metric)."""
+    data = str(tmp_path / 'shapes8.zip')
+    convert_dataset('procedural:shapes', data, 40, '8x8', None)
+    net = _tiny_ecm_snapshot(tmp_path / 'net.pt').eval()
+    ref = str(tmp_path / 'ref.npz')
+    made = CliRunner().invoke(fid.cli, ['ref', f'--data={data}', f'--dest={ref}', '--kind=randnet', '--batch=20',
+                                        '--device=cpu'], catch_exceptions=False)
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(schedule_search.cli, [f'--network={tmp_path / "net.pt"}', f'--ref={ref}',
+                                                      f'--outdir={tmp_path}', '--kind=randnet', '--num=8', '--batch=8',
+                                                      '--device=cpu', '--mid_t-range=0.5,3', '--evals=3'],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    winner = json.load(open(tmp_path / 'schedule-search.json'))['winner']
+    direct = metric_main.calc_metric('two_step_fd_randnet', net, ref=data, num_samples=8, mid_t=[winner['mid_t']])
+    assert winner['fid'] == pytest.approx(direct.results['two_step_fd_randnet'], rel=1e-6)
