@@ -13,17 +13,15 @@ from click.testing import CliRunner
 
 import train
 from training import plots, run_records
-from training.dataset_convert import convert_dataset
 
 pytest.importorskip('matplotlib', reason='the matplotlib package (an optional extra, installed by CI) is not installed')
 
 
 @pytest.fixture(scope='module')
-def recorded_run(tmp_path_factory):
+def recorded_run(tmp_path_factory, shapes_zip):
     """The run directory of a shortened quickstart: 3 ticks, a snapshot and metrics every tick."""
     root = tmp_path_factory.mktemp('plots')
-    data = str(root / 'shapes.zip')
-    convert_dataset('procedural:shapes', data, 48, None, None)
+    data = shapes_zip
     args = ['--preset=quickstart', f'--outdir={root / "runs"}', f'--data={data}', f'--ref={data}', '--batch=16',
             '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=16', '--snap=1', '--dump=3',
             '--sample-every=0', '--eval-every=1', '--eval-init=fd_randnet']

@@ -12,20 +12,12 @@ from click.testing import CliRunner
 import train
 from configs import presets
 from training import checkpoint, run_records, trackers
-from training.dataset_convert import convert_dataset
 
 
 def short_run_args(root, data, *extra):
     return ['--preset=quickstart', f'--outdir={root}', f'--data={data}', f'--ref={data}', '--batch=16',
             '--tick=0.032', '--double=1', '--duration=0.000064', '--metric-samples=16', '--snap=1', '--dump=1',
             '--sample-every=1', '--eval-every=1', '--eval-init=fd_randnet', *extra]
-
-
-@pytest.fixture(scope='module')
-def data_zip(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
-    convert_dataset('procedural:shapes', path, 48, None, None)
-    return path
 
 
 def run_train(args, tmp_path):
@@ -51,9 +43,9 @@ def wandb_files(run_dir):
     return found
 
 
-def test_wandb_offline_run_and_resume_keep_the_id(data_zip, tmp_path):
+def test_wandb_offline_run_and_resume_keep_the_id(shapes_zip, tmp_path):
     pytest.importorskip('wandb', reason='the wandb package (an optional extra, installed by CI) is not installed')
-    run_train(short_run_args(tmp_path / 'a', data_zip, '--wandb=ect-tests/short'), tmp_path)
+    run_train(short_run_args(tmp_path / 'a', shapes_zip, '--wandb=ect-tests/short'), tmp_path)
     run_dir = only_run_dir(tmp_path / 'a')
     (run_id, files), = wandb_files(run_dir).items()
     data = open(files[0], 'rb').read()
@@ -66,7 +58,7 @@ def test_wandb_offline_run_and_resume_keep_the_id(data_zip, tmp_path):
     assert len(images) == len(grids) > 0
     state = checkpoint.load_training_state(str(run_dir / 'training-state-latest.pt'))
     assert state['trackers'][trackers.WANDB_ID_KEY] == run_id
-    run_train(short_run_args(tmp_path / 'b', data_zip, '--wandb=ect-tests/short', f'--resume={run_dir}',
+    run_train(short_run_args(tmp_path / 'b', shapes_zip, '--wandb=ect-tests/short', f'--resume={run_dir}',
                              '--duration=0.000096'), tmp_path)
     resumed_dir = only_run_dir(tmp_path / 'b')
     assert list(wandb_files(resumed_dir)) == [run_id]
@@ -74,11 +66,11 @@ def test_wandb_offline_run_and_resume_keep_the_id(data_zip, tmp_path):
     assert state['trackers'][trackers.WANDB_ID_KEY] == run_id
 
 
-def test_tensorboard_events_read_back(data_zip, tmp_path):
+def test_tensorboard_events_read_back(shapes_zip, tmp_path):
     pytest.importorskip('tensorboard', reason='the tensorboard package (an optional extra, installed by CI) is not '
                                               'installed')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run_train(short_run_args(tmp_path / 'tb', data_zip, '--tensorboard'), tmp_path)
+    run_train(short_run_args(tmp_path / 'tb', shapes_zip, '--tensorboard'), tmp_path)
     run_dir = only_run_dir(tmp_path / 'tb')
     events = EventAccumulator(str(run_dir), size_guidance={'scalars': 0, 'images': 0})
     events.Reload()
