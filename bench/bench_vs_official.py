@@ -103,16 +103,15 @@ def official_worker(root, batch, resolution, stage, steps, warmup, device):
     return _time(step, steps, warmup, device)
 
 
-def ours_worker(batch, resolution, stage, steps, warmup, device, precision, channels_last=False):
+def ours_worker(batch, resolution, stage, steps, warmup, device, precision, flags):
     """Seconds per step of training.training_loop.training_step (cifar10-ecm preset, no transfer) in `precision`
-    (fp32 or tf32: the official code's arithmetic; bf16: our autocast)."""
+    (fp32 or tf32: the official code's arithmetic; bf16: our autocast), with train.py's `flags` (OURS_FLAGS)."""
     sys.path.insert(0, REPO_ROOT)
     import torch
     from configs import presets
     from training import runtime
     from training import training_loop as tl
-    options = presets.resolve('cifar10-ecm', dict(batch=batch, transfer='none', precision=precision,
-                                                  channels_last=channels_last))
+    options = presets.resolve('cifar10-ecm', dict(batch=batch, transfer='none', precision=precision, **flags))
     runtime.setup_runtime(0, options.precision)
 
     class Data:
@@ -133,7 +132,7 @@ def ours_worker(batch, resolution, stage, steps, warmup, device, precision, chan
 
 
 def run_worker(side, official_root, batch, resolution, stage, threads, steps, warmup, device, precision, ours_precision,
-               channels_last=False):
+               flags):
     """One process's timing as a dict (run in a subprocess by the parent)."""
     import torch
     torch.set_num_threads(threads)
@@ -144,7 +143,7 @@ def run_worker(side, official_root, batch, resolution, stage, threads, steps, wa
     if side == 'official':
         seconds = official_worker(official_root, batch, resolution, stage, steps, warmup, device)
     else:
-        seconds = ours_worker(batch, resolution, stage, steps, warmup, device, ours_precision or precision, channels_last)
+        seconds = ours_worker(batch, resolution, stage, steps, warmup, device, ours_precision or precision, flags)
     return dict(side=side, stage=stage, seconds=seconds, median=statistics.median(seconds))
 
 
@@ -166,11 +165,11 @@ def quartiles(values):
 
 
 def compare(official_root, batch, resolution, stage, threads, steps, warmup, rounds, device='cpu', precision='fp32',
-            ours_precision=None, channels_last=False):
+            ours_precision=None, flags=None):
     """Per-round ours/official ratios at one stage, sides alternating which runs first."""
     args = dict(official_root=official_root, batch=batch, resolution=resolution, stage=stage, threads=threads,
                 steps=steps, warmup=warmup, device=device, precision=precision, ours_precision=ours_precision,
-                channels_last=channels_last)
+                **(flags or {}))
     ratios, ours, official = [], [], []
     for i in range(rounds):
         order = ('ours', 'official') if i % 2 == 0 else ('official', 'ours')
@@ -197,9 +196,10 @@ def compare(official_root, batch, resolution, stage, threads, steps, warmup, rou
 @click.option('--precision', 'precision_text', help='Comma list of fp32,tf32 (the official arithmetic: --tf32 off/on)', metavar='LIST', type=str, default='fp32', show_default=True)
 @click.option('--ours-precision', help='Our side only: fp32, tf32 or bf16  [default: --precision]', type=click.Choice(['fp32', 'tf32', 'bf16']), default=None)
 @click.option('--channels-last', help='Our side trains in NHWC (train.py --channels-last)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--winograd', help='Our side: 3x3 convolutions by Winograd F(4x4,3x3) (train.py --winograd)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--worker', help='(internal) run one side and print its timing', type=click.Choice(['ours', 'official']), default=None, hidden=True)
 def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds, out, device, precision_text, ours_precision,
-         channels_last, worker):
+         channels_last, winograd, worker):
     """Time our ECT step against the official one, interleaved, and print ours/official."""
     if not os.path.isfile(os.path.join(official_root, 'training', 'loss.py')):
         raise click.BadParameter(f'{official_root} has no training/loss.py; expected a checkout of locuslab/ect', param_hint='--official-root')
@@ -210,18 +210,19 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
     precisions = [p for p in precision_text.split(',') if p]
     if not precisions or any(p not in ('fp32', 'tf32') for p in precisions):
         raise click.BadParameter(f'"{precision_text}" is not a comma list of fp32, tf32', param_hint='--precision')
+    flags = dict(channels_last=channels_last, winograd=winograd)
     if worker is not None:
         print(json.dumps(run_worker(worker, official_root, batch, resolution, stages[0], threads, steps, warmup,
-                                    device, precisions[0], ours_precision, channels_last)))
+                                    device, precisions[0], ours_precision, flags)))
         return
     rows = []
     for precision in precisions:
         for s in stages:
             ratios, ours, official = compare(official_root, batch, resolution, s, threads, steps, warmup, rounds,
-                                             device, precision, ours_precision, channels_last)
+                                             device, precision, ours_precision, flags)
             lo, hi = quartiles(ratios)
             rows.append(dict(kind='vs_official', precision=precision, ours_precision=ours_precision or precision,
-                             channels_last=channels_last, stage=s,
+                             **flags, stage=s,
                              ratio_median=statistics.median(ratios), ratio_q1=lo, ratio_q3=hi,
                              ours_s=statistics.median(ours), official_s=statistics.median(official),
                              ratios=ratios, batch=batch, device=device,
@@ -229,9 +230,10 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
                              official_img_per_s=batch / statistics.median(official)))
     print(f'ECT step, DDPM++ {resolution}x{resolution} batch {batch}, {device}, {threads} thread(s), {rounds} rounds '
           f'x {steps} steps ({os.uname().machine}, torch threads {threads})')
-    print(f'{"official":>9}{"ours":>6}{"stage":>6}{"ours s":>10}{"official s":>12}{"ours/official":>15}{"IQR":>16}')
+    print(f'{"official":>9}{"ours":>14}{"stage":>6}{"ours s":>10}{"official s":>12}{"ours/official":>15}{"IQR":>16}')
     for r in rows:
-        print(f'{r["precision"]:>9}{r["ours_precision"]:>6}{r["stage"]:>6}{r["ours_s"]:>10.3f}{r["official_s"]:>12.3f}{r["ratio_median"]:>15.3f}'
+        ours_label = r['ours_precision'] + ''.join(f'+{name}' for name in ('channels_last', 'winograd') if r[name])
+        print(f'{r["precision"]:>9}{ours_label:>14}{r["stage"]:>6}{r["ours_s"]:>10.3f}{r["official_s"]:>12.3f}{r["ratio_median"]:>15.3f}'
               f'{r["ratio_q1"]:>8.3f}-{r["ratio_q3"]:.3f}')
     if out:
         with open(out, 'w') as f:

@@ -19,7 +19,8 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
   grid_sampler ('consistency' | 'edm'), xflip, cache, workers, data_on_device (the whole dataset on the training
   device, no DataLoader workers: training.device_data), compile (torch.compile the trained network; off
-  everywhere, see train.py --compile), find_unused_parameters, channels_last, tensorboard, wandb,
+  everywhere, see train.py --compile), find_unused_parameters, channels_last, winograd (3x3 convolutions by
+  Winograd F(4x4, 3x3) on the CPU in fp32: training.networks.winograd), tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
   eval_init_background (score them in a background process while training starts: metrics.background),
@@ -83,7 +84,7 @@ DEFAULTS = dict(
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     data_on_device=False, compile=False,
-    find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
+    find_unused_parameters=False, channels_last=False, winograd=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
     eval_init_metrics=[], eval_init_background=False, metric_samples=None, detector_files={},
     **presets_cm.FLAG_DEFAULTS,
@@ -289,6 +290,11 @@ def _check_numbers(o):
     if o.metrics and not o.eval_ticks:
         raise dnnlib.UserError('--metrics: needs --eval-every=N (ticks between evaluations)')
     _choice('--precision', o.precision, PRECISIONS)
+    if o.winograd and o.channels_last:
+        raise dnnlib.UserError('--winograd: computes NCHW convolutions; it cannot be combined with --channels-last')
+    if o.winograd and o.precision not in ('fp32', 'auto'):
+        raise dnnlib.UserError(f'--winograd: an fp32 option (the CPU\'s autocast convolutions are direct); '
+                               f'got --precision={o.precision}')
     _choice('--grid-sampler', o.grid_sampler, GRID_SAMPLERS)
 
 
@@ -360,7 +366,8 @@ def build_options(o):
         metric_samples=None if o.metric_samples is None else int(o.metric_samples), max_hours=o.max_hours,
         seed=int(o.seed), precision=o.precision, compile=bool(o.compile), transfer=_transfer(o),
         mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
-        find_unused_parameters=bool(o.find_unused_parameters), channels_last=bool(o.channels_last), metrics_ref=o.metrics_ref,
+        find_unused_parameters=bool(o.find_unused_parameters), channels_last=bool(o.channels_last),
+        winograd=bool(o.winograd), metrics_ref=o.metrics_ref,
         tensorboard=bool(o.tensorboard), wandb=o.wandb or None, detector_files=dict(o.detector_files),
     )
 

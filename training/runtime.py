@@ -45,6 +45,13 @@ def resolve_precision(precision, device):
     return 'fp32'
 
 
+def check_winograd(precision, device):
+    """--winograd is for fp32 training on the CPU (on CUDA, cuDNN picks Winograd kernels itself)."""
+    if device.type != 'cpu' or precision != 'fp32':
+        raise dnnlib.UserError(f'--winograd: fp32 CPU training only (cuDNN picks Winograd kernels itself on GPUs); '
+                               f'this run is {precision} on {device.type}')
+
+
 def optimizer_kwargs_for(optimizer_kwargs, device):
     """The optimiser's kwargs on `device`: on CUDA an optimiser asked for foreach=True runs its fused kernel
     instead where it has one (Adam and AdamW in torch 2.13; RAdam has none and keeps foreach). Fused steps under

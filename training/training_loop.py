@@ -29,7 +29,7 @@ from training.callbacks import RunContext
 from training.checkpoint import TrainingState
 from training.loss import reduce_loss
 from training.methods.base import Progress
-from training.networks.layers import set_memory_format
+from training.networks.layers import set_conv_algorithm, set_memory_format
 
 AUTOCAST_DTYPES = types.MappingProxyType(dict(fp32=None, tf32=None, bf16=torch.bfloat16, fp16=torch.float16))
 
@@ -129,6 +129,9 @@ def build_state(options, dataset, device):
     ema = dnnlib.util.construct_class_by_name(net, **options.ema_kwargs)
     if options.channels_last:   # the trained network only: EMA copies and snapshots stay NCHW
         set_memory_format(net, 'channels_last')
+    if options.winograd:        # the trained network only, like the layout
+        runtime.check_winograd(options.precision, device)
+        set_conv_algorithm(net, 'winograd')
     scaler = torch.amp.GradScaler(device.type) if options.precision == 'fp16' else None
     method.setup(net, device)
     return TrainingState(net=net, ema=ema, method=method, optimizer=optimizer, scaler=scaler)
