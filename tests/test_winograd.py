@@ -68,32 +68,40 @@ def test_compiled_transforms_equal_the_eager_ones_in_any_layout():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_applies_only_to_fp32_3x3_convolutions_of_16_pixels_and_up():
+def test_inside_a_compiled_network_the_transforms_are_traced_into_its_graph():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(3, 2, 3, 3)
+    outer = torch.compile(lambda x, w: winograd.conv3x3(x, w).square(), dynamic=False, fullgraph=True)  # no break
+    eager = winograd.conv3x3(x, w, winograd.Transforms(compiled=False)).square()
+    torch.testing.assert_close(outer(x, w), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_applies_only_to_fp32_3x3_convolutions_of_32_pixels_and_up():
     w = torch.zeros(4, 4, 3, 3)
-    assert winograd.applies(torch.zeros(1, 4, 16, 16), w, 1)
-    assert winograd.applies(torch.zeros(1, 4, 16, 32), w, 1)
-    assert not winograd.applies(torch.zeros(1, 4, 8, 8), w, 1)          # too small to pay
-    assert not winograd.applies(torch.zeros(1, 4, 18, 18), w, 1)        # not whole 4x4 tiles
-    assert not winograd.applies(torch.zeros(1, 4, 16, 16), w, 0)        # other padding
-    assert not winograd.applies(torch.zeros(1, 4, 16, 16), torch.zeros(4, 4, 1, 1), 0)
-    assert not winograd.applies(torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16), w.bfloat16(), 1)
+    assert winograd.applies(torch.zeros(1, 4, 32, 32), w, 1)
+    assert winograd.applies(torch.zeros(1, 4, 32, 64), w, 1)
+    assert not winograd.applies(torch.zeros(1, 4, 16, 16), w, 1)        # too small to pay
+    assert not winograd.applies(torch.zeros(1, 4, 34, 34), w, 1)        # not whole 4x4 tiles
+    assert not winograd.applies(torch.zeros(1, 4, 32, 32), w, 0)        # other padding
+    assert not winograd.applies(torch.zeros(1, 4, 32, 32), torch.zeros(4, 4, 1, 1), 0)
+    assert not winograd.applies(torch.zeros(1, 4, 32, 32, dtype=torch.bfloat16), w.bfloat16(), 1)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not winograd.applies(torch.zeros(1, 4, 16, 16), w, 1)
+        assert not winograd.applies(torch.zeros(1, 4, 32, 32), w, 1)
 
 
 def test_a_network_with_winograd_convolutions_computes_the_same_function_and_gradients():
-    net = _net(dropout=0, resolution=16)
+    net = _net(dropout=0, resolution=32)
     wino = layers.set_conv_algorithm(copy.deepcopy(net), 'winograd')
     calls = []
     original = winograd.conv3x3
     try:
         eager = winograd.Transforms(compiled=False)   # the compiled ones are compared with these above
         winograd.conv3x3 = lambda x, w: calls.append(1) or original(x, w, eager)
-        x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 5.0])
+        x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 5.0])
         out, out_w = net(x, sigma), wino(x, sigma)
     finally:
         winograd.conv3x3 = original
-    assert calls   # the 16x16 convolutions took the Winograd path
+    assert calls   # the 32x32 convolutions took the Winograd path
     torch.testing.assert_close(out_w, out, rtol=1e-4, atol=1e-4)
     out.square().sum().backward()
     out_w.square().sum().backward()
