@@ -91,12 +91,14 @@ def test_applies_only_to_fp32_3x3_convolutions_of_32_pixels_and_up():
 
 def test_a_network_with_winograd_convolutions_computes_the_same_function_and_gradients():
     net = _net(dropout=0, resolution=32)
-    wino = layers.set_conv_algorithm(copy.deepcopy(net), 'winograd')
+    wino = layers.set_conv_algorithm(copy.deepcopy(net), 'winograd', batch_size=2)
     calls = []
     original = winograd.conv3x3
     try:
         eager = winograd.Transforms(compiled=False)   # the compiled ones are compared with these above
         winograd.conv3x3 = lambda x, w: calls.append(1) or original(x, w, eager)
+        wino(torch.randn(3, 3, 32, 32), torch.ones(3))
+        assert not calls   # another batch size than the one given stays direct
         x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 5.0])
         out, out_w = net(x, sigma), wino(x, sigma)
     finally:
@@ -141,5 +143,6 @@ def test_only_the_trained_network_computes_by_winograd():
     state = tl.build_state(options, Data, torch.device('cpu'))
     convs = lambda net: [m for m in net.modules() if isinstance(m, layers.Conv2d)]
     assert convs(state.net) and all(m.conv_algorithm == 'winograd' for m in convs(state.net))
+    assert all(m.winograd_batch == options.batch_size for m in convs(state.net))   # one process: the whole batch
     ema_nets = [net for _, net in state.ema.emas]
     assert ema_nets and all(m.conv_algorithm == 'direct' for net in ema_nets for m in convs(net))

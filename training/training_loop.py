@@ -131,7 +131,8 @@ def build_state(options, dataset, device):
         set_memory_format(net, 'channels_last')
     if options.winograd:        # the trained network only, like the layout
         runtime.check_winograd(options.precision, device)
-        set_conv_algorithm(net, 'winograd')
+        batch_gpu, _ = runtime.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
+        set_conv_algorithm(net, 'winograd', batch_gpu)
     scaler = torch.amp.GradScaler(device.type) if options.precision == 'fp16' else None
     method.setup(net, device)
     return TrainingState(net=net, ema=ema, method=method, optimizer=optimizer, scaler=scaler)

@@ -73,10 +73,11 @@ def input_tiles(x):
     return v.permute(4, 5, 1, 0, 2, 3).reshape(TILE_IN ** 2, c, n * (h // TILE_OUT) * (w // TILE_OUT))
 
 
-def output_tiles(m, n, h, w):
+def output_tiles(m, h, w):
     """A^T M A for the [36, K, N * H/4 * W/4] tile products m, assembled into the [N, K, H, W] output."""
     k = m.shape[1]
     th, tw = h // TILE_OUT, w // TILE_OUT
+    n = m.shape[2] // (th * tw)
     m = m.view(TILE_IN, TILE_IN, k, n, th, tw)
     y = _transform(A_T, _transform(A_T, m, 0), 1)                   # [4, 4, K, N, H/4, W/4]
     return y.permute(3, 2, 4, 0, 5, 1).reshape(n, k, h, w)
@@ -99,8 +100,8 @@ class Transforms:
     """The two tile transforms, compiled once per input shape and grad mode (`compiled=False`: eager, for tests
     of the arithmetic)."""
 
-    RECOMPILE_LIMIT = 256   # static graphs per transform: a run meets a few layer shapes, times the batch sizes of
-                            # its passes (the CPU target pass runs on a varying subset), times two grad modes
+    RECOMPILE_LIMIT = 64    # static graphs per transform: a run meets a few layer shapes at one batch size
+                            # (layers.set_conv_algorithm), times two grad modes (prediction and target pass)
 
     def __init__(self, compiled=True):
         self.compiled = compiled
@@ -108,12 +109,12 @@ class Transforms:
         self.output_tiles = torch.compile(output_tiles, dynamic=False) if compiled else output_tiles
 
     def __call__(self, x, weight):
-        n, _, h, w = x.shape
+        h, w = x.shape[-2:]
         if not self.compiled:
-            return output_tiles(torch.bmm(filter_tiles(weight), input_tiles(x)), n, h, w)
+            return output_tiles(torch.bmm(filter_tiles(weight), input_tiles(x)), h, w)
         with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
             v = self.input_tiles(x)
-            return self.output_tiles(torch.bmm(filter_tiles(weight), v), n, h, w)
+            return self.output_tiles(torch.bmm(filter_tiles(weight), v), h, w)
 
 
 @functools.cache
