@@ -394,7 +394,7 @@ def launch(options, run_dir):
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
 @click.option('--data-on-device', help='Hold the whole dataset on the training device (CIFAR-sized data; no workers)', metavar='BOOL', type=bool)
 @click.option('--channels-last', 'channels_last', help='Train in NHWC memory layout (2-5% faster fp32 steps on the CPU here; on CUDA see bench/gpu_check.sh)', metavar='BOOL', type=bool)
-@click.option('--winograd', help='fp32 on the CPU: 3x3 convolutions at 16x16 px and up by Winograd F(4x4,3x3) with compiled tile transforms (the DDPM++ CIFAR-10 step in about 0.8x the time on this project\'s CPU, after ~1 min of compiling; rounding ~1e-5 of the output range)', metavar='BOOL', type=bool)
+@click.option('--winograd', help='fp32 on the CPU: 3x3 convolutions at 32x32 px and up by Winograd F(4x4,3x3) with compiled tile transforms (DDPM++ CIFAR-10 step at batch 4 on one core: 0.71x the official step, 0.73x ours direct; ~45 s of compiling on first use; rounding ~1e-5 of the output range)', metavar='BOOL', type=bool)
 @click.option('--compile', help='torch.compile the trained network (off by default: on this project\'s 2-core CPU, compiling the full DDPM++ CIFAR-10 network took 328 s and the compiled step was no faster than eager, 7.6 s vs 7.3 s at 1 thread; on a GPU it is unmeasured until bench/gpu_check.sh measures it)', is_flag=True)
 @click.option('--no-check-data', 'no_check_data', help='Skip reading every image file before training starts', is_flag=True)
 @click.option('--tensorboard', help='Also write TensorBoard events: scalars, sample grids, metrics (needs the tensorboard package)', is_flag=True)

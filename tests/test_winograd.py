@@ -146,3 +146,12 @@ def test_only_the_trained_network_computes_by_winograd():
     assert all(m.winograd_batch == options.batch_size for m in convs(state.net))   # one process: the whole batch
     ema_nets = [net for _, net in state.ema.emas]
     assert ema_nets and all(m.conv_algorithm == 'direct' for net in ema_nets for m in convs(net))
+
+
+def test_a_compiler_failure_is_one_clear_error(monkeypatch):
+    def broken(*args):
+        raise RuntimeError('InductorError: CppCompileError: C++ compile error\nlong compiler output')
+    monkeypatch.setattr(winograd, 'conv3x3', broken)
+    with pytest.raises(dnnlib.UserError, match=r'--winograd: torch.compile cannot build CPU kernels here .*'
+                                               r'InductorError: CppCompileError: C\+\+ compile error$'):
+        runtime.check_winograd('fp32', torch.device('cpu'))

@@ -1,18 +1,20 @@
-"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3), for fp32 training on the CPU.
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3), for fp32 training on the CPU (train.py --winograd).
 
 Per output pixel and input channel a direct 3x3 convolution spends 9 multiplications; the Winograd form spends 36
-per 4x4 output tile, i.e. 2.25, as one batched matrix product over the 36 tile positions. On the CPU the direct convolutions already run at the core's peak (oneDNN, ~100 GFLOP/s per core
-of the project's EPYC), so fewer multiplications is the only way left to a faster fp32 step; on CUDA, cuDNN picks
-Winograd kernels itself and this module is not used.
+per 4x4 output tile, i.e. 2.25, as one batched matrix product over the 36 tile positions. On the CPU the direct
+convolutions already run at about the core's peak (oneDNN, ~100 GFLOP/s per core of the project's EPYC), so fewer
+multiplications is the only way left to a faster fp32 step; on CUDA, cuDNN picks Winograd kernels itself and this
+module is not used.
 
-The tile transforms are cheap in arithmetic but touch every element several times; eager PyTorch runs each of
-them as separate passes over memory and loses the gain, so they are compiled (torch.compile, one static graph per
-input shape and grad mode; ~1-15 s each the first time, cached on disk after). The batched product and the weight
-transform stay eager matrix products. Rounding differs from the direct convolution: about 1e-5 of the output's
-range against 3e-7 (the direct one), far below bf16's 4e-3. bench/bench_vs_official.py --winograd measures the
-training step.
+The tile transforms are cheap in arithmetic but touch every element several times: eager PyTorch runs them as
+separate passes over memory and loses the gain, so they are compiled (torch.compile, one static graph per input
+shape and grad mode, a few seconds each the first time, cached on disk after; layers.set_conv_algorithm limits a
+run to one batch size). The batched product and the weight transform stay eager matrix products. Rounding differs
+from the direct convolution: about 1e-5 of the output's range against 3e-7, far below bf16's 4e-3.
+bench/bench_winograd.py times single convolutions, bench/bench_vs_official.py --winograd the training step.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -97,8 +99,8 @@ def filter_tiles(weight):
 
 
 class Transforms:
-    """The two tile transforms, compiled once per input shape and grad mode (`compiled=False`: eager, for tests
-    of the arithmetic)."""
+    """The two tile transforms, compiled once per input shape and grad mode (`compiled=False`: eager, as traced
+    into a compiled network and as the tests check the arithmetic)."""
 
     RECOMPILE_LIMIT = 64    # static graphs per transform: a run meets a few layer shapes at one batch size
                             # (layers.set_conv_algorithm), times two grad modes (prediction and target pass)
@@ -109,12 +111,10 @@ class Transforms:
         self.output_tiles = torch.compile(output_tiles, dynamic=False) if compiled else output_tiles
 
     def __call__(self, x, weight):
-        h, w = x.shape[-2:]
-        if not self.compiled:
-            return output_tiles(torch.bmm(filter_tiles(weight), input_tiles(x)), h, w)
-        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-            v = self.input_tiles(x)
-            return self.output_tiles(torch.bmm(filter_tiles(weight), v), h, w)
+        limit = torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT) if self.compiled \
+            else contextlib.nullcontext()
+        with limit:
+            return self.output_tiles(torch.bmm(filter_tiles(weight), self.input_tiles(x)), *x.shape[-2:])
 
 
 @functools.cache
@@ -123,6 +123,17 @@ def compiled_transforms():
     if not hasattr(torch, 'compile'):
         raise dnnlib.UserError(f'--winograd: torch {torch.__version__} has no torch.compile (needs torch >= 2.0)')
     return Transforms(compiled=True)
+
+
+def check_compiles():
+    """Compile and run the transforms once on a 4x4 image, so that a missing C++ toolchain (torch.compile's CPU
+    kernels need one) is one clear error before training starts."""
+    try:
+        conv3x3(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
+    except Exception as e:   # whatever the compiler stack raises, the user gets one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise dnnlib.UserError(f'--winograd: torch.compile cannot build CPU kernels here (a C++ compiler is '
+                               f'needed): {reason}') from e
 
 
 def conv3x3(x, weight, transforms=None):
