@@ -105,7 +105,7 @@ def official_worker(root, batch, resolution, stage, steps, warmup, device):
 
 def ours_worker(batch, resolution, stage, steps, warmup, device, precision, flags):
     """Seconds per step of training.training_loop.training_step (cifar10-ecm preset, no transfer) in `precision`
-    (fp32 or tf32: the official code's arithmetic; bf16: our autocast), with train.py's `flags` (OURS_FLAGS)."""
+    (fp32 or tf32: the official code's arithmetic; bf16: our autocast), with train.py's `flags` (channels_last, winograd)."""
     sys.path.insert(0, REPO_ROOT)
     import torch
     from configs import presets

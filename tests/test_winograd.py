@@ -148,3 +148,13 @@ def test_a_compiler_failure_is_one_clear_error(monkeypatch):
     with pytest.raises(dnnlib.UserError, match=r'--winograd: torch.compile cannot build CPU kernels here .*'
                                                r'InductorError: CppCompileError: C\+\+ compile error$'):
         runtime.check_winograd('fp32', torch.device('cpu'))
+
+
+def test_the_trainer_checks_winograd_before_any_work(monkeypatch, tmp_path):
+    def refuse(precision, device):
+        raise dnnlib.UserError(f'refused {precision} on {device.type}')
+    monkeypatch.setattr(runtime, 'check_winograd', refuse)
+    monkeypatch.setattr(runtime, 'build_dataset', lambda *args: pytest.fail('the dataset was built before the check'))
+    options = presets.resolve('cifar10-ecm', dict(winograd=True, transfer='none', data=str(tmp_path / 'none.zip')))
+    with pytest.raises(dnnlib.UserError, match='refused fp32 on cpu'):   # 'auto' resolved first
+        tl.Trainer(options, str(tmp_path))

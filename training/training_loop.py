@@ -129,8 +129,7 @@ def build_state(options, dataset, device):
     ema = dnnlib.util.construct_class_by_name(net, **options.ema_kwargs)
     if options.channels_last:   # the trained network only: EMA copies and snapshots stay NCHW
         set_memory_format(net, 'channels_last')
-    if options.winograd:        # the trained network only, like the layout
-        runtime.check_winograd(options.precision, device)
+    if options.winograd:        # the trained network only, like the layout (checked by Trainer before any work)
         batch_gpu, _ = runtime.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
         set_conv_algorithm(net, 'winograd', batch_gpu)
     scaler = torch.amp.GradScaler(device.type) if options.precision == 'fp16' else None
@@ -164,6 +163,8 @@ class Trainer:
         o = options.replace(precision=runtime.resolve_precision(options.precision, device))
         runtime.setup_runtime(o.seed, o.precision)
         batch_gpu, self.num_rounds = runtime.check_batch(o.batch_size, o.batch_gpu, dist.get_world_size())
+        if o.winograd:
+            runtime.check_winograd(o.precision, device)
         dataset = runtime.build_dataset(o.dataset_kwargs)
         state = build_state(o, dataset, device)
         if o.resume_state is not None:

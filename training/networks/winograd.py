@@ -120,8 +120,6 @@ class Transforms:
 @functools.cache
 def compiled_transforms():
     """The process's compiled Transforms (one set of graphs shared by every layer)."""
-    if not hasattr(torch, 'compile'):
-        raise dnnlib.UserError(f'--winograd: torch {torch.__version__} has no torch.compile (needs torch >= 2.0)')
     return Transforms(compiled=True)
 
 
