@@ -10,6 +10,7 @@ import torch
 import dnnlib
 from configs import presets
 from training import runtime
+from training import networks_edm2
 from training import training_loop as tl
 from training.networks import layers
 from training.networks import winograd
@@ -107,6 +108,13 @@ def test_a_network_with_winograd_convolutions_computes_the_same_function_and_gra
 def test_set_conv_algorithm_rejects_an_unknown_name():
     with pytest.raises(dnnlib.UserError, match='"fft" is not one of direct, winograd'):
         layers.set_conv_algorithm(_net(dropout=0), 'fft')
+
+
+def test_winograd_refuses_a_network_it_would_not_change():
+    net = networks_edm2.Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1],
+                                num_blocks=1, attn_resolutions=[])
+    with pytest.raises(dnnlib.UserError, match='--winograd: Precond has no convolution it applies to'):
+        layers.set_conv_algorithm(net, 'winograd')
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -203,10 +203,13 @@ def set_conv_algorithm(net, algorithm, batch_size=None):
     own graphs, and a dynamic batch dimension makes the output transform 4-7x slower). Returns `net`."""
     if algorithm not in CONV_ALGORITHMS:
         raise dnnlib.UserError(f'conv algorithm: "{algorithm}" is not one of {", ".join(CONV_ALGORITHMS)}')
-    for module in net.modules():
-        if isinstance(module, Conv2d):
-            module.conv_algorithm = algorithm
-            module.winograd_batch = batch_size
+    convs = [module for module in net.modules() if isinstance(module, Conv2d)]
+    if algorithm == 'winograd' and not convs:
+        raise dnnlib.UserError(f'--winograd: {type(net).__name__} has no convolution it applies to (only the EDM '
+                               f'U-Nets, SongUNet and DhariwalUNet, are built from training.networks.layers.Conv2d)')
+    for module in convs:
+        module.conv_algorithm = algorithm
+        module.winograd_batch = batch_size
     return net
 
 #----------------------------------------------------------------------------
