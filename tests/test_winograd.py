@@ -102,6 +102,9 @@ def test_a_network_with_winograd_convolutions_computes_the_same_function_and_gra
     x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 5.0])
     out, out_w = net(x, sigma), wino(x, sigma)
     assert calls   # the 32x32 convolutions took the Winograd path
+    calls.clear()
+    layers.set_conv_algorithm(wino, 'winograd')(torch.randn(3, 3, 32, 32), torch.ones(3))
+    assert calls   # without a batch size, every batch size takes it
     assert_same_function(net, wino, out, out_w, rtol=1e-4)
 
 

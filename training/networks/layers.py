@@ -61,7 +61,7 @@ class Linear(torch.nn.Module):
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
     conv_algorithm = 'direct'   # 'winograd' via set_conv_algorithm (fp32 CPU training, training.networks.winograd)
-    winograd_batch = None       # the one batch size computed by Winograd (one compiled graph per layer shape)
+    winograd_batch = None       # the one batch size computed by Winograd (None = any; one graph per shape)
 
     def __init__(self,
         in_channels,                    # Number of input channels.
@@ -98,7 +98,8 @@ class Conv2d(torch.nn.Module):
         return torch.nn.functional.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
 
     def _convolve(self, x, w, padding):
-        if self.conv_algorithm == 'winograd' and x.shape[0] == self.winograd_batch and winograd.applies(x, w, padding):
+        if self.conv_algorithm == 'winograd' and self.winograd_batch in (None, x.shape[0]) \
+                and winograd.applies(x, w, padding):
             return winograd.conv3x3(x, w)
         return torch.nn.functional.conv2d(x, w, padding=padding)
 
@@ -198,9 +199,10 @@ CONV_ALGORITHMS = ('direct', 'winograd')
 
 def set_conv_algorithm(net, algorithm, batch_size=None):
     """Compute every 3x3 convolution of `net` that winograd.applies() to by `algorithm` ('direct': conv2d,
-    'winograd': training.networks.winograd.conv3x3) when its input holds `batch_size` images (the micro-batch;
-    other sizes, such as the CPU target pass on the samples with r > 0, stay direct: each size would compile its
-    own graphs, and a dynamic batch dimension makes the output transform 4-7x slower). Returns `net`."""
+    'winograd': training.networks.winograd.conv3x3) when its input holds `batch_size` images (None: any number).
+    Training gives the micro-batch; other sizes, such as the CPU target pass on the samples with r > 0, stay
+    direct: each size would compile its own graphs, and a dynamic batch dimension makes the output transform
+    4-7x slower. Returns `net`."""
     if algorithm not in CONV_ALGORITHMS:
         raise dnnlib.UserError(f'conv algorithm: "{algorithm}" is not one of {", ".join(CONV_ALGORITHMS)}')
     convs = [module for module in net.modules() if isinstance(module, Conv2d)]
