@@ -31,8 +31,9 @@ _TORCH_MODULES = frozenset([
     ('torch.nn.modules.container', 'ModuleDict'), ('torch.nn.modules.pooling', 'MaxPool2d'),
     ('torch.nn.modules.pooling', 'AvgPool2d'), ('torch.nn.modules.pooling', 'AdaptiveAvgPool2d'),
     ('torch.nn.modules.linear', 'Linear'), ('torch.nn.modules.conv', 'Conv2d'),
-    ('torch.nn.modules.activation', 'ReLU'), ('torch.nn.modules.dropout', 'Dropout'),
-    ('torch.nn.modules.flatten', 'Flatten'),
+    ('torch.nn.modules.activation', 'ReLU'), ('torch.nn.modules.activation', 'Softmax'),
+    ('torch.nn.modules.dropout', 'Dropout'), ('torch.nn.modules.flatten', 'Flatten'),
+    ('torch.nn.modules.linear', 'Identity'),
 ])
 
 
@@ -74,6 +75,17 @@ class _ScriptObject:
         self.state = state
 
 
+def _build_list(data):
+    """Replacement for torch.jit._pickle's list builders (build_intlist, ...), which return their list as is."""
+    if not isinstance(data, list):
+        raise safe_pickle.Refused('a TorchScript list record that is not a list')
+    return data
+
+
+# TorchScript's typed-list records (torch.jit._pickle): pure functions returning their argument.
+_LIST_BUILDERS = frozenset(['build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist'])
+
+
 class _ScriptDataUnpickler(pickle.Unpickler):
     """Reads a TorchScript archive's data.pkl as data: `__torch__` classes become _ScriptObject, storages are read
     from the archive's data/ records, tensors rebuilt by safe_pickle's allow-listed function, nothing else allowed."""
@@ -87,6 +99,8 @@ class _ScriptDataUnpickler(pickle.Unpickler):
             return _ScriptObject
         if module == 'torch' and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
+        if module == 'torch.jit._pickle' and name in _LIST_BUILDERS:
+            return _build_list
         if (module, name) in (('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict')):
             return safe_pickle.SAFE_GLOBALS[(module, name)]
         raise dnnlib.UserError(safe_pickle.refusal(self.source, f'global "{module}.{name}"'))
@@ -130,7 +144,8 @@ def load_torchscript(data, source, allow_unsafe):
     if not allow_unsafe:
         raise dnnlib.UserError(
             f'{source}: refused to load a TorchScript file: loading runs the code stored in it (which can write '
-            f'files), so the file may be malicious. The NVIDIA .pkl detectors and state dicts are loaded safely')
+            f'files), so the file may be malicious; --allow-unsafe-pickle loads it if you trust the file (the '
+            f'NVIDIA .pkl detectors and state dicts are loaded safely)')
     warnings.warn(f'{source}: loading TorchScript runs code stored in the file; do this only for files you trust',
                   stacklevel=3)
     try:

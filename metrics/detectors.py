@@ -217,7 +217,8 @@ class DinoViT(torch.nn.Module):
 
 def load_dinov2_model(url_or_path, allow_unsafe_pickle=False, cache_dir=None, **vit_kwargs):
     """DINOv2 from an official state_dict (`.pth`, read with weights_only=True), or, with the opt-in for a trusted
-    file, a TorchScript file that maps ImageNet-normalised float images N,3,224,224 to CLS features N,D."""
+    file, a TorchScript file that maps ImageNet-normalised float images N,3,224,224 to CLS features N,D.
+    `vit_kwargs` override what the state dict implies (e.g. num_heads, by default 64 channels per head)."""
     data = detector_files.read_bytes(url_or_path, cache_dir)
     if detector_files.is_torchscript(data):
         return detector_files.load_torchscript(data, url_or_path, allow_unsafe_pickle)
@@ -227,17 +228,26 @@ def load_dinov2_model(url_or_path, allow_unsafe_pickle=False, cache_dir=None, **
     return _build_vit(state, url_or_path, **vit_kwargs)
 
 
-def _build_vit(state, source, **vit_kwargs):
-    """DinoViT shaped by the state dict: DINOv2 uses 64 channels per head in every size (S/B/L/g: 6/12/16/24
-    heads, facebookresearch/dinov2 models/vision_transformer.py) and SwiGLU in ViT-g."""
+def _num_heads(embed_dim, num_heads, source):
+    """The given head count, else DINOv2's: 64 channels per head in every size (S/B/L/g: 6/12/16/24 heads,
+    facebookresearch/dinov2 models/vision_transformer.py); the width must split evenly into the heads."""
+    if num_heads is None:
+        if embed_dim % 64:
+            raise dnnlib.UserError(f'{source}: DINOv2 width {embed_dim} is not a multiple of 64 (the head width)')
+        return embed_dim // 64
+    if not isinstance(num_heads, int) or num_heads < 1 or embed_dim % num_heads:
+        raise dnnlib.UserError(f'{source}: DINOv2 width {embed_dim} is not divisible by num_heads={num_heads!r}')
+    return num_heads
+
+
+def _build_vit(state, source, num_heads=None, **vit_kwargs):
+    """DinoViT shaped by the state dict (SwiGLU in ViT-g), with `num_heads` heads (default: 64 channels each)."""
     embed_dim = state['pos_embed'].shape[-1]
-    if embed_dim % 64:
-        raise dnnlib.UserError(f'{source}: DINOv2 width {embed_dim} is not a multiple of 64 (the head width)')
     depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
     patch_size = state['patch_embed.proj.weight'].shape[-1]
     pretrain_size = int(math.sqrt(state['pos_embed'].shape[1] - 1)) * patch_size
-    kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64, patch_size=patch_size,
-                  pretrain_size=pretrain_size, swiglu='blocks.0.mlp.w12.weight' in state)
+    kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=_num_heads(embed_dim, num_heads, source),
+                  patch_size=patch_size, pretrain_size=pretrain_size, swiglu='blocks.0.mlp.w12.weight' in state)
     kwargs.update(vit_kwargs)
     model = DinoViT(**kwargs)
     state = {name: value for name, value in state.items() if name != 'mask_token'}  # Used only in pretraining.

@@ -2,6 +2,7 @@
 written; crashes leave nothing behind that a later run trips over."""
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import fid
 import generate
 import train
 from conftest import REPO_ROOT, write_random_dataset
+from configs import presets
 from dnnlib import util
 from metrics import metric_utils
 from training import checkpoint, dataset_convert, networks
@@ -240,6 +242,39 @@ def test_snapshot_with_a_flipped_byte_is_refused(tmp_path):
     assert 'damaged' in line and not (tmp_path / 'out').exists()
 
 
+# The shipped quickstart checkpoint as first committed (version 1, no checksum): SHA-256 of its tensors (name,
+# dtype, shape and bytes of each, in name order) and of its class, constructor arguments and metadata (JSON).
+_QUICKSTART_TENSORS_SHA256 = '987019dd03d26562f1185d749fcfe9bbc076bcb191d20dba62d9ed328d08de36'
+_QUICKSTART_RECORD_SHA256 = 'dce03ed3f1481c2b070308017836a3e73fa9aaef2edd3b65321114f58ace929b'
+
+
+def _tensors_sha256(tensors):
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f'{name}:{t.dtype}:{list(t.shape)};'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_shipped_quickstart_checkpoint_carries_its_checksum(tmp_path):
+    """The shipped checkpoint is a checksummed snapshot with the original tensors and metadata, so one flipped
+    byte in a copy is a one-line refusal naming the file."""
+    data = torch.load(presets.QUICKSTART_CHECKPOINT, map_location='cpu', weights_only=True)
+    assert data['version'] == checkpoint.SNAPSHOT_VERSION and isinstance(data.get('sha256'), str)
+    assert _tensors_sha256(data['state_dict']) == _QUICKSTART_TENSORS_SHA256
+    record = json.dumps([data['class_name'], data['init_kwargs'], data['metadata']], sort_keys=True)
+    assert hashlib.sha256(record.encode()).hexdigest() == _QUICKSTART_RECORD_SHA256
+    net, _ = checkpoint.load_network_snapshot(presets.QUICKSTART_CHECKPOINT)
+    assert _tensors_sha256(net.state_dict()) == _QUICKSTART_TENSORS_SHA256
+    copy = tmp_path / 'quickstart-edm-shapes16.pt'
+    copy.write_bytes(open(presets.QUICKSTART_CHECKPOINT, 'rb').read())
+    _flip_tensor_byte(copy)
+    with pytest.raises(dnnlib.UserError) as info:
+        checkpoint.load_network(str(copy))
+    assert str(info.value) == f'{copy}: the network snapshot is damaged: its content does not match its checksum'
+
+
 def test_snapshot_with_absurd_recorded_sizes_is_refused(tmp_path):
     net = _tiny_snapshot(tmp_path / 'a.pt')
     for channels, message in ((10 ** 5, 'would need .* GiB, more than the .* GiB of memory available'),
@@ -331,3 +366,29 @@ def test_training_state_with_a_flipped_byte_is_refused(tmp_path):
     _flip_tensor_byte(path)
     with pytest.raises(dnnlib.UserError, match='training-state-latest.pt: the training state is damaged'):
         checkpoint.load_training_state(str(path))
+
+
+def _open_on_a_full_disk(real_fdopen):
+    """os.fdopen whose file is /dev/full: every write that reaches the disk fails with ENOSPC, as on a full disk."""
+    def fdopen(fd, *args, **kwargs):
+        full = os.open('/dev/full', os.O_WRONLY)
+        os.dup2(full, fd)
+        os.close(full)
+        return real_fdopen(fd, *args, **kwargs)
+    return fdopen
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
+def test_training_state_on_a_full_disk_is_one_line_and_keeps_the_previous_state(tmp_path, monkeypatch):
+    """torch.save's zip writer reports the failed write as 'RuntimeError: [enforce fail at inline_container.cc]':
+    it is one line naming the file, the previous training-state-latest.pt is unchanged and nothing partial is left."""
+    path = tmp_path / 'training-state-latest.pt'
+    checkpoint.save_training_state(str(path), dict(net=dict(w=torch.zeros(16)), cur_nimg=64))
+    previous = path.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, 'fdopen', _open_on_a_full_disk(os.fdopen))
+        with pytest.raises(dnnlib.UserError) as info:
+            checkpoint.save_training_state(str(path), dict(net=dict(w=torch.ones(1 << 16)), cur_nimg=128))
+    assert str(info.value) == (f'{path}: No space left on device (not written; a previous file of that name is '
+                               f'unchanged)')
+    assert path.read_bytes() == previous and os.listdir(tmp_path) == [path.name]

@@ -89,6 +89,47 @@ def test_nvidia_vgg16_pickle_features(tmp_path):
     np.testing.assert_allclose(features.numpy(), expected.numpy(), rtol=1e-4, atol=1e-6)
 
 
+class _ScriptedVGG16(torch.nn.Module):
+    """A VGG16 stand-in's module tree (`layers`, `lpips0` ..) behind a scriptable forward, for torch.jit.script."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.layers = net.layers
+        for i in range(5):
+            setattr(self, f'lpips{i}', getattr(net, f'lpips{i}'))
+        self.pool_after = [2, 4, 7, 10, 13]   # an int-list attribute: TorchScript stores it with build_intlist
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i < 15:   # conv1 .. conv13, fc1, fc2: the features
+                x = torch.relu(layer(x.flatten(1) if i == 13 else x))
+            if i + 1 in self.pool_after:
+                x = torch.nn.functional.max_pool2d(x, 2)
+        return x
+
+
+def test_scripted_torchscript_twin_with_int_lists_is_read_as_data(tmp_path):
+    """torch.jit.script (unlike trace) stores list attributes through torch.jit._pickle.build_intlist & co. (e.g.
+    Conv2d's padding list): these pure list builders are read as data, the twin gives the pickle's features."""
+    net = nvidia_detectors.make_standin('vgg16', seed=2).requires_grad_(False)
+    pickled = nvidia_detectors.write_pickle(tmp_path / 'vgg16.pkl', net)
+    torch.jit.save(torch.jit.script(_ScriptedVGG16(net)), str(tmp_path / 'vgg16.pt'))
+    images = _images(5)
+    from_script = detectors.get_detector('vgg16', str(tmp_path / 'vgg16.pt'))(images)
+    torch.testing.assert_close(from_script, detectors.get_detector('vgg16', pickled)(images), rtol=0, atol=0)
+
+
+def test_detector_pickle_with_parameter_free_modules_is_read(tmp_path):
+    """Softmax, ReLU, Dropout, Flatten and Identity inside a detector pickle are inert records without tensors."""
+    net = nvidia_detectors.make_standin('vgg16', seed=3)
+    net.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.ReLU(), torch.nn.Identity(),
+                                   torch.nn.Softmax(dim=1))
+    path = nvidia_detectors.write_pickle(tmp_path / 'vgg16.pkl', net)
+    images = _images(3)
+    np.testing.assert_allclose(detectors.get_detector('vgg16', path)(images).numpy(),
+                               net.double().reference(images).numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_fid_cli_uses_the_nvidia_pickle_safely(inception, tmp_path):
     path, reference = inception
     rng = np.random.default_rng(0)
@@ -161,6 +202,22 @@ def test_dinov2_every_size_matches_independent_vit(size, tmp_path):
     with torch.no_grad():
         features = model(x.to(torch.float32)).double()
     np.testing.assert_allclose(features.numpy(), _dinov2_reference(state, x, heads, swiglu).numpy(), rtol=1e-3, atol=2e-4)
+
+
+def test_dinov2_uses_the_given_head_count(tmp_path):
+    """num_heads given by the caller is used even when the width is not 64 per head; a width that does not split
+    into that many heads is one line naming the file."""
+    state = _dinov2_state(96, False)
+    torch.save(state, tmp_path / 'tiny.pth')
+    model = detectors.load_dinov2_model(str(tmp_path / 'tiny.pth'), num_heads=4)
+    assert model.blocks[0].attn.num_heads == 4
+    x = torch.randn([2, 3, 28, 28], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        features = model(x.to(torch.float32)).double()
+    np.testing.assert_allclose(features.numpy(), _dinov2_reference(state, x, 4, False).numpy(), rtol=1e-3, atol=2e-4)
+    with pytest.raises(dnnlib.UserError) as info:
+        detectors.load_dinov2_model(str(tmp_path / 'tiny.pth'), num_heads=5)
+    assert str(info.value) == f'{tmp_path / "tiny.pth"}: DINOv2 width 96 is not divisible by num_heads=5'
 
 
 def test_dinov2_width_not_a_multiple_of_64_is_refused(tmp_path):

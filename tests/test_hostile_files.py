@@ -87,11 +87,26 @@ def test_torchscript_detector_is_read_as_data_and_writes_nothing(hostile_ts, kin
     assert not target.exists()
 
 
+_TRUST_CLAUSE = '; --allow-unsafe-pickle loads it if you trust the file'
+
+
 def test_torchscript_dinov2_is_refused_and_writes_nothing(hostile_ts):
     path, target = hostile_ts
     with pytest.raises(dnnlib.UserError) as info:
         detectors.get_detector('dinov2', path)
-    assert_refusal(str(info.value), path, 'TorchScript')
+    assert_refusal(str(info.value).replace(_TRUST_CLAUSE, ''), path, 'TorchScript')
+    assert not target.exists()
+
+
+def test_torchscript_refusal_names_the_trust_flag_without_advising_it(hostile_ts):
+    """The user who trusts their own TorchScript file learns the flag that loads it; the message states what it
+    does (loading runs the file's code) and does not tell anyone to use it (issue 20)."""
+    path, target = hostile_ts
+    with pytest.raises(dnnlib.UserError) as info:
+        detectors.get_detector('dinov2', path)
+    assert str(info.value) == (
+        f'{path}: refused to load a TorchScript file: loading runs the code stored in it (which can write files), '
+        f'so the file may be malicious{_TRUST_CLAUSE} (the NVIDIA .pkl detectors and state dicts are loaded safely)')
     assert not target.exists()
 
 

@@ -361,6 +361,19 @@ def test_dry_run_writes_options(data_dir, tmp_path):
     assert options['detector_files'] == {}   # the official detectors
 
 
+def test_dry_run_downloads_nothing(data_dir, tmp_path, monkeypatch):
+    """cifar10-ecm transfers from EDM's checkpoint URL: a dry run resolves, prints and saves the options offline."""
+    def offline(*args, **kwargs):
+        raise AssertionError(f'a dry run opened {args[0] if args else kwargs}')
+    monkeypatch.setattr(dnnlib.util, 'open_url', offline)
+    code, output = invoke(['--preset=cifar10-ecm', f'--data={data_dir}', f'--outdir={tmp_path}', '--dry-run'])
+    assert code == 0, output
+    assert f'--transfer: {presets.CIFAR10_VP_URL} is not downloaded by a dry run' in output
+    (run_dir,) = list(tmp_path.iterdir())
+    assert json.loads((run_dir / 'training_options.json').read_text())['transfer'] == presets.CIFAR10_VP_URL
+    assert f'"transfer": "{presets.CIFAR10_VP_URL}"' in output
+
+
 def test_dry_run_records_detector_files(data_dir, tmp_path):
     det = tmp_path / 'inception.pkl'
     det.write_bytes(b'\x80')
