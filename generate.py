@@ -13,6 +13,7 @@ The reusable parts live in training/: the sampler rules and recipe defaults in t
 in training.generation.
 """
 
+import itertools
 import os
 
 import click
@@ -41,20 +42,36 @@ def check_outdir(outdir):
     dnnlib.util.check_output_dir(outdir, '--outdir')
 
 
-def write_images(images_iter, outdir, subdirs, grid, num_seeds, world_size=1):
-    """Consume (seeds, uint8 images); write per-seed PNGs (on background threads) or one grid; a progress bar
-    (images, img/s) on rank 0, which counts its own images times `world_size`, the processes sampling in step."""
-    collected = []
+def write_images(images_iter, outdir, subdirs, keep, num_seeds, world_size=1):
+    """Consume (seeds, uint8 images): with `keep`, return them (a list of N,H,W,C arrays, for a grid), else write a
+    PNG per seed on background threads; a progress bar (images, img/s) on rank 0, which counts its own images
+    times `world_size`, the processes sampling in step."""
+    kept = []
     with progress.bar(total=num_seeds, desc='generating', unit='img') as images_bar, BackgroundWriter() as writer:
         for batch_seeds, images in host_batches(images_iter):
-            if grid:
-                collected.append(images)
+            if keep:
+                kept.append(images)
             else:
                 for seed, image in zip(batch_seeds, images):
                     writer.submit(save_png, image_path(outdir, seed, subdirs), image)
             images_bar.update(min(len(batch_seeds) * world_size, num_seeds - images_bar.n))
-    if grid and collected:
-        save_png(os.path.join(outdir, 'grid.png'), make_grid(np.concatenate(collected)))
+    return kept
+
+
+def in_seed_order(per_rank):
+    """One list of batches from every rank's list (rank r sampled batches r, r + W, ...: generation's sharding)."""
+    return [batch for batches in itertools.zip_longest(*per_rank) for batch in batches if batch is not None]
+
+
+def write_single_files(outdir, grid, grid_batches, npz, npz_parts, group):
+    """grid.png (`grid`) and/or the `npz` file, from every rank's share gathered on rank 0 (through `group`)."""
+    gathered = dist.gather_to_rank0((grid_batches, npz_parts or []), group)
+    if gathered is None:
+        return
+    if grid:
+        save_png(os.path.join(outdir, 'grid.png'), make_grid(np.concatenate(in_seed_order([g for g, _ in gathered]))))
+    if npz:
+        save_npz(npz, in_seed_order([parts for _, parts in gathered]))
 
 
 def _png_batches(batches, npz_parts=None):
@@ -135,17 +152,16 @@ def cli(network, outdir, seeds, subdirs, class_idx, max_batch_size, sampler, num
         sampler, sampler_kwargs = samplers.resolve_sampler(net, sampler, num_steps, mid_t, t_max, metadata, ts,
                                                            clip_denoised, **heun_kwargs)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if grid or npz:  # One file needs every seed in one process: rank 0 samples them all.
-        seeds, rank, world_size = (seeds if rank == 0 else []), 0, 1
+    group = dist.host_group()   # every rank samples its share; the shares of one file meet on rank 0 in host memory
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler {sampler_kwargs} to "{outdir}"...')
     net = compile_network(net.to(device), compile_net)
     batches = generate_batches(net, seeds, class_idx, sampler, sampler_kwargs, max_batch_size, device, rank, world_size)
     npz_parts = [] if npz else None
     with user_errors(os_errors=True), progress.disabled_if(no_progress):
-        write_images(_png_batches(batches, npz_parts), outdir, subdirs, grid, len(seeds), world_size)
-        if npz_parts:
-            save_npz(npz, npz_parts)
-    dist.barrier()
+        grid_batches = write_images(_png_batches(batches, npz_parts), outdir, subdirs, grid, len(seeds), world_size)
+        if grid or npz:
+            write_single_files(outdir, grid, grid_batches, npz, npz_parts, group)
+    dist.barrier(group)
     dist.print0('Done.')
 
 

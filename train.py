@@ -146,25 +146,30 @@ def ensure_data(flat, options, dry_run, preset_data):
     check_transfer_file(options.transfer)   # before the build: a typo must not cost the build first
     from training.dataset_convert import convert_dataset
     dist.print0(f'Building {path} from {flat.data_source} (first run only)')
+    group = dist.host_group()   # the others wait on the host: a large build outlasts NCCL's watchdog
     if dist.get_rank() == 0:
         print(convert_dataset(flat.data_source, path, flat.data_max_images, None, None))
-    dist.barrier()
+    dist.barrier(group)
     return True
 
 
-def check_transfer(options, dataset):
-    """--transfer exists and (when the data is there) fits it."""
+def check_transfer(options, dataset, dry_run=False):
+    """--transfer exists and (when the data is there) fits it; a dry run downloads nothing (a URL is checked by
+    the real run)."""
     if options.transfer is None:
         return
     from training import runtime
     check_transfer_file(options.transfer)
+    if dry_run and '://' in options.transfer:
+        dist.print0(f'--transfer: {options.transfer} is not downloaded by a dry run; a real run downloads and checks it')
+        return
     src = runtime.load_transfer_source(options.transfer, options.network_kwargs,
                                        dataset.resolution if dataset is not None else None)
     if dataset is not None:
         runtime.check_transfer_compatible(src, dataset, options.transfer)
 
 
-def check_data(options, data_source=None, check_images=True):
+def check_data(options, data_source=None, check_images=True, dry_run=False):
     """--data / --cond / batch split / --transfer compatibility, checked by building the dataset; returns the
     dataset name. A missing --data that `data_source` would build (a dry run) is reported and not opened."""
     from training import runtime
@@ -174,7 +179,7 @@ def check_data(options, data_source=None, check_images=True):
     runtime.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
     if not os.path.exists(path) and data_source is not None:
         dist.print0(f'--data: {path} does not exist yet; a real run builds it from {data_source}')
-        check_transfer(options, None)
+        check_transfer(options, None, dry_run)
         return os.path.splitext(os.path.basename(path))[0]
     if not os.path.exists(path):
         raise dnnlib.UserError(f'--data: no such file or directory: {path}')
@@ -185,7 +190,7 @@ def check_data(options, data_source=None, check_images=True):
         from training import device_data
         device_data.check_device_data(dataset, dist.device())
     check_network_kwargs(options.network_kwargs, dataset)
-    check_transfer(options, dataset)
+    check_transfer(options, dataset, dry_run)
     return dataset.name
 
 
@@ -292,7 +297,8 @@ def prepare(kw):
     check_buildable(flat, preset_data)
     check_extras(options)
     built = ensure_data(flat, options, kw['dry_run'], preset_data)
-    dataset_name = check_data(options, flat.data_source, check_images=not (kw['no_check_data'] or built))
+    dataset_name = check_data(options, flat.data_source, check_images=not (kw['no_check_data'] or built),
+                              dry_run=kw['dry_run'])
     from training.runtime import resolve_precision   # --precision=auto -> this device's (printed below, recorded)
     options = options.replace(precision=resolve_precision(options.precision, dist.device()))
     desc = describe(options, dataset_name, kw['desc'])
@@ -402,7 +408,7 @@ def launch(options, run_dir):
 @click.option('--desc', help='String to append to the run directory name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Use --outdir itself as the run directory', is_flag=True)
 @click.option('--overwrite', help='With --nosubdir: replace the run already in --outdir', is_flag=True)
-@click.option('--dry-run', help='Resolve, validate and save training_options.json, then exit', is_flag=True)
+@click.option('--dry-run', help='Resolve, validate and save training_options.json, then exit (downloads nothing)', is_flag=True)
 def main(**kw):
     with user_errors(os_errors=True):
         options, run_dir = prepare(kw)

@@ -1,9 +1,9 @@
 """Correctness checks that need a CUDA device, and the report of bench/gpu_check.sh.
 
-    python bench/gpu_check.py checks                                   # shared dropout, fp16 GradScaler
+    python bench/gpu_check.py checks                                   # shared dropout (ECT, CD/CT), fp16 GradScaler
     python bench/gpu_check.py nosync                                   # no host sync inside training steps
     python bench/gpu_check.py compile                                  # torch.compile vs eager, graph breaks
-    torchrun --standalone --nproc_per_node=2 bench/gpu_check.py ddp    # NCCL DDP gradient equality (1 or 2 GPUs)
+    torchrun --standalone --nproc_per_node=2 bench/gpu_check.py ddp    # the Trainer under DDP (bench/ddp_check.py)
     python bench/gpu_check.py report DIR --out=bench/results/NAME      # DIR/*.json -> NAME.json + NAME.md
 
 Every check prints one `PASS`/`FAIL` (or `INFO`/`SKIP`) line with its measured numbers (`report` reads them back
@@ -13,7 +13,6 @@ U-Nets (random weights) so the checks take seconds. `--allow-cpu` runs the code 
 CUDA-only parts report SKIP).
 """
 
-import copy
 import glob
 import json
 import os
@@ -33,10 +32,12 @@ import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from training import runtime  # noqa: E402
-from training.compile import compile_network  # noqa: E402
+from training.compile import compile_counters, compile_network, reset_compile_counters  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 from training.loss import ECTLoss, tuning_kwargs  # noqa: E402
-from bench import gpu_report  # noqa: E402
+from training.loss_cm import consistency_loss  # noqa: E402
+from training.methods.consistency_models import frozen_copy  # noqa: E402
+from bench import ddp_check, gpu_report  # noqa: E402
 from bench.bench_train import SyntheticData, synthetic_batches  # noqa: E402
 
 SMALL_NET = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16])
@@ -211,31 +212,37 @@ def check_compile(device):
                   f'{torch.equal(f_t, f_r)} (max diff {(f_t - f_r).abs().max().item():.3g})')
 
 
-def _fixed_noise_loss(net, images, labels=None):
-    """A deterministic per-sample loss (noise level and perturbation from the pixels) for the DDP check."""
-    sigma = images.mean(dim=[1, 2, 3], keepdim=True).abs() + 0.5
-    out = net(images + sigma * torch.cos(images * 7), sigma, labels, **tuning_kwargs(net))
-    return (out - images).square().flatten(1).sum(1)
+def _one_level_losses(model, target, teacher, shared, device):
+    """CD (with `teacher`) or CT per-sample losses of batch 16 on one noise level (σmin = σmax: x̂ = x_t)."""
+    gen = torch.Generator(device).manual_seed(1)
+    x0 = torch.randn([16, 3, 32, 32], device=device, generator=gen)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    return consistency_loss(model, target, x0, noise, torch.zeros([16], dtype=torch.long, device=device), 2,
+                            teacher=teacher, shared_dropout=shared, sigma_min=1.0, sigma_max=1.0)
 
 
-def check_ddp(device, batch_size=16):
-    """Gradients of a DDP (NCCL) step over the ranks' shards equal one process's gradient of the whole batch."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    net = small_net(device, dropout=0.0)
-    reference = copy.deepcopy(net)
-    images = torch.randint(0, 256, [batch_size, 3, 32, 32], generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-    labels = torch.zeros([batch_size, 0])
-    shard = batch_size // world
-    mine = iter([(images[rank * shard:(rank + 1) * shard], labels[:shard])])
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-                                                  broadcast_buffers=False)
-    tl.accumulate_gradients(ddp, _fixed_noise_loss, mine, 1, batch_size, device)
-    x = images.to(device).float() / 127.5 - 1
-    (_fixed_noise_loss(reference, x).sum() / batch_size).backward()
-    worst = max(((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp(min=1e-12)).item()
-                for a, b in zip(net.parameters(), reference.parameters()))
-    return report(f'DDP {torch.distributed.get_backend()} rank {rank}/{world}', worst < 1e-4,
-                  f'max relative gradient difference vs one process {worst:.3g}')
+def check_cm_shared_dropout(device, compiled=False):
+    """CT's and CD's student and target (θ⁻ = θ) see the same input at dropout 0.5: losses exactly 0 with shared
+    masks, positive with fresh ones; eager, or compiled (the target runs the student's graph with θ⁻), where no
+    frame compiles after the first step."""
+    net = small_net(device, dropout=0.5, seed=2)
+    with torch.no_grad():   # away from the zero initialisation of the output layers, so masks show
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model, target = compile_network(net) if compiled else net, frozen_copy(net, train=True)
+    ok = True
+    for name, teacher in [('CT', None), ('CD', frozen_copy(net, train=False))]:
+        _one_level_losses(model, target, teacher, True, device).sum().backward()   # warm-up: compile, cudnn
+        reset_compile_counters()
+        torch.manual_seed(5)
+        shared = _one_level_losses(model, target, teacher, True, device)
+        fresh = _one_level_losses(model, target, teacher, False, device)
+        frames = compile_counters()['frames']
+        ok &= report(f'{name} shared dropout ({"compiled" if compiled else "eager"})',
+                     bool((shared == 0).all() and (fresh > 0).all()) and frames == 0,
+                     f'shared masks max loss = {shared.max().item():.3g}, fresh masks min loss = '
+                     f'{fresh.min().item():.3g}, frames compiled after the first step: {frames}')
+    return ok
 
 
 @click.group()
@@ -259,9 +266,11 @@ ALLOW_CPU = click.option('--allow-cpu', help='Run on the CPU when there is no GP
 @main.command()
 @ALLOW_CPU
 def checks(allow_cpu):
-    """Shared dropout and the fp16 GradScaler (RAdam foreach, Adam fused on CUDA) on this process's device."""
+    """Shared dropout (ECT, CD/CT) and the fp16 GradScaler (RAdam foreach, Adam fused on CUDA) on this process's
+    device."""
     device = _device(allow_cpu)
-    sys.exit(0 if all([check_shared_dropout(device), check_grad_scaler(device), check_grad_scaler(device, ADAM)]) else 1)
+    sys.exit(0 if all([check_shared_dropout(device), check_cm_shared_dropout(device), check_grad_scaler(device),
+                       check_grad_scaler(device, ADAM)]) else 1)
 
 
 @main.command()
@@ -277,16 +286,20 @@ def nosync(allow_cpu):
 @main.command(name='compile')
 @ALLOW_CPU
 def compile_check(allow_cpu):
-    """torch.compile of the network against eager, and its graph breaks (compile time included)."""
-    sys.exit(0 if check_compile(_device(allow_cpu)) else 1)
+    """torch.compile of the network against eager, its graph breaks, CD/CT's shared dropout compiled (compile time
+    included)."""
+    device = _device(allow_cpu)
+    sys.exit(0 if all([check_compile(device), check_cm_shared_dropout(device, compiled=True)]) else 1)
 
 
 @main.command()
 @ALLOW_CPU
 def ddp(allow_cpu):
-    """The DDP equality check; run under torchrun (1 or more processes, one GPU each; gloo on the CPU)."""
-    dist.init()
-    ok = check_ddp(_device(allow_cpu))
+    """One step of the real Trainer under DDP equals one process's step on the whole batch, with every rank
+    drawing its own noise; run under torchrun with 2 processes (a GPU each, or sharing one GPU over gloo; gloo on
+    the CPU)."""
+    print(f'process group: {ddp_check.init_processes()}', flush=True)
+    ok = ddp_check.check_trainer_ddp(_device(allow_cpu), report, write_dataset=write_dataset)
     if dist.is_distributed():
         torch.distributed.destroy_process_group()
     sys.exit(0 if ok else 1)

@@ -3,9 +3,10 @@
 # before anything runs; a section past its limit is killed and reported, the others still run):
 #   1. CUDA correctness: ECT's prediction and target passes share dropout masks bit for bit (r = t, dropout 0.5;
 #      fp32/bf16/fp16), the fp16 GradScaler skips overflowing steps (RAdam foreach, Adam fused), no host sync
-#      inside steady-state training steps (torch.cuda.set_sync_debug_mode), DDP over NCCL (2 processes when 2
-#      GPUs exist, else 1) gives one process's gradient, torch.compile of the network equals eager (graph breaks
-#      reported by torch._dynamo.explain);
+#      inside steady-state training steps (torch.cuda.set_sync_debug_mode), one step of the real Trainer in 2
+#      processes (NCCL with 2 GPUs, else both on cuda:0 over gloo), dropout 0.2, gives one process's gradient of
+#      the whole batch with every rank's own noise, and the ranks' noise differs (bench/ddp_check.py),
+#      torch.compile of the network equals eager (graph breaks reported by torch._dynamo.explain);
 #   2. throughput: the ECT training step (DDPM++ CIFAR-10 batch 128 in fp32/tf32/bf16, bf16 NHWC; the official locuslab/ect
 #      arithmetic in fp32/tf32 when OFFICIAL_ECT names a checkout of it; EDM2-S ImageNet-64 batch 64) and 1-step
 #      sampling at batch 512.
@@ -28,13 +29,24 @@ total=$((L_INFO + L_CHECKS + L_NOSYNC + L_DDP + L_TRAIN + L_TRAIN_NHWC + L_OFFIC
          + L_REPORT))
 if [ "$total" -gt "$BUDGET_S" ]; then echo "bench/gpu_check.sh: section limits add up to ${total} s > ${BUDGET_S} s" >&2; exit 2; fi
 
+# Preflight: every module the sections import, and torchrun, before any budget is spent.
+missing=$(python - <<'PY'
+import importlib.util
+names = ['torch', 'numpy', 'click', 'PIL', 'scipy', 'requests', 'psutil']
+print(' '.join(n for n in names if importlib.util.find_spec(n) is None))
+PY
+)
+if [ -n "$missing" ] || ! command -v torchrun > /dev/null; then
+    echo "bench/gpu_check.sh: missing before any check ran: ${missing:-} $(command -v torchrun > /dev/null || echo torchrun)" \
+         "(install requirements.txt into this Python first)" >&2
+    exit 2
+fi
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'none')")
 scale=1
 if [ "$gpu" = none ]; then
     if [ "$allow_cpu" = 0 ]; then echo "bench/gpu_check.sh: no CUDA device visible (--allow-cpu for a CPU dry run)" >&2; exit 2; fi
     gpu=cpu-dry-run scale=6   # CPU_SCALE: the CPU is slower; the 8-minute budget is the GPU's
 fi
-ngpu=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), 2)))")
 name="gpu_check-$(date -u +%Y%m%d-%H%M%S)-${gpu}"
 raw="bench/results/$name"
 mkdir -p "$raw"
@@ -82,7 +94,7 @@ echo "$versions" | tee -a "$log"
 
 run checks "$L_CHECKS" python bench/gpu_check.py checks "${cpu_flag[@]}"
 run nosync "$L_NOSYNC" python bench/gpu_check.py nosync "${cpu_flag[@]}"
-run ddp "$L_DDP" torchrun --standalone --nproc_per_node="$ngpu" bench/gpu_check.py ddp "${cpu_flag[@]}"
+run ddp "$L_DDP" torchrun --standalone --nproc_per_node=2 bench/gpu_check.py ddp "${cpu_flag[@]}"
 run train "$L_TRAIN" python bench/bench_train.py --preset=cifar10-ecm "$dev" --precision=fp32,tf32,bf16 "${train_sizes[@]}" \
     --json="$raw/train-cifar10.json"
 run train_nhwc "$L_TRAIN_NHWC" python bench/bench_train.py --preset=cifar10-ecm "$dev" --precision=bf16 --channels-last \

@@ -16,6 +16,7 @@ import time
 import types
 
 import numpy as np
+import torch
 
 import dnnlib
 from metrics import detectors
@@ -155,12 +156,19 @@ def _stats_cache_path(ref, detector):
     return dnnlib.util.make_cache_dir_path('dataset-stats', f'{base}-{hashlib.md5(key.encode()).hexdigest()}.npz')
 
 
+def _on_every_rank(path):
+    """True when every rank sees the file `path` (one tiny all-reduce): with a node-local or lagging cache, ranks
+    that disagreed would pair the collectives of computing the statistics with nothing, or with the wrong ones."""
+    missing = torch.tensor([0.0 if os.path.isfile(path) else 1.0])
+    return dist.all_reduce_sum(missing).item() == 0
+
+
 def _load_stats(ref, detector, kind, batch_size, device, rank, num_gpus):
     """(mu, sigma) of the reference: from an .npz, or computed from every image of a dataset folder/zip (zips:
     once, then from the cache)."""
     if _is_dataset(ref):
         cache = _stats_cache_path(ref, detector)
-        if cache is not None and os.path.isfile(cache):
+        if cache is not None and _on_every_rank(cache):
             ref = cache
         else:
             from training.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.

@@ -116,4 +116,4 @@ def test_agree_any_over_a_host_group(tmp_path):
     torch.multiprocessing.spawn(_flag_worker, args=(port, str(tmp_path)), nprocs=2)
     for rank in range(2):
         assert torch.load(tmp_path / f'flags{rank}.pt') == [[True, False], [True, True], 3.0]
-    assert runtime.host_flag_group() is None   # one process: nothing to agree over
+    assert dist.host_group() is None   # one process: nothing to agree over

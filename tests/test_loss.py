@@ -406,3 +406,27 @@ def test_gradient_accumulation_invariance(make_loss):
     torch.testing.assert_close(accumulated, whole, rtol=1e-6, atol=1e-6)
     mean_per_round = grads(4, lambda l: l.mean())  # the official scheme: grows with the number of rounds
     torch.testing.assert_close(mean_per_round, whole * 4, rtol=1e-5, atol=1e-5)
+
+
+def test_the_accelerator_whole_batch_target_pass_equals_the_cpu_subset_pass(monkeypatch):
+    """On a GPU the target pass runs on the whole batch (target_rows None: r = 0 rows at σ = 0 give NaN, replaced
+    by x0), a branch the CPU never takes by itself: forced here, the losses and gradients equal the subset branch's
+    (dropout 0.5, shared masks, r = 0 rows present)."""
+    loss_fn = loss_lib.ECTLoss(mapping=IdentityMapping())
+    x0 = torch.randn(4, 3, 8, 8)
+    eps = torch.randn_like(x0)
+    t, _ = loss_fn.times(torch.tensor([-0.5, 0.3, 1.0, 0.1]).reshape(-1, 1, 1, 1))
+    r = t * torch.tensor([0.5, 0.0, 0.9, 0.0]).reshape(-1, 1, 1, 1)
+    results = []
+    for rows in (loss_lib.ECTLoss.target_rows, lambda r: None):
+        monkeypatch.setattr(loss_lib.ECTLoss, 'target_rows', staticmethod(rows))
+        net = _dropout_net()
+        torch.manual_seed(3)
+        f_t, f_r = loss_fn.prediction_and_target(net, x0, t, r, eps)
+        (f_t - f_r).square().sum().backward()
+        results.append((f_r, [p.grad for p in net.parameters()]))
+    (subset, subset_grads), (whole, whole_grads) = results
+    assert torch.isfinite(whole).all() and torch.equal(whole[[1, 3]], x0[[1, 3]])
+    torch.testing.assert_close(whole, subset, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole_grads, subset_grads):   # f_r rounds differently in a batch of 4 than of 2
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

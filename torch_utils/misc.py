@@ -32,11 +32,14 @@ def set_seed(seed, rank=0):
     return value
 
 
-def get_rng_states():
-    """Python, NumPy, torch CPU (and CUDA, if present) RNG states as tensors and primitives.
+def get_rng_states(device=None):
+    """Python, NumPy, torch CPU RNG states and, when `device` (default: this process's, dist.device()) is a CUDA
+    device, that device's generator state ('cuda_device'): a rank saves the one CUDA stream it draws from, so a
+    resume does not depend on how many GPUs each process sees.
 
     The result saves with torch.save and loads with torch.load(weights_only=True).
     """
+    device = dist.device() if device is None else torch.device(device)
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     states = dict(
@@ -45,13 +48,17 @@ def get_rng_states():
                    has_gauss=int(np_has_gauss), cached_gaussian=float(np_gauss)),
         torch=torch.get_rng_state(),
     )
-    if torch.cuda.is_available():
-        states['cuda'] = torch.cuda.get_rng_state_all()
+    if device.type == 'cuda':
+        states['cuda_device'] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states):
-    """Restore what get_rng_states() returned. CUDA states are restored when present and CUDA is available."""
+def set_rng_states(states, device=None):
+    """Restore what get_rng_states() returned; the CUDA state onto `device` (default dist.device()), whatever
+    device index it was saved from. Records of older versions hold every visible device's state ('cuda'): the
+    entry of `device`'s index is used. Returns False when `device` is a CUDA device and the record has no state
+    for it (e.g. it was saved on the CPU), else True."""
+    device = dist.device() if device is None else torch.device(device)
     try:
         py, npy = states['python'], states['numpy']
         random.setstate((py['version'], tuple(int(v) for v in py['state'].tolist()), py['gauss_next']))
@@ -60,12 +67,19 @@ def set_rng_states(states):
         torch.set_rng_state(states['torch'].cpu())
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise dnnlib.UserError(f'RNG states: malformed or incompatible record ({type(e).__name__}: {e})') from None
-    cuda_states = states.get('cuda')
-    if cuda_states is not None and torch.cuda.is_available():
-        if len(cuda_states) != torch.cuda.device_count():
-            raise dnnlib.UserError(f'RNG states: saved for {len(cuda_states)} CUDA devices, '
-                                   f'but {torch.cuda.device_count()} are visible')
-        torch.cuda.set_rng_state_all([state.cpu() for state in cuda_states])
+    if device.type != 'cuda':
+        return True
+    cuda_state = states.get('cuda_device')
+    if cuda_state is None and states.get('cuda') is not None:
+        old = states['cuda']
+        if device.index >= len(old):
+            raise dnnlib.UserError(f'RNG states: saved (by an older version) for {len(old)} CUDA devices; '
+                                   f'this process draws from cuda:{device.index}')
+        cuda_state = old[device.index]
+    if cuda_state is None:
+        return False
+    torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    return True
 
 #----------------------------------------------------------------------------
 # Parameters, buffers and DDP.
@@ -154,6 +168,28 @@ def check_ddp_consistency(module, ignore_regex=None):
         torch.distributed.broadcast(reference, src=0)
         if not torch.equal(local.nan_to_num(), reference.nan_to_num()):
             raise RuntimeError(f'DDP consistency: "{name}" on rank {dist.get_rank()} differs from rank 0')
+
+
+def _memory_order(tensor):
+    """`tensor` with its dimensions in memory order (largest stride first): a contiguous view of a dense tensor."""
+    return tensor.permute(sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim)))
+
+
+@torch.no_grad()
+def nan_to_num_grads_(params, nan, posinf, neginf):
+    """torch.nan_to_num(p.grad, nan, posinf, neginf, out=p.grad) for every parameter with a gradient, bit for bit
+    and without a host sync, in three ops per (device, dtype) group instead of one per tensor: the group's gradients
+    are packed into one buffer (torch.cat, each in its memory order), sanitised there and copied back
+    (torch._foreach_copy_, one multi-tensor kernel on a GPU). The buffer, one gradient-sized temporary per group, is
+    freed on return. (No foreach op maps NaN to a number, and clamping would change finite values beyond ±1e5.)"""
+    groups = collections.defaultdict(list)
+    for param in params:
+        if param.grad is not None:
+            groups[param.grad.device, param.grad.dtype].append(_memory_order(param.grad))
+    for grads in groups.values():
+        flat = torch.cat([grad.reshape(-1) for grad in grads]).nan_to_num_(nan, posinf, neginf)
+        pieces = flat.split([grad.numel() for grad in grads])
+        torch._foreach_copy_(grads, [piece.view(grad.shape) for piece, grad in zip(pieces, grads)])
 
 #----------------------------------------------------------------------------
 # Module summary.

@@ -137,9 +137,25 @@ def _verify_checksum(data, name, what):
     return content
 
 
+def _os_error(error):
+    """The OSError behind `error` (torch.save reports a failed write as a RuntimeError of its zip writer), or None."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _save_torch(path, data):
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        torch.save(data, f)
+    """torch.save to `path`, atomically; a failed write (disk full, ...) is one UserError naming the file, which is
+    left as it was (no partial file)."""
+    try:
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            torch.save(data, f)
+    except (OSError, RuntimeError) as e:
+        os_error = _os_error(e)
+        if os_error is None:
+            raise
+        raise UserError(f'{file_name(path)}: {os_error.strerror or os_error} (not written; a previous file of that '
+                        f'name is unchanged)') from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,7 +394,9 @@ def _restore_rng(rng, seed, cur_nimg):
     """This rank's RNG states from `rng` (one per rank); with a different number of ranks the run cannot continue
     bit-for-bit, so each rank is reseeded from (seed, images seen) instead and that is said."""
     if len(rng) == dist.get_world_size():
-        misc.set_rng_states(rng[dist.get_rank()])
+        if not misc.set_rng_states(rng[dist.get_rank()]):
+            # A state saved on the CPU resumed on a GPU: the CUDA stream follows the reseeding rule below.
+            torch.cuda.manual_seed(misc.rank_seed(seed + cur_nimg, dist.get_rank()))
         return
     dist.print0(f'Resume: the state was written by {len(rng)} processes, this run has {dist.get_world_size()}; '
                 f'reseeding RNGs (the continuation is statistically, not bitwise, equivalent)')

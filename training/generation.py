@@ -112,9 +112,9 @@ def host_batches(image_batches):
             yield batch_seeds, images.cpu().numpy()
             continue
         host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-        host.copy_(images, non_blocking=True)
+        host.copy_(images, non_blocking=True)   # queued on the current stream of the images' device
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(images.device))   # that stream: not the current device's
         waiting.append((batch_seeds, host, copied))
         if len(waiting) > 1:
             yield _when_copied(*waiting.popleft())

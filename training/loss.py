@@ -214,10 +214,16 @@ class ECTLoss(_NoiseLoss):
         with sharing_draws(net) as tape:
             with tape.recording():
                 f_t = net(x0 + t * eps, t, labels, **kwargs)
-            rows = (r.flatten() > 0).nonzero().flatten() if x0.device.type == 'cpu' else None
+            rows = self.target_rows(r)
             with torch.no_grad(), (tape.replaying(rows) if shared_dropout else contextlib.nullcontext()):
                 f_r = self._target(net, x0, r, eps, labels, kwargs, rows)
         return f_t, torch.where(r > 0, f_r.to(f_t.dtype).nan_to_num(), x0.to(f_t.dtype))
+
+    @staticmethod
+    def target_rows(r):
+        """The samples the target pass evaluates: those with r > 0 on the CPU; None (the whole batch) on an
+        accelerator, where selecting them would stall the host every step."""
+        return (r.flatten() > 0).nonzero().flatten() if r.device.type == 'cpu' else None
 
     @staticmethod
     def _target(net, x0, r, eps, labels, kwargs, rows):

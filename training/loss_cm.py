@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import misc
+from training import loss_compiled
 from training.loss import tuning_kwargs
 
 WEIGHT_SCHEDULES = ('snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
@@ -111,9 +112,13 @@ def distance(loss_norm, x, y, lpips=None):
         return _mean_flat((_resize(x, 32) - _resize(y, 32)).square())
     if lpips is None:
         raise dnnlib.UserError('--loss-norm=lpips: no LPIPS network was built (call setup first)')
-    if x.shape[-1] < 256:
-        x, y = _resize(x, 224), _resize(y, 224)
-    return lpips((x + 1) / 2.0, (y + 1) / 2.0)
+    # In float32 whatever the training precision, as openai computes it: under bf16 autocast the normalised
+    # features of two close images (their difference is the loss) keep almost no significant digits.
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        if x.shape[-1] < 256:
+            x, y = _resize(x, 224), _resize(y, 224)
+        return lpips((x + 1) / 2.0, (y + 1) / 2.0)
 
 
 def _col(t, ndim):
@@ -148,7 +153,8 @@ def consistency_loss(net, target, x0, noise, indices, num_scales, labels=None, t
     The index n ~ U{0, ..., N − 2} runs from σmax (n = 0) down; the student sees level n, the target level
     n + 1 after one ODE step. The target pass reuses the student's dropout masks: the RNG states of the CPU and
     of a CUDA device are restored for it, so the masks agree on every device (the official code restores only
-    the CPU generator)."""
+    the CPU generator). A torch.compile'd `net` (--compile) draws its masks in the graph, so the target pass runs
+    the student's graph with `target`'s weights (training/loss_compiled.py); `target` must then be a copy of it."""
     grid = dict(denominator=num_scales - 1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     t, t_next = level_sigma(indices, **grid), level_sigma(indices + 1, **grid)
     x_t = x0 + noise * _col(t, x0.ndim)
@@ -159,10 +165,14 @@ def consistency_loss(net, target, x0, noise, indices, num_scales, labels=None, t
     else:
         x_next = ode_step(x_t, t, t_next, lambda x, s: call_net(teacher, x, s, labels, edm_form=True), solver)
 
+    compiled = loss_compiled.compiled_network(net)
+
     def target_pass():
-        return call_net(target, x_next.detach(), t_next, labels)
-    with torch.no_grad():
-        target_out = (rng.replay(target_pass) if shared_dropout else target_pass()).detach()
+        if compiled is not None:
+            return loss_compiled.target_pass(compiled, (x_next.detach(), t_next, labels), weights=target)
+        with torch.no_grad():
+            return call_net(target, x_next.detach(), t_next, labels)
+    target_out = (rng.replay(target_pass) if shared_dropout else target_pass()).detach()
     weights = get_weightings(weight_schedule, t ** -2, sigma_data)
     return distance(loss_norm, student, target_out.to(student.dtype), lpips) * weights
 

@@ -1,4 +1,4 @@
-"""ECT's prediction and target passes through a torch.compile'd network (train.py --compile).
+"""The target passes of ECT and of CD/CT through a torch.compile'd network (train.py --compile).
 
 The training loop compiles the trained network and puts DDP around the compiled module (`compiled_network`
 finds it again); EMA copies, snapshots and training states always hold the plain module. torch's DDP notes
@@ -21,6 +21,12 @@ fusions may round differently), while the same graph reproduces the prediction b
 torch._inductor.config.fallback_random is not needed. Under compilation the networks' dropout draws its masks
 functionally (training/networks/randomness.dropout: inductor mis-orders the eager path's in-place bernoulli_);
 tests/test_compile_train.py checks r = t bit for bit at dropout 0.5, compiled and eager.
+
+CD/CT's target θ⁻ (an EMA of the student, a separate module whose eager draws can never match the graph's) runs
+the student's graph too (`target_pass`, with its own parameters and buffers lent by torch.func.functional_call).
+They go in as Parameter views with the student's requires_grad, which is what the graph's guards check: plain
+tensors recompile once, detached ones compile a second graph that rounds differently (4.8e-7 at θ⁻ = θ).
+tests/test_compile_cm.py checks CD/CT's loss 0 on one noise level with θ⁻ = θ and no recompilation.
 """
 
 import torch
@@ -45,7 +51,24 @@ def prediction_and_target(net, compiled, x0, t, r, eps, labels, kwargs, shared_d
     f_t = net(x0 + t * eps, t, labels, **kwargs)
 
     def target():
-        return compiled(x0 + r * eps, r, labels, **kwargs).detach()
+        return target_pass(compiled, (x0 + r * eps, r, labels), kwargs)
     f_r = rng.replay(target) if shared_dropout else target()
     f_r = f_r.to(f_t.dtype).nan_to_num()
     return f_t, torch.where(r > 0, f_r, x0.to(f_t.dtype))
+
+
+def target_pass(compiled, args, kwargs=None, weights=None):
+    """compiled(*args, **kwargs), detached, through the graph of the grad-enabled prediction pass (so with
+    gradients enabled), run with the parameters and buffers of `weights` (a module of the compiled one's
+    architecture and mode: CD/CT's target θ⁻) when given, else with its own (ECT)."""
+    with torch.enable_grad():
+        if weights is None:
+            return compiled(*args, **(kwargs or {})).detach()
+        if weights.training != compiled.training:
+            raise ValueError('target_pass: `weights` must be in the mode of the compiled module (train or eval)')
+        own = dict(compiled.named_parameters())
+        tensors = {f'_orig_mod.{name}': b for name, b in weights.named_buffers()}
+        for name, p in weights.named_parameters():
+            key = f'_orig_mod.{name}'
+            tensors[key] = torch.nn.Parameter(p.detach(), requires_grad=own[key].requires_grad)
+        return torch.func.functional_call(compiled, tensors, args, kwargs, strict=True).detach()

@@ -104,6 +104,18 @@ def eta_sec(progress, tick_sec, tick_nimg, maintenance_sec, total_nimg):
     return remaining * (tick_sec + maintenance_sec) / max(tick_nimg, 1)
 
 
+def tick_clock(device, starting=False):
+    """time.time() once `device` has done the work queued so far (CUDA runs ahead of the host: unsynchronised, a
+    tick's time would leave its last steps out and bill them to the next); at a tick's start (`starting`) the peak
+    memory counter that tick_status reports (gpumem) is also reset, so each status line shows its own tick's peak.
+    On the CPU only time.time()."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        if starting:
+            torch.cuda.reset_peak_memory_stats(device)
+    return time.time()
+
+
 def tick_status(collector, progress, tick_sec, tick_nimg, maintenance_sec, device, scalars, total_nimg=None):
     """The EDM-style status line of a tick (also reports the timing/resource statistics); `scalars` are the
     method's schedule values (e.g. the curriculum stage), reported as Progress/<name>; with `total_nimg`, the

@@ -143,11 +143,13 @@ def build_network(network_kwargs, dataset, transfer, device, seed=0):
     """The trained network (train mode), initialised from `transfer` (docs/ECT.md §2) when given.
 
     The random initialisation uses its own seed, identical on every rank (so the EMA copies made before DDP
-    broadcasts rank 0's weights agree too), without touching the per-rank RNG streams.
+    broadcasts rank 0's weights agree too), without touching the per-rank RNG streams: the network is built on
+    the CPU, so only the CPU generator is seeded (torch.manual_seed would also seed every CUDA generator, which
+    fork_rng(devices=[]) does not restore, and every rank would then draw the same CUDA noise).
     """
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
     if transfer is not None:
         src = load_transfer_source(transfer, network_kwargs, dataset.resolution)
@@ -204,16 +206,8 @@ class PreemptionHandler:
                 signal.signal(s, handler)
 
 
-def host_flag_group():
-    """The process group of agree_any: under NCCL a gloo group (created here by every rank together), so the
-    per-step exchange of host flags never waits for the GPU; None (the default group) for gloo or one process."""
-    if dist.get_world_size() == 1 or torch.distributed.get_backend() == 'gloo':
-        return None
-    return torch.distributed.new_group(backend='gloo')
-
-
 def agree_any(*flags, group=None):
     """The flags OR-ed over all ranks (one tiny all-reduce of host memory when distributed: over `group`, a
-    host_flag_group(), else the default group), so every rank stops together."""
+    dist.host_group(), else the default group), so every rank stops together."""
     local = torch.tensor([float(bool(f)) for f in flags])
     return [bool(v > 0) for v in dist.all_reduce_sum(local, group=group).tolist()]

@@ -24,12 +24,12 @@ DEFAULT_TS = (0, 22, 39)    # openai's 2-step ImageNet-64 CD schedule (scripts/l
 
 
 # Karras et al. 2022, Eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0; float32
-# as openai's get_sigmas_karras (so sigma_0 is 79.999985, not 80).
-def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
+# as openai's get_sigmas_karras (so sigma_0 is 79.999985, not 80), on the CPU.
+def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     ramp = torch.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
 # Multistep consistency times (Song et al. 2023, Algorithm 1 with openai's schedule): the Karras level ts_i of a
@@ -48,11 +48,15 @@ def check_ts(ts, steps):
     return ts
 
 # ----------------------------------------------------------------------------------------------------------
-# The samplers; `denoise(x, sigma)` is the clamped denoiser, sigma a float32 0-d tensor or a python float.
+# The samplers; `denoise(x, sigma)` is the clamped denoiser, sigma a float32 0-d CPU tensor or a python float.
+# The levels' arithmetic runs on 0-d CPU tensors (openai's float32 ops, and no host sync per step on a GPU); they
+# enter the device arithmetic as CPU scalars, read on the host, except the divisor of the slope below.
 
 
 def _slope(x, sigma, denoised):
-    return (x - denoised) / sigma
+    """(x - D) / sigma, divided by sigma filled in on x's device: a CPU-scalar divisor would be turned into a
+    multiplication by its reciprocal on CUDA (not openai's division); filling needs no host-to-device copy."""
+    return (x - denoised) / torch.full([], float(sigma), dtype=x.dtype, device=x.device)
 
 
 def _onestep(denoise, x, sigmas, randn_like):
@@ -141,7 +145,7 @@ _FUNCTIONS = dict(onestep=_onestep, multistep=_multistep, heun=_heun, euler=_eul
 
 def _denoiser(net, class_labels, clip_denoised):
     def denoise(x, sigma):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(1).expand(x.shape[0])
+        sigma = torch.full([x.shape[0]], float(sigma), dtype=torch.float32, device=x.device)
         denoised = net(x, sigma, class_labels).to(x.dtype)
         return denoised.clamp(-1, 1) if clip_denoised else denoised
     return denoise
@@ -165,7 +169,7 @@ def karras_sample(net, latents, class_labels=None, randn_like=torch.randn_like, 
         raise dnnlib.UserError(f'--steps={steps}: too few for --sampler={sampler}')
     churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     args = _sampler_args(sampler, steps, sigma_min, sigma_max, rho, ts, churn)
-    sigmas = karras_sigmas(steps + 1 if sampler == 'progdist' else steps, sigma_min, sigma_max, rho, latents.device)
+    sigmas = karras_sigmas(steps + 1 if sampler == 'progdist' else steps, sigma_min, sigma_max, rho)
     x = latents.to(torch.float32) * sigma_max
     x = _FUNCTIONS[sampler](_denoiser(net, class_labels, clip_denoised), x, sigmas, randn_like, **args)
     return x.clamp(-1, 1)

@@ -95,9 +95,7 @@ def optimizer_step(net, optimizer, lr, scaler=None):
         group['lr'] = lr
     if scaler is not None:
         scaler.unscale_(optimizer)
-    for param in net.parameters():
-        if param.grad is not None:
-            torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+    misc.nan_to_num_grads_(net.parameters(), nan=0.0, posinf=1e5, neginf=-1e5)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -181,7 +179,9 @@ class Trainer:
         self.callbacks = ([run_files.StatsWriter(run_dir)] if dist.get_rank() == 0 else []) \
             + trackers.tracker_callbacks(o, run_dir) + list(callbacks)
         self.scalars = {}   # the method's schedule values of the last step
-        self.flag_group = runtime.host_flag_group()   # agree_any without a GPU sync per step
+        # Under NCCL a gloo group: agree_any without a GPU sync per step, and the end-of-tick wait for rank 0's
+        # files (snapshots, training state) on the host, out of reach of NCCL's watchdog.
+        self.host_group = dist.host_group()
 
     def progress(self):
         """The method-facing (immutable) view of the progress."""
@@ -216,10 +216,14 @@ class Trainer:
                             **s.method.snapshot_metadata())
             nets = list(s.ema.get()) + list(s.method.snapshot_networks().items())
             run_files.save_snapshots(nets, run_dir, kimg, metadata)
+        # The callbacks' and statistics' collectives run on the default (NCCL) group: the others wait for rank 0's
+        # files on the host first (a large snapshot or state outlasts NCCL's watchdog).
+        dist.barrier(self.host_group)
         for callback in self.callbacks:
             callback.on_tick(self.run_ctx, stopping)
         if stopping or _due(o.state_dump_ticks, tick):
             self.write_state()
+            dist.barrier(self.host_group)
 
     def end_tick(self, collector, tick_sec, maintenance_sec, stopping):
         """The status line, maintenance and the tick's statistics."""
@@ -234,7 +238,7 @@ class Trainer:
         collector.update()
         for callback in self.callbacks:
             callback.on_stats(self.run_ctx, collector.as_dict())
-        dist.barrier()
+        dist.barrier(self.host_group)
 
     def run(self, handler):
         """Steps until done, out of time (--max-hours) or pre-empted; returns 'done', 'timeout' or 'preempted'."""
@@ -248,13 +252,13 @@ class Trainer:
                                         o.grid_sampler, self.run_ctx.device)
         collector = training_stats.Collector(regex='.*')
         collector.update()   # baseline: statistics reported before this run (same process) are not this run's
-        tick_start_time = time.time()
+        tick_start_time = run_files.tick_clock(self.run_ctx.device, starting=True)
         maintenance_sec = tick_start_time - start_time
         while p.cur_nimg < total_nimg:
             self.step()
             p.elapsed_sec = elapsed_before + time.time() - start_time
             out_of_time = o.max_hours is not None and p.elapsed_sec >= o.max_hours * 3600
-            preempted, out_of_time = runtime.agree_any(handler.requested, out_of_time, group=self.flag_group)
+            preempted, out_of_time = runtime.agree_any(handler.requested, out_of_time, group=self.host_group)
             if preempted:
                 dist.print0(f'Pre-emption signal: writing the training state at {p.cur_nimg / 1e3:.1f} kimg')
                 self.write_state()
@@ -262,12 +266,12 @@ class Trainer:
             stopping = p.cur_nimg >= total_nimg or out_of_time
             if not stopping and p.cur_nimg < p.tick_start_nimg + o.tick_kimg * 1000:
                 continue
-            tick_end_time = time.time()
+            tick_end_time = run_files.tick_clock(self.run_ctx.device)
             self.end_tick(collector, tick_end_time - tick_start_time, maintenance_sec, stopping)
             if out_of_time:
                 dist.print0(f'Stopping after {p.elapsed_sec / 3600:.2f} hours (--max-hours)')
                 return 'timeout'
-            tick_start_time = time.time()
+            tick_start_time = run_files.tick_clock(self.run_ctx.device, starting=True)
             maintenance_sec = tick_start_time - tick_end_time
         return 'done'
 

@@ -55,11 +55,14 @@ def frozen_copy(net, train):
     return copy.deepcopy(net).train(train).requires_grad_(False)
 
 
-# Consistency Models Alg. 2/3, last line (`update_ema`): θ⁻ ← μ θ⁻ + (1 − μ) θ, parameters only.
+# Consistency Models Alg. 2/3, last line (`update_ema`): θ⁻ ← μ θ⁻ + (1 − μ) θ, parameters only. Two foreach ops
+# (multi-tensor kernels on a GPU, not two kernels per tensor), each tensor's arithmetic that of mul_(μ).add_(θ, 1 − μ).
 @torch.no_grad()
 def update_target(target, net, mu):
-    for p_target, p_net in zip(target.parameters(), net.parameters()):
-        p_target.mul_(mu).add_(p_net.detach().to(p_target.dtype), alpha=1 - mu)
+    pairs = list(zip(target.parameters(), net.parameters()))
+    targets = [p_target for p_target, _ in pairs]
+    torch._foreach_mul_(targets, mu)
+    torch._foreach_add_(targets, [p_net.to(p_target.dtype) for p_target, p_net in pairs], alpha=1 - mu)
 
 
 class _KarrasMethod(Method):
