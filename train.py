@@ -113,8 +113,7 @@ def cli_overrides(kw):
         P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
         lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
         xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], data_on_device=kw['data_on_device'],
-        tensorboard=kw['tensorboard'] or None, channels_last=kw['channels_last'], winograd=kw['winograd'],
-        compile=kw['compile'] or None,
+        tensorboard=kw['tensorboard'] or None, channels_last=kw['channels_last'], compile=kw['compile'] or None,
         wandb=kw['wandb'],
         teacher=kw['teacher'], loss_norm=kw['loss_norm'], lpips_vgg=kw['lpips_vgg'], lpips_lin=kw['lpips_lin'],
     )
@@ -400,7 +399,6 @@ def launch(options, run_dir):
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
 @click.option('--data-on-device', help='Hold the whole dataset on the training device (CIFAR-sized data; no workers)', metavar='BOOL', type=bool)
 @click.option('--channels-last', 'channels_last', help='Train in NHWC memory layout (2-5% faster fp32 steps on the CPU here; on CUDA see bench/gpu_check.sh)', metavar='BOOL', type=bool)
-@click.option('--winograd', help='fp32 on the CPU: 3x3 convolutions at 32x32 px and up by Winograd F(4x4,3x3) with compiled tile transforms (DDPM++ CIFAR-10 step at batch 4 on one core: 0.71x the official step, 0.73x ours direct; ~45 s of compiling on first use; rounding ~1e-5 of the output range)', metavar='BOOL', type=bool)
 @click.option('--compile', help='torch.compile the trained network (off by default: on this project\'s 2-core CPU, compiling the full DDPM++ CIFAR-10 network took 328 s and the compiled step was no faster than eager, 7.6 s vs 7.3 s at 1 thread; on a GPU it is unmeasured until bench/gpu_check.sh measures it)', is_flag=True)
 @click.option('--no-check-data', 'no_check_data', help='Skip reading every image file before training starts', is_flag=True)
 @click.option('--tensorboard', help='Also write TensorBoard events: scalars, sample grids, metrics (needs the tensorboard package)', is_flag=True)

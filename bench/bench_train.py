@@ -5,7 +5,6 @@
     python bench/bench_train.py --precision=fp32,tf32,bf16 --batch-gpu=64
     python bench/bench_train.py --device=cpu --batch=2 --arch-kwargs='{"model_channels":16}' --json=rows.json
     python bench/bench_train.py --compile                               # each precision eager AND compiled
-    python bench/bench_train.py --device=cpu --batch=8 --precision=fp32 --winograd   # train.py --winograd
 
 The step is the training loop's own (training.training_loop.training_step: forward, target pass, backward,
 nan_to_num, optimiser step) plus the EMA update, on synthetic uint8 images of the preset's resolution already
@@ -13,8 +12,7 @@ on the device, as with --data-on-device (the speed does not depend on the data o
 bracketed by torch.cuda.synchronize(). 'auto' is resolved as the training loop does (bf16 on A100/H100).
 With --compile every precision is timed twice, eager and with the network torch.compile'd as train.py --compile
 does; the first step (where the compile happens) is never among the timed ones and is reported on its own:
-'compile s' is the first step's time minus the median step (also with --winograd, whose first step compiles the
-tile transforms).
+'compile s' is the first step's time minus the median step.
 """
 
 import json
@@ -111,22 +109,18 @@ def parse_precisions(text):
 @click.option('--compile', 'compile_too', help='Also time each precision with the network torch.compile\'d (train.py --compile)', is_flag=True)
 @click.option('--arch-kwargs', help='Network kwargs over the preset\'s, as JSON (e.g. a tiny width for a dry run)', metavar='JSON', type=str, default=None)
 @click.option('--channels-last', help='Train the network in NHWC layout (train.py --channels-last)', is_flag=True)
-@click.option('--winograd', help='3x3 convolutions by Winograd F(4x4,3x3) (train.py --winograd; fp32 on the CPU)', is_flag=True)
 @click.option('--json', 'json_path', help='Also write the rows to this JSON file', metavar='FILE', type=str, default=None)
 def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text, iters, warmup, compile_too, arch_kwargs,
-         channels_last, winograd, json_path):
+         channels_last, json_path):
     """Time the ECT training step of a preset's network and loss."""
     try:
         device = dist.resolve_device(device)
         network_kwargs = json.loads(arch_kwargs) if arch_kwargs else None
         options = presets.resolve(preset, dict(batch=batch, batch_gpu=batch_gpu, transfer='none',
-                                               network_kwargs=network_kwargs, channels_last=channels_last,
-                                               winograd=winograd))
+                                               network_kwargs=network_kwargs, channels_last=channels_last))
     except (dnnlib.UserError, json.JSONDecodeError) as e:
         raise click.UsageError(str(e)) from None
     precisions = parse_precisions(precision_text)
-    if winograd and (device.type != 'cpu' or set(precisions) - {'fp32', 'auto'}):
-        raise click.UsageError('--winograd: fp32 on the CPU only; give --device=cpu --precision=fp32')
     data = SyntheticData(resolution, 3, label_dim)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     rows = []
@@ -136,8 +130,8 @@ def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text
                                                                     compiled)
             median = statistics.median(seconds)
             label = (precision if resolved == precision else f'{precision}={resolved}') + (' NHWC' if channels_last else '')
-            rows.append((label + (' Winograd' if winograd else ''), 'compiled' if compiled else 'eager', median,
-                         batch / median, peak, first - median if compiled or winograd else None))
+            rows.append((label, 'compiled' if compiled else 'eager', median, batch / median, peak,
+                         first - median if compiled else None))
     print(f'{preset}: {options.network_kwargs["class_name"]}, {num_params / 1e6:.1f}M params, {resolution}x{resolution}, '
           f'batch {batch} (batch-gpu {batch_gpu or batch}), {name}')
     print(f'{"precision":<18}{"mode":>9}{"sec/step":>10}{"img/s":>10}{"peak GiB":>10}{"compile s":>11}')
@@ -149,7 +143,7 @@ def main(preset, device, batch, batch_gpu, resolution, label_dim, precision_text
         records = [dict(kind='train', preset=preset, precision=precision, mode=mode, batch=batch,
                         batch_gpu=batch_gpu or batch, resolution=resolution, label_dim=label_dim, sec_per_step=sec,
                         img_per_s=rate, peak_gib=peak, compile_sec=compile_sec, params_m=num_params / 1e6, device=name,
-                        iters=iters, arch_kwargs=network_kwargs, channels_last=channels_last, winograd=winograd)
+                        iters=iters, arch_kwargs=network_kwargs, channels_last=channels_last)
                    for precision, mode, sec, rate, peak, compile_sec in rows]
         with dnnlib.util.atomic_write(json_path, 'w') as f:
             json.dump(records, f, indent=1)

@@ -105,7 +105,7 @@ def official_worker(root, batch, resolution, stage, steps, warmup, device):
 
 def ours_worker(batch, resolution, stage, steps, warmup, device, precision, flags):
     """Seconds per step of training.training_loop.training_step (cifar10-ecm preset, no transfer) in `precision`
-    (fp32 or tf32: the official code's arithmetic; bf16: our autocast), with train.py's `flags` (channels_last, winograd)."""
+    (fp32 or tf32: the official code's arithmetic; bf16: our autocast), with train.py's `flags` (channels_last)."""
     sys.path.insert(0, REPO_ROOT)
     import torch
     from configs import presets
@@ -196,10 +196,9 @@ def compare(official_root, batch, resolution, stage, threads, steps, warmup, rou
 @click.option('--precision', 'precision_text', help='Comma list of fp32,tf32 (the official arithmetic: --tf32 off/on)', metavar='LIST', type=str, default='fp32', show_default=True)
 @click.option('--ours-precision', help='Our side only: fp32, tf32 or bf16  [default: --precision]', type=click.Choice(['fp32', 'tf32', 'bf16']), default=None)
 @click.option('--channels-last', help='Our side trains in NHWC (train.py --channels-last)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--winograd', help='Our side: 3x3 convolutions by Winograd F(4x4,3x3) (train.py --winograd)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--worker', help='(internal) run one side and print its timing', type=click.Choice(['ours', 'official']), default=None, hidden=True)
 def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds, out, device, precision_text, ours_precision,
-         channels_last, winograd, worker):
+         channels_last, worker):
     """Time our ECT step against the official one, interleaved, and print ours/official."""
     if not os.path.isfile(os.path.join(official_root, 'training', 'loss.py')):
         raise click.BadParameter(f'{official_root} has no training/loss.py; expected a checkout of locuslab/ect', param_hint='--official-root')
@@ -210,7 +209,7 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
     precisions = [p for p in precision_text.split(',') if p]
     if not precisions or any(p not in ('fp32', 'tf32') for p in precisions):
         raise click.BadParameter(f'"{precision_text}" is not a comma list of fp32, tf32', param_hint='--precision')
-    flags = dict(channels_last=channels_last, winograd=winograd)
+    flags = dict(channels_last=channels_last)
     if worker is not None:
         print(json.dumps(run_worker(worker, official_root, batch, resolution, stages[0], threads, steps, warmup,
                                     device, precisions[0], ours_precision, flags)))
@@ -232,7 +231,7 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
           f'x {steps} steps ({os.uname().machine}, torch threads {threads})')
     print(f'{"official":>9}{"ours":>14}{"stage":>6}{"ours s":>10}{"official s":>12}{"ours/official":>15}{"IQR":>16}')
     for r in rows:
-        ours_label = r['ours_precision'] + ''.join(f'+{name}' for name in ('channels_last', 'winograd') if r[name])
+        ours_label = r['ours_precision'] + ''.join(f'+{name}' for name in flags if r[name])
         print(f'{r["precision"]:>9}{ours_label:>14}{r["stage"]:>6}{r["ours_s"]:>10.3f}{r["official_s"]:>12.3f}{r["ratio_median"]:>15.3f}'
               f'{r["ratio_q1"]:>8.3f}-{r["ratio_q3"]:.3f}')
     if out:

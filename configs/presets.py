@@ -19,8 +19,7 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
   grid_sampler ('consistency' | 'edm'), xflip, cache, workers, data_on_device (the whole dataset on the training
   device, no DataLoader workers: training.device_data), compile (torch.compile the trained network; off
-  everywhere, see train.py --compile), find_unused_parameters, channels_last, winograd (3x3 convolutions by
-  Winograd F(4x4, 3x3) on the CPU in fp32: training.networks.winograd), tensorboard, wandb,
+  everywhere, see train.py --compile), find_unused_parameters, channels_last, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
   eval_init_background (score them in a background process while training starts: metrics.background),
@@ -84,7 +83,7 @@ DEFAULTS = dict(
     lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     data_on_device=False, compile=False,
-    find_unused_parameters=False, channels_last=False, winograd=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
+    find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
     eval_init_metrics=[], eval_init_background=False, metric_samples=None, detector_files={},
     **presets_cm.FLAG_DEFAULTS,
@@ -177,7 +176,7 @@ PRESETS = {
     # shipped checkpoint: batch 16, lr 5e-4, EMA 0.995 and a stage every 2 ticks of 2 kimg (4 stages). The transferred
     # diffusion model is scored (EDM Heun 35 NFE, 1 and 2 NFE) in a background process while tuning starts, the
     # tuned model at the end (1 and 2 NFE), with fd_randnet against the dataset. Chosen by runs on one CPU core
-    # (fd_randnet of the final EMA, 500 samples, mean of 3 seed sets; README "Quickstart"): progress follows steps,
+    # (fd_randnet of the final EMA, 500 samples, mean of 3 seed sets; docs/TUNING_STUDY.md): progress follows steps,
     # not images, so a short run takes small batches (batch 8 at 1250 steps: 1.10); at 1000 steps lr 1e-3 / 7e-4 /
     # 5e-4 / 3e-4 with EMA 0.995 gave 0.33 / 0.26 / 0.23 / 0.26 (1 step) and 0.31 / 0.26 / 0.21 / 0.22 (2 steps);
     # EMA 0.98 / 0.99 / 0.995 / 0.997 at lr 1e-3 gave 0.45 / 0.37 / 0.31 / 0.35 (2 steps). mid_t is this data's, not
@@ -290,11 +289,6 @@ def _check_numbers(o):
     if o.metrics and not o.eval_ticks:
         raise dnnlib.UserError('--metrics: needs --eval-every=N (ticks between evaluations)')
     _choice('--precision', o.precision, PRECISIONS)
-    if o.winograd and o.channels_last:
-        raise dnnlib.UserError('--winograd: computes NCHW convolutions; it cannot be combined with --channels-last')
-    if o.winograd and o.precision not in ('fp32', 'auto'):
-        raise dnnlib.UserError(f'--winograd: an fp32 option (the CPU\'s autocast convolutions are direct); '
-                               f'got --precision={o.precision}')
     _choice('--grid-sampler', o.grid_sampler, GRID_SAMPLERS)
 
 
@@ -367,7 +361,7 @@ def build_options(o):
         seed=int(o.seed), precision=o.precision, compile=bool(o.compile), transfer=_transfer(o),
         mid_t=[float(t) for t in o.mid_t], grid_sampler=o.grid_sampler,
         find_unused_parameters=bool(o.find_unused_parameters), channels_last=bool(o.channels_last),
-        winograd=bool(o.winograd), metrics_ref=o.metrics_ref,
+        metrics_ref=o.metrics_ref,
         tensorboard=bool(o.tensorboard), wandb=o.wandb or None, detector_files=dict(o.detector_files),
     )
 

@@ -18,7 +18,7 @@ stylegan2-ada-pytorch, as read by published ports, e.g. genforce's perceptual mo
 `layers.conv13` (3x3, bias), `layers.fc1` .. `layers.fc3`, `lpips0` .. `lpips4` (LPIPS weights, unused here).
 Images are resized to 224x224 the same TF-aligned way, scaled to [0, 1] and normalised with the ImageNet
 mean/std; the features are fc2's 4096 activations after ReLU. The exact preprocessing of NVIDIA's VGG16 was
-taken from those ports, not from NVIDIA's source (see README, "Feature detectors").
+taken from those ports, not from NVIDIA's source (see docs/EVALUATION.md, "Feature detectors").
 
 Widths are read from the tensors, so the same graph runs stand-ins with tiny widths in tests; kernel sizes,
 strides and paddings are fixed by the graph and checked against the tensors.

@@ -11,9 +11,9 @@ from training import networks
 from training.networks import layers
 
 
-def _net(dropout, resolution=8):
+def _net(dropout):
     torch.manual_seed(0)
-    net = networks.ECMPrecond(img_resolution=resolution, img_channels=3, model_type='SongUNet', model_channels=16,
+    net = networks.ECMPrecond(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16,
                               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=dropout)
     with torch.no_grad():
         for p in net.parameters():

@@ -41,7 +41,6 @@ class TrainingOptions:
     grid_sampler: str = 'consistency'   # consistency | edm
     find_unused_parameters: bool = False    # DDP option for networks with parameters the loss never uses
     channels_last: bool = False         # train the network in NHWC layout (training.networks.layers.set_memory_format)
-    winograd: bool = False              # fp32 CPU: 3x3 convolutions by Winograd F(4x4,3x3) (training.networks.winograd)
     tensorboard: bool = False           # also write TensorBoard events (scalars, grids, metrics)
     wandb: str = None                   # 'PROJECT[/RUN]': also log to Weights & Biases (training.trackers)
     resume_state: str = None            # training-state file to continue from

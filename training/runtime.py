@@ -19,7 +19,6 @@ from training import checkpoint
 from training import checkpoint_cm
 from training import device_data
 from training.dataset import InfiniteSampler
-from training.networks import winograd
 
 
 def setup_runtime(seed, precision):
@@ -44,15 +43,6 @@ def resolve_precision(precision, device):
     if device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0):
         return 'bf16'
     return 'fp32'
-
-
-def check_winograd(precision, device):
-    """--winograd is for fp32 training on the CPU (on CUDA, cuDNN picks Winograd kernels itself), where
-    torch.compile can build kernels."""
-    if device.type != 'cpu' or precision != 'fp32':
-        raise dnnlib.UserError(f'--winograd: fp32 CPU training only (cuDNN picks Winograd kernels itself on GPUs); '
-                               f'this run is {precision} on {device.type}')
-    winograd.check_compiles()
 
 
 def optimizer_kwargs_for(optimizer_kwargs, device):

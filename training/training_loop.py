@@ -29,7 +29,7 @@ from training.callbacks import RunContext
 from training.checkpoint import TrainingState
 from training.loss import reduce_loss
 from training.methods.base import Progress
-from training.networks.layers import set_conv_algorithm, set_memory_format
+from training.networks.layers import set_memory_format
 
 AUTOCAST_DTYPES = types.MappingProxyType(dict(fp32=None, tf32=None, bf16=torch.bfloat16, fp16=torch.float16))
 
@@ -127,9 +127,6 @@ def build_state(options, dataset, device):
     ema = dnnlib.util.construct_class_by_name(net, **options.ema_kwargs)
     if options.channels_last:   # the trained network only: EMA copies and snapshots stay NCHW
         set_memory_format(net, 'channels_last')
-    if options.winograd:        # the trained network only, like the layout (checked by Trainer before any work)
-        batch_gpu, _ = runtime.check_batch(options.batch_size, options.batch_gpu, dist.get_world_size())
-        set_conv_algorithm(net, 'winograd', batch_gpu)
     scaler = torch.amp.GradScaler(device.type) if options.precision == 'fp16' else None
     method.setup(net, device)
     return TrainingState(net=net, ema=ema, method=method, optimizer=optimizer, scaler=scaler)
@@ -161,8 +158,6 @@ class Trainer:
         o = options.replace(precision=runtime.resolve_precision(options.precision, device))
         runtime.setup_runtime(o.seed, o.precision)
         batch_gpu, self.num_rounds = runtime.check_batch(o.batch_size, o.batch_gpu, dist.get_world_size())
-        if o.winograd:
-            runtime.check_winograd(o.precision, device)
         dataset = runtime.build_dataset(o.dataset_kwargs)
         state = build_state(o, dataset, device)
         if o.resume_state is not None:

@@ -7,7 +7,6 @@ from torch.nn.functional import silu
 
 import dnnlib
 from torch_utils import persistence
-from training.networks import winograd
 from training.networks.randomness import dropout
 
 #----------------------------------------------------------------------------
@@ -60,9 +59,6 @@ class Linear(torch.nn.Module):
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
-    conv_algorithm = 'direct'   # 'winograd' via set_conv_algorithm (fp32 CPU training, training.networks.winograd)
-    winograd_batch = None       # the one batch size computed by Winograd (None = any; one graph per shape)
-
     def __init__(self,
         in_channels,                    # Number of input channels.
         out_channels,                   # Number of output channels.
@@ -97,12 +93,6 @@ class Conv2d(torch.nn.Module):
     def _downsample(self, x, f, padding):
         return torch.nn.functional.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
 
-    def _convolve(self, x, w, padding):
-        if self.conv_algorithm == 'winograd' and self.winograd_batch in (None, x.shape[0]) \
-                and winograd.applies(x, w, padding):
-            return winograd.conv3x3(x, w)
-        return torch.nn.functional.conv2d(x, w, padding=padding)
-
     def forward(self, x):
         w = _cast(self.weight, x.dtype)
         b = _cast(self.bias, x.dtype)
@@ -122,7 +112,7 @@ class Conv2d(torch.nn.Module):
             if self.down:
                 x = self._downsample(x, f, f_pad)
             if w is not None:
-                x = self._convolve(x, w, w_pad)
+                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
         if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
@@ -191,27 +181,6 @@ def set_memory_format(net, memory_format):
         if hasattr(type(module), 'memory_format'):
             module.memory_format = memory_format
             module.to(memory_format=MEMORY_FORMATS[memory_format])
-    return net
-
-
-CONV_ALGORITHMS = ('direct', 'winograd')
-
-
-def set_conv_algorithm(net, algorithm, batch_size=None):
-    """Compute every 3x3 convolution of `net` that winograd.applies() to by `algorithm` ('direct': conv2d,
-    'winograd': training.networks.winograd.conv3x3) when its input holds `batch_size` images (None: any number).
-    Training gives the micro-batch; other sizes, such as the CPU target pass on the samples with r > 0, stay
-    direct: each size would compile its own graphs, and a dynamic batch dimension makes the output transform
-    4-7x slower. Returns `net`."""
-    if algorithm not in CONV_ALGORITHMS:
-        raise dnnlib.UserError(f'conv algorithm: "{algorithm}" is not one of {", ".join(CONV_ALGORITHMS)}')
-    convs = [module for module in net.modules() if isinstance(module, Conv2d)]
-    if algorithm == 'winograd' and not convs:
-        raise dnnlib.UserError(f'--winograd: {type(net).__name__} has no convolution it applies to (only the EDM '
-                               f'U-Nets, SongUNet and DhariwalUNet, are built from training.networks.layers.Conv2d)')
-    for module in convs:
-        module.conv_algorithm = algorithm
-        module.winograd_batch = batch_size
     return net
 
 #----------------------------------------------------------------------------
