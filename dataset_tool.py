@@ -40,14 +40,14 @@ Errors in the input (missing source, existing destination, bad --resolution, a t
 unreadable or truncated images, images of different shapes without --resolution) give one line on stderr
 naming the file or flag, and exit code 2.
 
-The sources live in training/dataset_sources.py, the transforms and the writer in training/dataset_convert.py.
+The sources live in training/data/dataset_sources.py, the transforms and the writer in training/data/dataset_convert.py.
 """
 
 import click
 
 from torch_utils import progress
 from training.cli_common import user_errors
-from training.dataset_convert import TRANSFORMS, convert_dataset
+from training.data.dataset_convert import TRANSFORMS, convert_dataset
 
 
 @click.command()

@@ -5,7 +5,7 @@
     python edit.py --task=superres --network=ct_cat256.pt --images=cats/ --outdir=out --mask=...
 
 Each image is degraded (grey; 8x8 patch averages; a hole painted black) and restored by Algorithm 4 of the
-Consistency Models paper (training.editing): `--ts` indices of a `--steps`-point Karras grid, default
+Consistency Models paper (training.sampling.editing): `--ts` indices of a `--steps`-point Karras grid, default
 0,12,24,39 of 40 (3 network evaluations; openai's repository sets no default). Image i of the input (sorted by
 file name) uses seed `--seed` + i, so results do not depend on `--batch`. Written: result/NNNNNN.png,
 degraded/NNNNNN.png and grid.png (one row per image: input | degraded | result).
@@ -21,10 +21,12 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import editing, samplers, samplers_karras
+from training.sampling import editing
+from training.sampling import samplers
+from training.sampling import samplers_karras
 from training.cli_common import load_consistency_network, parse_int_list, state_dict_options, user_errors
-from training.dataset import ImageFolderDataset
-from training.generation import save_png
+from training.data.dataset import ImageFolderDataset
+from training.sampling.generation import save_png
 
 TASKS = ('inpaint', 'colorize', 'superres')
 

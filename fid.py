@@ -21,10 +21,11 @@ from metrics import metric_main
 from metrics import metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import samplers, samplers_karras
+from training.sampling import samplers
+from training.sampling import samplers_karras
 from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
 from training.compile import COMPILE_HELP, compile_network
-from training.generation import generate_images
+from training.sampling.generation import generate_images
 
 _KINDS = list(detectors.FEATURE_KINDS)
 
@@ -34,7 +35,7 @@ _KINDS = list(detectors.FEATURE_KINDS)
 
 def open_dataset(path, num=None, seed=0, flag='--data'):
     """EDM's ImageFolderDataset on `path`; with `num`, a seeded subset of exactly `num` images."""
-    from training.dataset import ImageFolderDataset  # Deferred: keeps `fid.py --help` light.
+    from training.data.dataset import ImageFolderDataset  # Deferred: keeps `fid.py --help` light.
     dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
         raise dnnlib.UserError(f'{flag}={path}: found {len(dataset)} images, but --num={num} were requested')

@@ -9,8 +9,8 @@ default to EDM's Heun sampler with 18 steps (35 NFE). Image `i` of seed `s` is i
 size, device or number of processes: each seed has its own CPU generator, drawn in the order latent,
 class index (conditional networks), then the noise each stochastic step needs.
 
-The reusable parts live in training/: the sampler rules and recipe defaults in training.samplers, seeds to images
-in training.generation.
+The reusable parts live in training/: the sampler rules and recipe defaults in training.sampling.samplers, seeds to images
+in training.sampling.generation.
 """
 
 import itertools
@@ -22,10 +22,11 @@ import numpy as np
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import samplers, samplers_karras
+from training.sampling import samplers
+from training.sampling import samplers_karras
 from training.compile import COMPILE_HELP, compile_network
 from training.cli_common import load_network, parse_float_list, parse_int_list, state_dict_options, user_errors
-from training.generation import (BackgroundWriter, check_class_idx, generate_batches, host_batches, make_grid,
+from training.sampling.generation import (BackgroundWriter, check_class_idx, generate_batches, host_batches, make_grid,
                                  save_png)
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,9 +18,12 @@ import dnnlib
 from metrics import detectors, metric_main, metric_utils
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import networks_cm, samplers, samplers_karras, ternary_search
+from training.networks import karras as networks_cm
+from training.sampling import samplers
+from training.sampling import samplers_karras
+from training.sampling import ternary_search
 from training.cli_common import load_consistency_network, parse_float_list, state_dict_options, user_errors
-from training.generation import generate_images
+from training.sampling.generation import generate_images
 
 # ----------------------------------------------------------------------------------------------------------
 # Points -> sampler settings.

@@ -30,7 +30,7 @@ from configs import presets
 from configs import presets_cm
 from torch_utils import distributed as dist
 from torch_utils import progress
-from training import run_dirs
+from training.loop import run_dirs
 from training.cli_common import parse_float_list, user_errors
 
 
@@ -143,7 +143,7 @@ def ensure_data(flat, options, dry_run, preset_data):
         return False
     check_buildable(flat, preset_data)
     check_transfer_file(options.transfer)   # before the build: a typo must not cost the build first
-    from training.dataset_convert import convert_dataset
+    from training.data.dataset_convert import convert_dataset
     dist.print0(f'Building {path} from {flat.data_source} (first run only)')
     group = dist.host_group()   # the others wait on the host: a large build outlasts NCCL's watchdog
     if dist.get_rank() == 0:
@@ -157,7 +157,7 @@ def check_transfer(options, dataset, dry_run=False):
     the real run)."""
     if options.transfer is None:
         return
-    from training import runtime
+    from training.loop import runtime
     check_transfer_file(options.transfer)
     if dry_run and '://' in options.transfer:
         dist.print0(f'--transfer: {options.transfer} is not downloaded by a dry run; a real run downloads and checks it')
@@ -171,7 +171,7 @@ def check_transfer(options, dataset, dry_run=False):
 def check_data(options, data_source=None, check_images=True, dry_run=False):
     """--data / --cond / batch split / --transfer compatibility, checked by building the dataset; returns the
     dataset name. A missing --data that `data_source` would build (a dry run) is reported and not opened."""
-    from training import runtime
+    from training.loop import runtime
     path = options.dataset_kwargs['path']
     if path is None:
         raise dnnlib.UserError('--data: required (a dataset folder or zip in EDM format)')
@@ -186,7 +186,7 @@ def check_data(options, data_source=None, check_images=True, dry_run=False):
     if check_images:
         verify_dataset_images(dataset)
     if options.data_on_device:
-        from training import device_data
+        from training.data import device_data
         device_data.check_device_data(dataset, dist.device())
     check_network_kwargs(options.network_kwargs, dataset)
     check_transfer(options, dataset, dry_run)
@@ -253,7 +253,7 @@ def check_extras(options):
 
 def check_trackers(options):
     """--tensorboard / --wandb: the optional packages are there and the W&B target is well formed."""
-    from training import trackers  # Deferred: only needed to check the tracker flags.
+    from training.loop import trackers  # Deferred: only needed to check the tracker flags.
     if options.tensorboard:
         trackers.import_tensorboard()
     if options.wandb:
@@ -272,7 +272,7 @@ def describe(options, dataset_name, user_desc):
 def check_resume(state_path):
     """Read the state once up front so a truncated or foreign file is reported before any work."""
     if state_path is not None:
-        from training.checkpoint import TrainingState
+        from training.checkpoints.checkpoint import TrainingState
         TrainingState.read(state_path)
 
 
@@ -298,7 +298,7 @@ def prepare(kw):
     built = ensure_data(flat, options, kw['dry_run'], preset_data)
     dataset_name = check_data(options, flat.data_source, check_images=not (kw['no_check_data'] or built),
                               dry_run=kw['dry_run'])
-    from training.runtime import resolve_precision   # --precision=auto -> this device's (printed below, recorded)
+    from training.loop.runtime import resolve_precision   # --precision=auto -> this device's (printed below, recorded)
     options = options.replace(precision=resolve_precision(options.precision, dist.device()))
     desc = describe(options, dataset_name, kw['desc'])
     resume_state, resume_dir = run_dirs.resolve_resume(kw['resume'], kw['outdir'], desc, kw['nosubdir'])
@@ -327,7 +327,7 @@ def make_callbacks(options):
 
 def launch(options, run_dir):
     """Tee stdout/stderr into log.txt (rank 0) and run the training loop; returns its outcome."""
-    from training import training_loop
+    from training.loop import training_loop
     callbacks = make_callbacks(options)
     if dist.get_rank() != 0:
         return training_loop.training_loop(options, run_dir, callbacks)

@@ -8,7 +8,7 @@ checkout, `QKVAttentionLegacy` with its float16 attention, the same weights), on
     python bench/bench_cm.py --official=../consistency_models      # + the official network (needs einops)
     python bench/bench_cm.py --tiny --device=cpu --iters=1         # a seconds-long check that the script works
 
-Both sides run the same sampler code (training.samplers_karras, float32, as openai's karras_sample): only the
+Both sides run the same sampler code (training.sampling.samplers_karras, float32, as openai's karras_sample): only the
 network differs. The network is randomly initialised (speed does not depend on the weights); the official one gets
 ours's weights through the state-dict mapping, so both compute the same function. On CUDA every timing is
 bracketed by torch.cuda.synchronize().
@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import checkpoint_cm, networks_cm, samplers_karras  # noqa: E402
+from training.checkpoints import openai_state as checkpoint_cm
+from training.networks import karras as networks_cm
+from training.sampling import samplers_karras  # noqa: E402
 
 TINY = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], adaptive_scale=True,
             channels_per_head=16)

@@ -28,10 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import checkpoint, loss_cm  # noqa: E402
+from training.checkpoints import checkpoint
+from training.methods import loss_cm  # noqa: E402
 from training.methods import consistency_models as cmm  # noqa: E402
 from training.methods.base import Progress  # noqa: E402
-from training.networks_cm import KarrasDenoiser, RELEASED_UNETS  # noqa: E402
+from training.networks.karras import KarrasDenoiser, RELEASED_UNETS  # noqa: E402
 
 EMA_RATES = (0.999, 0.9999, 0.9999432189950708)
 TINY_UNET = dict(model_channels=32, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[8], adaptive_scale=True,
@@ -81,8 +82,8 @@ def make_step(variant, net, method, images, labels):
     optimizer = torch.optim.RAdam(net.parameters(), lr=8e-6, weight_decay=0.0)
     progress = Progress(cur_nimg=0, batch_size=images.shape[0], total_nimg=images.shape[0] * 10**6, tick_kimg=1.0)
     if variant == 'ours':
-        ema = dnnlib.util.construct_class_by_name(net, class_name='training.ema.CombinedEMA', trackers=[
-            dict(class_name='training.ema.ConstantEMA', beta=rate, suffix=f'-{rate}') for rate in EMA_RATES])
+        ema = dnnlib.util.construct_class_by_name(net, class_name='training.loop.ema.CombinedEMA', trackers=[
+            dict(class_name='training.loop.ema.ConstantEMA', beta=rate, suffix=f'-{rate}') for rate in EMA_RATES])
         return lambda: our_step(net, method, ema, optimizer, images, labels, progress)
     emas = [[p.detach().clone() for p in net.parameters()] for _ in EMA_RATES]
     return lambda: official_step(net, method, emas, optimizer, images, labels)

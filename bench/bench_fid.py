@@ -4,10 +4,10 @@ time split into sampling / feature extraction / I/O (PNG writing and reading), e
     python bench/bench_fid.py                                  # CUDA: DDPM++ CIFAR-10, batch 512, 10,240 images
     python bench/bench_fid.py --device=cpu --net=tiny --num=256 --batch=64 --detector=randnet   # a quick CPU run
 
-Every measurement runs the project's own code: training.generation.generate_images (per-seed generators, uint8
+Every measurement runs the project's own code: training.sampling.generation.generate_images (per-seed generators, uint8
 images), the detector on each batch with metrics.metric_utils.FeatureStats, fid.py net's pipelined in-memory path
 (metric_utils.compute_generator_stats), generate.py's PNG writer (background threads; the one-thread serial
-writer for comparison) and fid.py calc's reader (training.dataset.ImageFolderDataset). Times for `--num` images are
+writer for comparison) and fid.py calc's reader (training.data.dataset.ImageFolderDataset). Times for `--num` images are
 extrapolated linearly to 50,000. The networks have random weights (speed does not depend on them):
 `--net=ddpmpp` is the CIFAR-10 ECM network (55.7M parameters), `--net=tiny` a 16-channel one for CPU smoke runs;
 `--detector=standin` is an Inception-v3 of full width with random weights (the real file needs a download),
@@ -33,8 +33,10 @@ import generate  # noqa: E402
 from configs import presets  # noqa: E402
 from metrics import detectors, metric_utils  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from training import compile as tc, generation, samplers  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
+from training import compile as tc
+from training.sampling import generation
+from training.sampling import samplers  # noqa: E402
+from training.data.dataset import ImageFolderDataset  # noqa: E402
 
 NETS = dict(
     ddpmpp=dict(class_name=presets.PRECONDS['ecm'], img_resolution=32, img_channels=3, label_dim=0, dropout=0.0,

@@ -31,7 +31,7 @@ import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from metrics import metric_main  # noqa: E402
-from training import samplers  # noqa: E402
+from training.sampling import samplers  # noqa: E402
 
 # The CIFAR-10 ECM network: DDPM++ (model_channels 128, channel_mult [2,2,2]) in ECMPrecond, unconditional.
 DDPMPP_CIFAR10 = dict(class_name=presets.PRECONDS['ecm'], img_resolution=32, img_channels=3, label_dim=0,

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
-from training import runtime  # noqa: E402
-from training import training_loop as tl  # noqa: E402
+from training.loop import runtime  # noqa: E402
+from training.loop import training_loop as tl  # noqa: E402
 from bench.bench_train import SyntheticData, synthetic_batches, synchronize  # noqa: E402
 
 

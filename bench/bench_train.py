@@ -6,7 +6,7 @@
     python bench/bench_train.py --device=cpu --batch=2 --arch-kwargs='{"model_channels":16}' --json=rows.json
     python bench/bench_train.py --compile                               # each precision eager AND compiled
 
-The step is the training loop's own (training.training_loop.training_step: forward, target pass, backward,
+The step is the training loop's own (training.loop.training_loop.training_step: forward, target pass, backward,
 nan_to_num, optimiser step) plus the EMA update, on synthetic uint8 images of the preset's resolution already
 on the device, as with --data-on-device (the speed does not depend on the data or the weights). Timings are
 bracketed by torch.cuda.synchronize(). 'auto' is resolved as the training loop does (bf16 on A100/H100).
@@ -30,8 +30,8 @@ import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
 from training import compile as tc  # noqa: E402
-from training import runtime  # noqa: E402
-from training import training_loop as tl  # noqa: E402
+from training.loop import runtime  # noqa: E402
+from training.loop import training_loop as tl  # noqa: E402
 
 
 class SyntheticData:

@@ -1,6 +1,6 @@
 """The multi-process check of bench/gpu_check.py's `ddp` section: one step of the real Trainer under DDP.
 
-Every rank builds `training.training_loop.Trainer` from the cifar10-ecm preset (a small DDPM++, dropout > 0,
+Every rank builds `training.loop.training_loop.Trainer` from the cifar10-ecm preset (a small DDPM++, dropout > 0,
 fp32), captures its RNG states and takes one `Trainer.step()`. Rank 0 then recomputes the step alone: for each
 rank r, the method's loss on rank r's micro-batch (the sampler's shard r) with rank r's RNG states restored, so
 its noise, times and dropout masks are the ones rank r drew; the sum of those per-sample losses over the global
@@ -20,8 +20,8 @@ import torch
 
 from configs import presets
 from torch_utils import distributed as dist
-from training import runtime
-from training import training_loop as tl
+from training.loop import runtime
+from training.loop import training_loop as tl
 
 SMALL_NET = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16])
 

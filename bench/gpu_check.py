@@ -31,11 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from configs import presets  # noqa: E402
-from training import runtime  # noqa: E402
+from training.loop import runtime  # noqa: E402
 from training.compile import compile_counters, compile_network, reset_compile_counters  # noqa: E402
-from training import training_loop as tl  # noqa: E402
-from training.loss import ECTLoss, tuning_kwargs  # noqa: E402
-from training.loss_cm import consistency_loss  # noqa: E402
+from training.loop import training_loop as tl  # noqa: E402
+from training.methods.loss import ECTLoss, tuning_kwargs  # noqa: E402
+from training.methods.loss_cm import consistency_loss  # noqa: E402
 from training.methods.consistency_models import frozen_copy  # noqa: E402
 from bench import ddp_check, gpu_report  # noqa: E402
 from bench.bench_train import SyntheticData, synthetic_batches  # noqa: E402

@@ -3,7 +3,7 @@
 A preset is a flat dict of option values, the same keys the command line sets (`train.py --preset=NAME`
 fills them, explicit flags override them). Components are named by dotted class name, so a new recipe is
 data only: add an entry to PRESETS. `resolve(preset_name, overrides)` turns preset + overrides into the
-training.options.TrainingOptions that `training.training_loop.training_loop(options, run_dir)` takes, with
+training.loop.options.TrainingOptions that `training.loop.training_loop.training_loop(options, run_dir)` takes, with
 every component as dict(class_name=..., **kwargs). The training method is `method_kwargs`: given as a dict it
 is used as is (any method, e.g. dict(class_name='training.methods.toy.ToyMethod', ...), see
 docs/ADDING_A_METHOD.md); when None it is ECT or EDM pretraining (`loss`) built from the flat keys below.
@@ -18,7 +18,7 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
   grid_sampler ('consistency' | 'edm'), xflip, cache, workers, data_on_device (the whole dataset on the training
-  device, no DataLoader workers: training.device_data), compile (torch.compile the trained network; off
+  device, no DataLoader workers: training.data.device_data), compile (torch.compile the trained network; off
   everywhere, see train.py --compile), find_unused_parameters, channels_last, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
@@ -33,8 +33,8 @@ import os
 
 import dnnlib
 from configs import presets_cm
-from training.options import TrainingOptions
-from training.samplers import CIFAR10_MID_T, IMAGENET64_MID_T
+from training.loop.options import TrainingOptions
+from training.sampling.samplers import CIFAR10_MID_T, IMAGENET64_MID_T
 
 CIFAR10_VP_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,11 +63,11 @@ PRECONDS = {
     'ecm': 'training.networks.ECMPrecond',
     'karras': presets_cm.PRECOND,   # openai's KarrasDenoiser; network_kwargs.parameterization = edm | consistency
 }
-EDM2_PRECOND = 'training.networks_edm2.Precond'
+EDM2_PRECOND = 'training.networks.edm2.Precond'
 
-MAPPINGS = {'sigmoid': 'training.loss.SigmoidMapping', 'constant': 'training.loss.ConstantMapping'}
-WEIGHTINGS = {'ict': 'training.loss.InverseGapWeighting', 'edm2': 'training.loss.InverseSquareWeighting',
-              'none': 'training.loss.NoWeighting'}
+MAPPINGS = {'sigmoid': 'training.methods.loss.SigmoidMapping', 'constant': 'training.methods.loss.ConstantMapping'}
+WEIGHTINGS = {'ict': 'training.methods.loss.InverseGapWeighting', 'edm2': 'training.methods.loss.InverseSquareWeighting',
+              'none': 'training.methods.loss.NoWeighting'}
 LOSSES = {'ect': 'training.methods.ect.ECT', 'edm': 'training.methods.edm.EDM'}   # --loss -> training method
 PRECISIONS = ('auto', 'fp32', 'tf32', 'bf16', 'fp16')   # auto: bf16 on CUDA with native bf16, else fp32 (runtime)
 GRID_SAMPLERS = ('consistency', 'edm')
@@ -80,7 +80,7 @@ DEFAULTS = dict(
     seed=0, precision='fp32', transfer=None, method_kwargs=None, loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid',
     weighting='ict', P_mean=-1.1, P_std=2.0, sigma_data=0.5,
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True),
-    lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
+    lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999),
     ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     data_on_device=False, compile=False,
     find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
@@ -95,7 +95,7 @@ _CIFAR10_ECM = dict(
     duration_mimg=25.6, batch=128, tick_kimg=12.8, double_ticks=250,
     loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid', weighting='ict', P_mean=-1.1, P_std=2.0,
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True),
-    lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.ema.ConstantEMA', beta=0.9999),
+    lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999),
     mid_t=[CIFAR10_MID_T], grid_sampler='consistency',
     precision='auto',   # bf16 autocast on CUDA (A100/H100), fp32 on the CPU; --precision=fp32 is the official recipe
 )
@@ -124,9 +124,9 @@ def _imagenet64_ecm(size):
         loss='ect', q=4, k=8, b=1, c=0.06, mapping='sigmoid', weighting='edm2', P_mean=-0.8, P_std=1.6,
         optimizer=dict(class_name='torch.optim.Adam', lr=cfg['lr'], betas=[0.9, 0.99], eps=1e-8, foreach=True),
         lr_decay_batches=2000, lr_rampup_kimg=0,
-        ema=dict(class_name='training.ema.CombinedEMA', trackers=[
-            dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
-            dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]),
+        ema=dict(class_name='training.loop.ema.CombinedEMA', trackers=[
+            dict(class_name='training.loop.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
+            dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]),
         mid_t=[IMAGENET64_MID_T], grid_sampler='consistency', xflip=False,
         # bf16 autocast on CUDA (A100/H100), fp32 on the CPU; --precision=tf32 is the official loop's arithmetic
         # (it always enables TF32 matmuls and convolutions)
@@ -144,7 +144,7 @@ PRESETS = {
     'cifar10-ecm': _CIFAR10_ECM,
     # ECT CIFAR-10 in one A100-hour (docs/ECT.md §6): q = 256, the stage never doubles, EMA 0.9993, stop after an hour.
     'cifar10-ecm-1gpu-hour': dict(_CIFAR10_ECM, q=256, double_ticks=None, max_hours=1.0,
-                                  ema=dict(class_name='training.ema.ConstantEMA', beta=0.9993)),
+                                  ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.9993)),
     # EDM diffusion pretraining of DDPM++ (EDM's CIFAR-10 recipe, Karras et al. 2022 Table 7), for users without
     # a checkpoint. EDM's --augment=0.12 (its non-leaking augmentation pipeline) is not reproduced: this project
     # has no augmentation pipeline (--xflip is the only data augmentation), so expect EDM's FID without it.
@@ -185,7 +185,7 @@ PRESETS = {
         _CIFAR10_ECM, **_QUICKSTART_DATA, network_kwargs=_QUICKSTART_NET, dropout=0.0, transfer=QUICKSTART_CHECKPOINT,
         duration_mimg=0.016, batch=16, tick_kimg=2.0, double_ticks=2, snap_ticks=10, dump_ticks=10, sample_ticks=10,
         precision='fp32',   # the numbers quoted above, on any device
-        optimizer=dict(_CIFAR10_ECM['optimizer'], lr=5e-4), ema=dict(class_name='training.ema.ConstantEMA', beta=0.995),
+        optimizer=dict(_CIFAR10_ECM['optimizer'], lr=5e-4), ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.995),
         mid_t=[QUICKSTART_MID_T], metrics=['fd_randnet', 'two_step_fd_randnet'],
         eval_init_metrics=['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet'], eval_init_background=True,
         metrics_ref=QUICKSTART_DATA, eval_ticks=1000, metric_samples=500,
@@ -253,9 +253,9 @@ def _named_method_kwargs(o):
 
 def _ema_kwargs(o):
     if o.ema_beta is not None:
-        return dict(class_name='training.ema.ConstantEMA', beta=float(o.ema_beta))
+        return dict(class_name='training.loop.ema.ConstantEMA', beta=float(o.ema_beta))
     if o.ema_mimg is not None:
-        return dict(class_name='training.ema.HalfLifeEMA', halflife_kimg=float(o.ema_mimg) * 1000, rampup_ratio=0.05)
+        return dict(class_name='training.loop.ema.HalfLifeEMA', halflife_kimg=float(o.ema_mimg) * 1000, rampup_ratio=0.05)
     if not o.ema:
         raise dnnlib.UserError('--ema/--ema-beta: the configuration has no EMA; give one')
     return copy.deepcopy(o.ema)
@@ -338,18 +338,18 @@ def _transfer(o):
 
 
 def build_options(o):
-    """The training.options.TrainingOptions of flat options `o`."""
+    """The training.loop.options.TrainingOptions of flat options `o`."""
     _check_numbers(o)
     _check_run_flags(o)
     return TrainingOptions(
-        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
+        dataset_kwargs=dict(class_name='training.data.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
                             xflip=bool(o.xflip), cache=bool(o.cache)),
         data_loader_kwargs=dict(num_workers=int(o.workers), pin_memory=True, prefetch_factor=2),
         data_on_device=bool(o.data_on_device),
         network_kwargs=_network_kwargs(o),
         method_kwargs=_method_kwargs(o),
         optimizer_kwargs=_optimizer_kwargs(o),
-        lr_kwargs=dict(class_name='training.training_loop.LearningRateSchedule',
+        lr_kwargs=dict(class_name='training.loop.training_loop.LearningRateSchedule',
                        decay_batches=float(o.lr_decay_batches), rampup_kimg=float(o.lr_rampup_kimg)),
         ema_kwargs=_ema_kwargs(o),
         total_kimg=float(o.duration_mimg) * 1000, batch_size=int(o.batch),

@@ -8,10 +8,10 @@ loss_norm, lpips_vgg, lpips_lin (overriding the method's own options).
 """
 
 import dnnlib
-from training.loss_cm import level_sigma
-from training.networks_cm import RELEASED_UNETS
+from training.methods.loss_cm import level_sigma
+from training.networks.karras import RELEASED_UNETS
 
-PRECOND = 'training.networks_cm.KarrasDenoiser'
+PRECOND = 'training.networks.karras.KarrasDenoiser'
 ARCHS = {'cm-imagenet64': dict(RELEASED_UNETS['imagenet64']), 'cm-lsun256': dict(RELEASED_UNETS['lsun256'])}
 METHOD_FLAGS = ('teacher', 'loss_norm', 'lpips_vgg', 'lpips_lin')
 FLAG_DEFAULTS = {key: None for key in METHOD_FLAGS}
@@ -27,8 +27,8 @@ STEPS_PER_TICK = 100        # official log every 10 steps, save every 10k: a tic
 
 
 def _ema(rates):
-    trackers = [dict(class_name='training.ema.ConstantEMA', beta=rate, suffix=f'-{rate}') for rate in rates]
-    return dict(class_name='training.ema.CombinedEMA', trackers=trackers)
+    trackers = [dict(class_name='training.loop.ema.ConstantEMA', beta=rate, suffix=f'-{rate}') for rate in rates]
+    return dict(class_name='training.loop.ema.CombinedEMA', trackers=trackers)
 
 
 def _recipe(dataset, method_kwargs, lr, steps, two_step_ts, batch=None, ema_rates=None, **extra):

@@ -43,7 +43,7 @@ class EasyDict(dict):
 
 
 def get_obj_by_name(name):
-    """Resolve a dotted name such as 'training.loss.ECTLoss' to the object it names."""
+    """Resolve a dotted name such as 'training.methods.loss.ECTLoss' to the object it names."""
     module_name, _, attr = name.rpartition('.')
     if not module_name:
         raise UserError(f'"{name}" is not a dotted name of the form module.object')

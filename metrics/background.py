@@ -22,7 +22,7 @@ import torch
 
 from metrics import metric_main
 from torch_utils import progress
-from training import checkpoint
+from training.checkpoints import checkpoint
 
 SNAPSHOT_NAME = 'initial-network.pt'
 

@@ -4,7 +4,7 @@ names, and the code of TorchScript archives (only when the user trusts the file)
 
 A detector pickle is read with a restricted unpickler: persistent records (`torch_utils.persistence.
 _reconstruct_persistent_obj`) and standard torch.nn modules (Sequential, MaxPool2d, Linear, ...) become inert
-records of their pickled state, tensors are rebuilt by training.safe_pickle's allow-listed functions, any other
+records of their pickled state, tensors are rebuilt by training.checkpoints.safe_pickle's allow-listed functions, any other
 global is refused, and the embedded source is never run. A TorchScript archive's data.pkl is read the same
 way (its `__torch__` classes kept inert, storages read from the archive), never with `torch.jit.load`, which runs
 the archive's TorchScript (its `__setstate__` can write files, e.g. with torch.from_file(..., shared=True)); that
@@ -20,7 +20,8 @@ import zipfile
 import torch
 
 import dnnlib
-from training import checkpoint, safe_pickle
+from training.checkpoints import checkpoint
+from training.checkpoints import safe_pickle
 
 ZIP_MAGIC = b'PK\x03\x04'
 PICKLE_PROTO = 0x80

@@ -213,7 +213,7 @@ class VGG16(torch.nn.Module):
 
 def build_detector_net(kind, tensors, source):
     """InceptionV3 ('inception') or VGG16 ('vgg16') with `tensors` loaded under a strict name and shape check."""
-    from training import safe_pickle
+    from training.checkpoints import safe_pickle
     cls = dict(inception=InceptionV3, vgg16=VGG16)[kind]
     tensors = {k: v for k, v in tensors.items() if not (kind == 'vgg16' and k.startswith('lpips'))}
     try:

@@ -5,7 +5,7 @@
 
 Names keep their published meaning (fid50k_full: FID of 50,000 one-step samples against the full training
 set statistics); `num_samples` overrides the count for tests and quick checks, and the record says so.
-Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by training.generation.generate_images.
+Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by training.sampling.generation.generate_images.
 """
 
 import collections
@@ -22,9 +22,9 @@ import dnnlib
 from metrics import detectors
 from metrics import metric_utils
 from torch_utils import distributed as dist
-from training import run_records
-from training import samplers
-from training.generation import generate_images
+from training.loop import run_records
+from training.sampling import samplers
+from training.sampling.generation import generate_images
 
 # detector: kind for metrics.detectors.get_detector; ref: 'stats' (mu/sigma), 'features' or None;
 # num_samples: generated images of the published metric; steps: sampling steps; sampler: 'consistency' or 'heun'
@@ -93,7 +93,7 @@ def _is_dataset(path):
 def _ref_features(ref, detector, batch_size, device, rank, num_gpus, max_items):
     """All reference features: computed from a dataset folder/zip, or read from an .npz's `features`."""
     if _is_dataset(ref):
-        from training.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.
+        from training.data.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.
         dataset = ImageFolderDataset(path=ref, use_labels=False, max_size=None)
         stats = metric_utils.FeatureStats(capture_all=True, capture_mean_cov=False)
         metric_utils.compute_dataset_stats(dataset, detector, stats, batch_size, device, rank, num_gpus, max_items)
@@ -171,7 +171,7 @@ def _load_stats(ref, detector, kind, batch_size, device, rank, num_gpus):
         if cache is not None and _on_every_rank(cache):
             ref = cache
         else:
-            from training.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.
+            from training.data.dataset import ImageFolderDataset  # Deferred: only needed when a dataset is given.
             stats = metric_utils.FeatureStats(capture_all=False, capture_mean_cov=True)
             dataset = ImageFolderDataset(path=ref, use_labels=False, max_size=None)
             metric_utils.compute_dataset_stats(dataset, detector, stats, batch_size, device, rank, num_gpus)

@@ -12,8 +12,8 @@ import torch
 
 from metrics import background, metric_main
 from torch_utils import distributed as dist
-from training import run_files
-from training.callbacks import Callback
+from training.loop import run_files
+from training.loop.callbacks import Callback
 
 
 def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix, device, num_samples=None,

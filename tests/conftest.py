@@ -56,7 +56,7 @@ OPENAI_CM_HEAD_CHANNELS = dict(imagenet_like=16, lsun_like=8)
 def load_openai_cm_net(name, parameterization):
     """The tiny fixture network `name` (imagenet_like / lsun_like) as a KarrasDenoiser in eval mode: 'edm' or
     'consistency' form, loaded from its openai state dict through the project's loader."""
-    from training import checkpoint_cm
+    from training.checkpoints import openai_state as checkpoint_cm
     path = FIXTURES_DIR / 'openai_cm' / f'tiny_{name}.pt'
     net, _ = checkpoint_cm.load_network_file(str(path), resolution=16, parameterization=parameterization,
                                              num_head_channels=OPENAI_CM_HEAD_CHANNELS[name])
@@ -108,7 +108,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope='session')
 def shapes_zip(tmp_path_factory):
     """96 images of the quickstart's procedural source (dataset_tool.py --source=procedural:shapes), read only."""
-    from training.dataset_convert import convert_dataset
+    from training.data.dataset_convert import convert_dataset
     path = str(tmp_path_factory.mktemp('data') / 'shapes.zip')
     convert_dataset('procedural:shapes', path, 96, None, None)
     return path

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import train
 from configs import presets
 from tests.conftest import write_random_dataset
-from training import checkpoint
+from training.checkpoints import checkpoint
 from training.methods.base import Progress
 from training.methods.toy import ToyDenoising
 

@@ -12,7 +12,7 @@ import dnnlib
 import train
 from configs import presets
 from metrics import background, metric_main
-from training import checkpoint
+from training.checkpoints import checkpoint
 
 
 pytestmark = pytest.mark.usefixtures('private_cache')

@@ -27,8 +27,10 @@ from conftest import REPO_ROOT, write_random_dataset
 from configs import presets
 from dnnlib import util
 from metrics import metric_utils
-from training import checkpoint, dataset_convert, networks
-from training.dataset import ImageFolderDataset
+from training import networks
+from training.checkpoints import checkpoint
+from training.data import dataset_convert
+from training.data.dataset import ImageFolderDataset
 
 # ----------------------------------------------------------------------------------------------------------
 # Killed atomic writes.

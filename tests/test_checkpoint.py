@@ -14,7 +14,10 @@ import dnnlib
 from conftest import REPO_ROOT, load_npz_meta
 from edm2_files import EDM2Loss, StandardRGBEncoder
 from torch_utils import persistence
-from training import checkpoint, networks, networks_edm2, safe_pickle
+from training import networks
+from training.checkpoints import checkpoint
+from training.networks import edm2 as networks_edm2
+from training.checkpoints import safe_pickle
 
 CASE = 'ddpmpp_cond'
 
@@ -77,7 +80,7 @@ def _run(net, inputs, **kwargs):
 
 def _official_pickle(net):
     return pickle.dumps(dict(ema=net, loss_fn=VPLoss(beta_d=19.5), augment_pipe=AugmentPipe(p=0.12),
-                             dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
+                             dataset_kwargs=dnnlib.EasyDict(class_name='training.data.dataset.ImageFolderDataset',
                                                             path='cifar10.zip', xflip=False)))
 
 

@@ -7,8 +7,8 @@ import pathlib
 import torch
 
 from test_training import TICK_KIMG, data_dir, final_weights, tiny_options  # noqa: F401 (data_dir is a fixture)
-from training import training_loop as tl
-from training.checkpoint import TrainingState
+from training.loop import training_loop as tl
+from training.checkpoints.checkpoint import TrainingState
 from training.cli_common import load_network
 
 COMPAT = pathlib.Path(__file__).resolve().parent / 'data' / 'compat'

@@ -1,5 +1,5 @@
 """CD/CT under train.py --compile: the target θ⁻ runs the student's compiled graph with its own weights
-(training.loss_compiled.target_pass), so the student's and the target's passes share dropout masks as in eager mode.
+(training.methods.loss_compiled.target_pass), so the student's and the target's passes share dropout masks as in eager mode.
 
 On the CPU, with inductor, on a tiny ECMPrecond (8x8 DhariwalUNet, one level). It stands for the GPU because the
 mechanism is the device's own generator: a compiled graph draws its masks from one seed per call taken from the
@@ -15,10 +15,10 @@ torch's compile cache holds them.
 import pytest
 import torch
 
-from training import checkpoint
+from training.checkpoints import checkpoint
 from training import compile as tc
-from training import loss_cm
-from training import loss_compiled
+from training.methods import loss_cm
+from training.methods import loss_compiled
 from training import networks
 from training.methods import consistency_models as cmm
 from training.methods.base import Progress

@@ -19,7 +19,9 @@ import fid
 import generate
 from metrics import evaluate
 from tests.test_metrics import TinyDetector, save_torchscript
-from training import checkpoint, compile as tc, generation, networks
+from training import compile as tc, networks
+from training.checkpoints import checkpoint
+from training.sampling import generation
 
 SEEDS = list(range(8))
 BATCH = 4

@@ -1,4 +1,4 @@
-"""train.py --compile: ECT's passes through a torch.compile'd network (training/loss_compiled.py).
+"""train.py --compile: ECT's passes through a torch.compile'd network (training/methods/loss_compiled.py).
 
 Proves on the CPU, with inductor, on a tiny ECM SongUNet (8x8, one level, attention): with r = t the prediction
 and target passes agree bit for bit at dropout 0.5, eager and compiled (shared masks); compiled losses and
@@ -19,12 +19,12 @@ from click.testing import CliRunner
 import train
 from configs import presets
 from tests.conftest import write_random_dataset
-from training import checkpoint
+from training.checkpoints import checkpoint
 from training import compile as tc
-from training import runtime
-from training import training_loop as tl
-from training.checkpoint import TrainingState
-from training.loss import ECTLoss
+from training.loop import runtime
+from training.loop import training_loop as tl
+from training.checkpoints.checkpoint import TrainingState
+from training.methods.loss import ECTLoss
 
 TINY_NET = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[8])
 BATCH = 4

@@ -16,9 +16,10 @@ from test_samplers import ecm_net  # noqa: F401
 from test_training import _free_port, data_dir, tiny_options  # noqa: F401
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import checkpoint, generation
-from training import training_loop as tl
-from training.callbacks import Callback
+from training.checkpoints import checkpoint
+from training.sampling import generation
+from training.loop import training_loop as tl
+from training.loop.callbacks import Callback
 
 
 def queued_cuda_seed():

@@ -1,4 +1,4 @@
-"""training/dataset.py: EDM-format reader (folder and zip) and the resumable InfiniteSampler."""
+"""training/data/dataset.py: EDM-format reader (folder and zip) and the resumable InfiniteSampler."""
 
 import itertools
 import json
@@ -12,7 +12,7 @@ import torch
 
 import dnnlib
 from tests.conftest import zip_folder
-from training.dataset import ImageFolderDataset, InfiniteSampler
+from training.data.dataset import ImageFolderDataset, InfiniteSampler
 
 
 def edm_name(i):

@@ -1,4 +1,4 @@
-"""dataset_tool.py (and training/dataset_sources.py, training/dataset_convert.py) against docs/ECT.md §8: member
+"""dataset_tool.py (and training/data/dataset_sources.py, training/data/dataset_convert.py) against docs/ECT.md §8: member
 names, pixels (independent numpy/PIL references), labels, errors."""
 
 import io
@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training import dataset_convert, dataset_sources
+from training.data import dataset_convert
+from training.data import dataset_sources
 
 LANCZOS = PIL.Image.Resampling.LANCZOS
 

@@ -1,4 +1,4 @@
-"""--data-on-device (training.device_data): the same batches as the DataLoader path, on every rank and after a
+"""--data-on-device (training.data.device_data): the same batches as the DataLoader path, on every rank and after a
 resume; the same training run; too-large datasets and contradictory flags refused up front."""
 
 import os
@@ -10,10 +10,10 @@ import torch
 import dnnlib
 from tests.conftest import write_random_dataset
 from tests.test_training import base_args, final_weights, invoke, tiny_options
-from training import device_data
-from training import runtime
-from training import training_loop as tl
-from training.dataset import ImageFolderDataset
+from training.data import device_data
+from training.loop import runtime
+from training.loop import training_loop as tl
+from training.data.dataset import ImageFolderDataset
 
 CPU = torch.device('cpu')
 

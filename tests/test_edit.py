@@ -8,8 +8,10 @@ import torch
 from click.testing import CliRunner
 
 import edit
-from training import checkpoint_cm, editing, samplers
-from training.generation import save_png
+from training.checkpoints import openai_state as checkpoint_cm
+from training.sampling import editing
+from training.sampling import samplers
+from training.sampling.generation import save_png
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dnnlib
-from training import editing
+from training.sampling import editing
 
 
 @pytest.fixture(scope='module')

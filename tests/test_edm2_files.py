@@ -97,7 +97,9 @@ def test_fid_calc_picks_the_edm2_entry_of_its_detector(tmp_path, edm2_ref):
 # EDM2 latent-space networks (img512 and larger): the snapshot holds a StabilityVAEEncoder, refused by name.
 
 def test_edm2_latent_network_is_refused_with_one_message(tmp_path):
-    from training import checkpoint, networks_edm2, phema
+    from training.checkpoints import checkpoint
+    from training.networks import edm2 as networks_edm2
+    from training.loop import phema
     net = networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, use_fp16=False, model_channels=16,
                                 channel_mult=[1], num_blocks=1, attn_resolutions=[])
     path = write_edm2_snapshot(str(tmp_path), 8 << 20, 0.05, net, encoder=StabilityVAEEncoder())

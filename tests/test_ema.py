@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dnnlib
-from training import ema as ema_lib
+from training.loop import ema as ema_lib
 
 
 class Scalar(torch.nn.Module):
@@ -93,8 +93,8 @@ def test_halflife_ema_formula():
 
 def test_state_round_trip_and_combined():
     net = Scalar()
-    cfg = [dict(class_name='training.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
-           dict(class_name='training.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]
+    cfg = [dict(class_name='training.loop.ema.PowerFunctionEMA', stds=[0.010, 0.050, 0.100]),
+           dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999, suffix='-b0.9999')]
     tracker = ema_lib.CombinedEMA(net, trackers=cfg)
     feed(tracker, net, np.arange(1.0, 21.0), batch_size=8)
     assert [s for s, _ in tracker.get()] == ['-0.010', '-0.050', '-0.100', '-b0.9999']
@@ -107,7 +107,7 @@ def test_state_round_trip_and_combined():
     with pytest.raises(dnnlib.UserError):
         ema_lib.PowerFunctionEMA(Scalar(), stds=[0.2]).load_state_dict(tracker.trackers[0].state_dict())
     with pytest.raises(dnnlib.UserError):
-        ema_lib.CombinedEMA(net, trackers=[dict(class_name='training.ema.ConstantEMA')] * 2)
+        ema_lib.CombinedEMA(net, trackers=[dict(class_name='training.loop.ema.ConstantEMA')] * 2)
 
 
 def test_multi_tensor_update_equals_per_parameter_lerp():

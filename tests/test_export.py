@@ -1,4 +1,4 @@
-"""Shareable checkpoints (training.export, training.hub): model.safetensors + config.json round trips bit for bit
+"""Shareable checkpoints (training.checkpoints.export, training.checkpoints.hub): model.safetensors + config.json round trips bit for bit
 and loads with every unpickling entry point disabled; exported folders and hf:// paths load wherever a network
 path is accepted; the model card carries the recipe and the measured metrics; missing packages and no network
 are one clear message."""
@@ -16,13 +16,17 @@ from click.testing import CliRunner
 
 import dnnlib
 from test_samplers import ecm_net  # noqa: F401 (a fixture: the reference ECM network)
-from training import checkpoint, cli_common, export, hub, samplers
+from training import cli_common
+from training.checkpoints import checkpoint
+from training.checkpoints import export
+from training.checkpoints import hub
+from training.sampling import samplers
 
 pytest.importorskip('safetensors', reason='the safetensors package (an optional extra, installed by CI) is not installed')
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOT = 'network-snapshot-000048.pt'
-OPTIONS = dict(loss_kwargs=dict(class_name='training.loss.ECTLoss', q=2.0), batch_size=32, total_kimg=48,
+OPTIONS = dict(loss_kwargs=dict(class_name='training.methods.loss.ECTLoss', q=2.0), batch_size=32, total_kimg=48,
                optimizer_kwargs=dict(class_name='torch.optim.RAdam', lr=1e-4), run_dir='/not/recipe')
 RECORDS = [dict(results=dict(fd_randnet=0.1683), metric='fd_randnet', snapshot_pkl=SNAPSHOT, sampler='consistency',
                 nfe=1, num_samples=500),
@@ -92,7 +96,8 @@ for module in (pickle, _pickle):
     module.load = module.loads = refuse
     module.Unpickler = Refused
 torch.load = refuse
-from training import cli_common, export
+from training import cli_common
+from training.checkpoints import export
 net, _ = cli_common.load_network(sys.argv[1], False)
 print(json.dumps({k: (str(v.dtype), list(v.shape), hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest())
                   for k, v in net.state_dict().items()}))

@@ -20,7 +20,8 @@ import fid
 from metrics import evaluate
 from tests.conftest import FIXTURES_DIR, zip_folder
 from tests.test_metrics import TinyDetector, reference_frechet, save_torchscript
-from training import checkpoint, networks
+from training import networks
+from training.checkpoints import checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,11 @@ import torch
 import dnnlib
 import generate
 from test_samplers import assert_uint8_matches_fixture, build_fixture_net, ecm_net  # noqa: F401 (ecm_net is a fixture)
-from training import checkpoint, cli_common, generation, networks, networks_edm2, samplers
+from training import cli_common, networks
+from training.checkpoints import checkpoint
+from training.sampling import generation
+from training.networks import edm2 as networks_edm2
+from training.sampling import samplers
 
 TWO_STEP = dict(t_steps=(80.0, 0.821, 0.0))
 

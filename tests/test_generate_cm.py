@@ -9,7 +9,9 @@ import torch
 
 import generate
 from conftest import FIXTURES_DIR, load_openai_cm_net
-from training import generation, samplers, samplers_karras
+from training.sampling import generation
+from training.sampling import samplers
+from training.sampling import samplers_karras
 
 TINY_IN = ['--resolution=16', '--num_head_channels=16']
 

@@ -10,7 +10,7 @@ import torch
 
 from configs import presets
 from torch_utils import distributed as dist
-from training import runtime
+from training.loop import runtime
 
 CUDA = torch.device('cuda', 0)   # a device object only: nothing is allocated on it
 CPU = torch.device('cpu')
@@ -34,7 +34,7 @@ def test_ect_presets_default_to_auto_and_the_quickstart_to_fp32():
 
 def test_auto_on_the_cpu_trains_exactly_as_fp32(tmp_path):
     from tests.test_training import final_weights, tiny_options
-    from training import training_loop as tl
+    from training.loop import training_loop as tl
     from tests.conftest import write_random_dataset
     data = write_random_dataset(tmp_path / 'data', num_images=8)
     weights = []

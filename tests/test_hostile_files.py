@@ -21,7 +21,7 @@ import fid
 from metrics import detectors, evaluate
 from tests.conftest import write_random_dataset
 from torch_utils import persistence
-from training import checkpoint
+from training.checkpoints import checkpoint
 
 _UNSAFE_ADVICE = ('weights_only', 'add_safe_globals', 'safe_globals', 'truncated', 'corrupt', '--allow-unsafe')
 

@@ -22,11 +22,13 @@ from configs import presets
 from metrics import metric_main
 from edm2_files import EDM2Loss, StandardRGBEncoder
 from tests.conftest import load_npz_meta, write_random_dataset
-from training import checkpoint, phema, samplers
-from training import runtime
-from training import training_loop as tl
-from training.checkpoint import TrainingState
-from training.networks_edm2 import MPConv, Precond, normalize
+from training.checkpoints import checkpoint
+from training.loop import phema
+from training.sampling import samplers
+from training.loop import runtime
+from training.loop import training_loop as tl
+from training.checkpoints.checkpoint import TrainingState
+from training.networks.edm2 import MPConv, Precond, normalize
 
 # docs/ECT.md §6 ImageNet-64 column and §5 / §7, typed here from docs/ECT.md, not read from the code.
 SPEC = dict(batch=128, total_mimg=12.8, iters=100_000, tick_kimg=6.4, double=500, stages=4, q=4, k=8, b=1, c=0.06,
@@ -71,7 +73,7 @@ def official_edm2_net(seed=1):
 
 def write_official_pickle(path, net):
     data = dict(ema=net, loss_fn=EDM2Loss(P_mean=-0.8, P_std=1.6), encoder=StandardRGBEncoder(),
-                dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='img64.zip'))
+                dataset_kwargs=dnnlib.EasyDict(class_name='training.data.dataset.ImageFolderDataset', path='img64.zip'))
     path.write_bytes(pickle.dumps(data))
     return str(path)
 
@@ -113,10 +115,10 @@ def test_preset_matches_spec(size):
     assert loss['class_name'] == 'training.methods.ect.ECT'
     assert (loss['P_mean'], loss['P_std'], loss['c'], loss['sigma_data']) == (SPEC['P_mean'], SPEC['P_std'], SPEC['c'],
                                                                               SPEC['sigma_data'])
-    assert loss['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=SPEC['q'], k=SPEC['k'], b=SPEC['b'])
-    assert loss['weighting'] == dict(class_name='training.loss.InverseSquareWeighting')
+    assert loss['mapping'] == dict(class_name='training.methods.loss.SigmoidMapping', q=SPEC['q'], k=SPEC['k'], b=SPEC['b'])
+    assert loss['weighting'] == dict(class_name='training.methods.loss.InverseSquareWeighting')
     net = o.network_kwargs
-    assert net['class_name'] == 'training.networks_edm2.Precond'
+    assert net['class_name'] == 'training.networks.edm2.Precond'
     assert (net['model_channels'], net['channel_mult'], net['num_blocks'], net['attn_resolutions']) == \
         (want['channels'], [1, 2, 3, 4], 3, [16, 8])
     assert net['dropout'] == want['dropout'] and net['dropout_res'] == SPEC['dropout_res']

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dnnlib
-from training import loss as loss_lib
+from training.methods import loss as loss_lib
 from training import networks
 from training.networks import layers
 
@@ -62,7 +62,7 @@ def test_dropout_masks_do_not_depend_on_the_layout():
 
 def test_shared_dropout_in_channels_last():
     net = layers.set_memory_format(_net(dropout=0.5), 'channels_last').train()
-    loss_fn = loss_lib.ECTLoss(mapping=dict(class_name='training.loss.ConstantMapping', q=1e9))  # r ~ t
+    loss_fn = loss_lib.ECTLoss(mapping=dict(class_name='training.methods.loss.ConstantMapping', q=1e9))  # r ~ t
     x0 = torch.randn(3, 3, 8, 8)
     eps = torch.randn_like(x0)
     t = torch.tensor([0.3, 1.0, 4.0]).reshape(-1, 1, 1, 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dnnlib
-from training import loss as loss_lib
+from training.methods import loss as loss_lib
 from training.methods.base import Progress
 from training.methods.ect import ECT, curriculum_stage
 from training.methods.edm import EDM
@@ -135,7 +135,7 @@ def test_curriculum_stage_rejects_bad_settings(args):
         curriculum_stage(*args)
 
 def test_ect_method_schedule_follows_progress_and_logs_changes(capsys):
-    method = ECT(double_ticks=2, mapping=dict(class_name='training.loss.ConstantMapping', q=2))
+    method = ECT(double_ticks=2, mapping=dict(class_name='training.methods.loss.ConstantMapping', q=2))
     tick_nimg = 8
     stages = []
     for cur_nimg in range(0, 8 * tick_nimg, 4):
@@ -157,16 +157,16 @@ def test_ect_method_schedule_follows_progress_and_logs_changes(capsys):
 # ECT loss.
 
 @pytest.mark.parametrize('stage,c,weighting', [
-    (0, 0.0, 'training.loss.InverseGapWeighting'),
-    (3, 0.0, 'training.loss.InverseGapWeighting'),
-    (1, 0.06, 'training.loss.InverseSquareWeighting'),
-    (2, 0.06, 'training.loss.NoWeighting'),
+    (0, 0.0, 'training.methods.loss.InverseGapWeighting'),
+    (3, 0.0, 'training.methods.loss.InverseGapWeighting'),
+    (1, 0.06, 'training.methods.loss.InverseSquareWeighting'),
+    (2, 0.06, 'training.methods.loss.NoWeighting'),
 ])
 def test_ect_loss_matches_float64_reference(stage, c, weighting):
     net = _toy()
     P_mean, P_std, q, k, b = -1.1, 2.0, 2, 8, 1
     loss_fn = loss_lib.ECTLoss(P_mean=P_mean, P_std=P_std, c=c, weighting=dict(class_name=weighting),
-                               mapping=dict(class_name='training.loss.SigmoidMapping', q=q, k=k, b=b))
+                               mapping=dict(class_name='training.methods.loss.SigmoidMapping', q=q, k=k, b=b))
     loss_fn.set_stage(stage)
     gen = torch.Generator().manual_seed(1)
     x0 = torch.rand([len(N_VALUES), 3, 6, 6], generator=gen) * 2 - 1
@@ -183,8 +183,8 @@ def test_ect_loss_matches_float64_reference(stage, c, weighting):
         f_r = np.where(r.reshape(-1, 1, 1, 1) > 0, _toy_f64(net, x0d + rr * epsd, r), x0d.numpy())
     d = ((f_t - f_r) ** 2).reshape(len(t), -1).sum(axis=1)
     adaptive = np.sqrt(d + c ** 2) - c
-    w = {'training.loss.InverseGapWeighting': 1 / (t - r), 'training.loss.InverseSquareWeighting': 1 / t ** 2 + 1 / 0.25,
-         'training.loss.NoWeighting': np.ones_like(t)}[weighting]
+    w = {'training.methods.loss.InverseGapWeighting': 1 / (t - r), 'training.methods.loss.InverseSquareWeighting': 1 / t ** 2 + 1 / 0.25,
+         'training.methods.loss.NoWeighting': np.ones_like(t)}[weighting]
     expected = adaptive * w
     if stage == 0:
         assert (r == 0).any() and (r > 0).any()  # the case covers both kinds of target
@@ -243,7 +243,7 @@ def test_target_is_x0_where_r_is_zero_also_when_all_zero():
     net.calls.clear()
     f_t, f_r = loss_fn.prediction_and_target(net, x0, t, torch.zeros_like(t), eps)
     assert len(net.calls) == 1 and torch.equal(f_r, x0)   # on the CPU no r > 0: no target pass at all
-    zero_fn = loss_lib.ECTLoss(mapping=ZeroMapping(), weighting=dict(class_name='training.loss.NoWeighting'))
+    zero_fn = loss_lib.ECTLoss(mapping=ZeroMapping(), weighting=dict(class_name='training.methods.loss.NoWeighting'))
     got = zero_fn.loss_from_noise(net, x0, torch.zeros(len(x0), 1, 1, 1), eps)
     f_t64 = _toy_f64(net, x0.double() + np.exp(-1.1) * eps.double(), np.full(len(x0), np.exp(-1.1)))
     expected = np.sqrt(((f_t64 - x0.double().numpy()) ** 2).reshape(len(x0), -1).sum(1))
@@ -252,7 +252,8 @@ def test_target_is_x0_where_r_is_zero_also_when_all_zero():
 
 def _dropout_net(kind='ecm'):
     """A tiny network with dropout 0.5 in train mode: ECMPrecond (SongUNet) or EDM2 Precond (class-conditional)."""
-    from training import networks, networks_edm2
+    from training import networks
+    from training.networks import edm2 as networks_edm2
     torch.manual_seed(0)
     if kind == 'ecm':
         net = networks.ECMPrecond(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16,
@@ -331,17 +332,17 @@ def test_weighting_components_and_sigma_data_default():
     assert torch.allclose(loss_lib.InverseGapWeighting()(t, r), 1 / (0.75 * t))
     assert torch.allclose(loss_lib.InverseSquareWeighting(sigma_data=0.5)(t, r), 1 / t ** 2 + 4)
     assert torch.equal(loss_lib.NoWeighting()(t, r), torch.ones_like(t))
-    fn = loss_lib.ECTLoss(sigma_data=0.7, weighting=dict(class_name='training.loss.InverseSquareWeighting'))
+    fn = loss_lib.ECTLoss(sigma_data=0.7, weighting=dict(class_name='training.methods.loss.InverseSquareWeighting'))
     assert fn.weighting.sigma_data == 0.7
-    fn = loss_lib.ECTLoss(sigma_data=0.7, weighting=dict(class_name='training.loss.InverseSquareWeighting', sigma_data=0.3))
+    fn = loss_lib.ECTLoss(sigma_data=0.7, weighting=dict(class_name='training.methods.loss.InverseSquareWeighting', sigma_data=0.3))
     assert fn.weighting.sigma_data == 0.3
 
 
 @pytest.mark.parametrize('kwargs', [
     dict(c=-1.0), dict(P_std=0), dict(sigma_data=-0.5), dict(mapping=dict(q=2)),
-    dict(mapping=dict(class_name='training.loss.NoSuchMapping')),
-    dict(mapping=dict(class_name='training.loss.SigmoidMapping', q=0)),
-    dict(mapping=dict(class_name='training.loss.SigmoidMapping', z=3)),
+    dict(mapping=dict(class_name='training.methods.loss.NoSuchMapping')),
+    dict(mapping=dict(class_name='training.methods.loss.SigmoidMapping', q=0)),
+    dict(mapping=dict(class_name='training.methods.loss.SigmoidMapping', z=3)),
 ])
 def test_ect_loss_rejects_bad_config(kwargs):
     with pytest.raises(dnnlib.UserError):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import load_npz_meta
-from training import checkpoint_cm
-from training import loss_cm
-from training import lpips as lpips_mod
+from training.checkpoints import openai_state as checkpoint_cm
+from training.methods import loss_cm
+from training.methods import lpips as lpips_mod
 from training.networks import UNetBlock
 
 LOSS_RTOL = 1e-4        # README: relative per sample ...

@@ -9,7 +9,7 @@ import torch
 
 import dnnlib
 from conftest import load_npz_meta
-from training import loss_cm
+from training.methods import loss_cm
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from training import lpips as lpips_mod
+from training.methods import lpips as lpips_mod
 
 
 @pytest.fixture(scope='module')

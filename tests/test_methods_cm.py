@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dnnlib
-from training import checkpoint
-from training import loss_cm
+from training.checkpoints import checkpoint
+from training.methods import loss_cm
 from training import networks
 from training.methods import consistency_models as cmm
 from training.methods.base import Progress
@@ -163,7 +163,7 @@ def test_bad_options_and_teachers_are_refused_before_work(teacher_file, tmp_path
 
 def test_openai_teachers_load_and_consistency_forms_are_refused(fixtures_dir, tmp_path):
     import shutil
-    from training import checkpoint_cm
+    from training.checkpoints import openai_state as checkpoint_cm
     source = fixtures_dir / 'openai_cm' / 'tiny_imagenet_like.pt'
     student, _ = checkpoint_cm.load_network_file(str(source), resolution=16, parameterization='consistency',
                                                  num_head_channels=16)

@@ -16,7 +16,7 @@ import torch
 
 import dnnlib
 from metrics import detectors, evaluate, metric_main, metric_utils
-from training import samplers
+from training.sampling import samplers
 
 # ----------------------------------------------------------------------------------------------------------
 # Independent references.

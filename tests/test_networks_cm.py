@@ -9,7 +9,9 @@ import torch
 
 import dnnlib
 from conftest import FIXTURES_DIR, load_openai_cm_net
-from training import checkpoint, checkpoint_cm, networks_cm
+from training.checkpoints import checkpoint
+from training.checkpoints import openai_state as checkpoint_cm
+from training.networks import karras as networks_cm
 
 NETS = ['imagenet_like', 'lsun_like']
 FORMS = dict(edm='edm', cm='consistency')

@@ -9,8 +9,8 @@ import torch
 
 import dnnlib
 from tests.conftest import load_npz_meta
-from training import networks_edm2
-from training.networks_edm2 import MPConv, Precond, UNet
+from training.networks import edm2 as networks_edm2
+from training.networks.edm2 import MPConv, Precond, UNet
 
 IMG64_S = dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4],
                num_blocks=3, attn_resolutions=[16, 8])
@@ -229,7 +229,7 @@ def test_rebuild_from_init_kwargs(edm2_forward):
     net, inputs = fixture_net(edm2_forward, dropout_res=8), fixture_inputs(edm2_forward)
     kwargs = net.init_kwargs
     assert kwargs['dropout_res'] == 8 and kwargs['model_channels'] == 32
-    copy = dnnlib.util.construct_class_by_name(class_name='training.networks_edm2.Precond', **kwargs)
+    copy = dnnlib.util.construct_class_by_name(class_name='training.networks.edm2.Precond', **kwargs)
     copy.load_state_dict(net.state_dict(), strict=True)
     assert torch.equal(run(copy.eval(), inputs), run(net, inputs))
     assert isinstance(net.unet, UNet) and net.unet.init_kwargs['label_dim'] == 10

@@ -1,4 +1,4 @@
-"""Post-hoc EMA reconstruction (training/phema.py) against independent float64 references: numerical
+"""Post-hoc EMA reconstruction (training/loop/phema.py) against independent float64 references: numerical
 integration of the power-function profiles, and power-function EMAs computed directly by weighted averaging."""
 
 import os
@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
-from training import checkpoint, phema
-from training.ema import exp_to_std, std_to_exp
+from training.checkpoints import checkpoint
+from training.loop import phema
+from training.loop.ema import exp_to_std, std_to_exp
 
 STORED_STDS = (0.05, 0.10)
 
@@ -101,7 +102,7 @@ def test_coefficients_do_not_depend_on_time_unit():
 # ----------------------------------------------------------------------------------------------------------
 # Equal to EDM2's post-hoc EMA (Karras et al. 2024): the reference below is written from the paper's formulas
 # (Eq. 126 by the cubic's largest real root, Eq. 151 / Algorithm 3 for the inner products, a direct solve, and
-# columns normalised to sum to 1 as EDM2's reconstruct_phema does), independently of training/phema.py.
+# columns normalised to sum to 1 as EDM2's reconstruct_phema does), independently of training/loop/phema.py.
 
 def _edm2_exponent(std):
     return np.array([np.roots([1.0, 7.0, 16.0 - s ** -2, 12.0 - s ** -2]).real.max() for s in np.ravel(std)])
@@ -201,7 +202,7 @@ def test_reconstruction_recovers_known_discrete_ema():
 # End to end on a tiny EDM2 network.
 
 def _tiny_net(**overrides):
-    from training import networks_edm2
+    from training.networks import edm2 as networks_edm2
     kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_channels=16,
                   channel_mult=[1], num_blocks=1, attn_resolutions=[])
     return networks_edm2.Precond(**{**kwargs, **overrides}).eval()

@@ -1,4 +1,4 @@
-"""python -m training.plots: PNGs of loss, learning rate, curriculum stage, img/s and every metric from the files a
+"""python -m training.loop.plots: PNGs of loss, learning rate, curriculum stage, img/s and every metric from the files a
 real (shortened quickstart) run records, several runs overlaid; matplotlib missing is one clear message."""
 
 import json
@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 import train
-from training import plots, run_records
+from training.loop import plots
+from training.loop import run_records
 
 pytest.importorskip('matplotlib', reason='the matplotlib package (an optional extra, installed by CI) is not installed')
 

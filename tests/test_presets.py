@@ -27,8 +27,8 @@ def test_cifar10_ecm_matches_spec():
     assert o.total_kimg / o.tick_kimg / loss['double_ticks'] == pytest.approx(8)
     assert loss['class_name'] == 'training.methods.ect.ECT'
     assert (loss['P_mean'], loss['P_std'], loss['c'], loss['sigma_data']) == (-1.1, 2.0, 0.0, 0.5)
-    assert loss['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2, k=8, b=1)
-    assert loss['weighting'] == dict(class_name='training.loss.InverseGapWeighting')
+    assert loss['mapping'] == dict(class_name='training.methods.loss.SigmoidMapping', q=2, k=8, b=1)
+    assert loss['weighting'] == dict(class_name='training.methods.loss.InverseGapWeighting')
     net = o.network_kwargs
     assert net['class_name'] == 'training.networks.ECMPrecond' and net['model_type'] == 'SongUNet'
     assert net['embedding_type'] == 'positional' and net['encoder_type'] == 'standard'   # DDPM++
@@ -38,7 +38,7 @@ def test_cifar10_ecm_matches_spec():
     assert opt['class_name'] == 'torch.optim.RAdam' and opt['lr'] == 1e-4
     assert tuple(opt['betas']) == (0.9, 0.999) and opt['eps'] == 1e-8
     assert o.lr_kwargs['decay_batches'] == 0 and o.lr_kwargs['rampup_kimg'] == 0
-    assert o.ema_kwargs == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
+    assert o.ema_kwargs == dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999)
     assert o.mid_t == [0.821] and o.transfer == SPEC_CIFAR10['url']
     json.dumps(o.to_dict())   # training_options.json must be writable
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -58,14 +58,14 @@ def test_edm_pretrain_preset():
     # docs/ECT.md §3: diffusion pretraining uses the EDM loss with P_mean -1.2, P_std 1.2.
     assert o.method_kwargs == dict(class_name='training.methods.edm.EDM', P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     assert o.transfer is None and o.grid_sampler == 'edm'
-    assert o.ema_kwargs['class_name'] == 'training.ema.HalfLifeEMA' and o.ema_kwargs['halflife_kimg'] == 500
+    assert o.ema_kwargs['class_name'] == 'training.loop.ema.HalfLifeEMA' and o.ema_kwargs['halflife_kimg'] == 500
 
 
 def test_overrides_and_components_build():
     o = presets.resolve('cifar10-ecm', dict(data='x', q=4, c=0.06, weighting='edm2', mapping='constant', lr=2e-4,
                                             ema_beta=0.999, precision='bf16', lr_decay_batches=2000))
-    assert o.method_kwargs['mapping'] == dict(class_name='training.loss.ConstantMapping', q=4)
-    assert o.method_kwargs['weighting']['class_name'] == 'training.loss.InverseSquareWeighting'
+    assert o.method_kwargs['mapping'] == dict(class_name='training.methods.loss.ConstantMapping', q=4)
+    assert o.method_kwargs['weighting']['class_name'] == 'training.methods.loss.InverseSquareWeighting'
     assert o.optimizer_kwargs['lr'] == 2e-4 and o.ema_kwargs['beta'] == 0.999 and o.precision == 'bf16'
     method = dnnlib.util.construct_class_by_name(**o.method_kwargs)
     assert method.loss_fn.c == 0.06 and method.loss_fn.mapping.q == 4
@@ -122,7 +122,7 @@ def test_foreach_optimizer_matches_for_loop(cls_name, max_ulps):
 def test_tf32_switches_follow_the_precision():
     """TF32 only for --precision=tf32 (the official ImageNet-64 loop's arithmetic; the ECT presets' 'auto' is bf16
     on CUDA and fp32 on the CPU, tests/test_gpu_path.py)."""
-    from training import runtime
+    from training.loop import runtime
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         for precision, tf32 in [('tf32', True), ('fp32', False), ('bf16', False), ('fp16', False)]:

@@ -16,9 +16,10 @@ import train
 from configs import presets
 from metrics import detectors
 from metrics import metric_main
-from training import checkpoint, generation
-from training.dataset import ImageFolderDataset
-from training.dataset_convert import convert_dataset
+from training.checkpoints import checkpoint
+from training.sampling import generation
+from training.data.dataset import ImageFolderDataset
+from training.data.dataset_convert import convert_dataset
 
 
 pytestmark = pytest.mark.usefixtures('private_cache')
@@ -151,10 +152,10 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
     assert options['dataset_kwargs']['path'] == presets.QUICKSTART_DATA == options['metrics_ref']
     method = options['method_kwargs']
     assert method['class_name'] == 'training.methods.ect.ECT'
-    assert method['mapping'] == dict(class_name='training.loss.SigmoidMapping', q=2.0, k=8.0, b=1.0)
-    assert method['weighting']['class_name'] == 'training.loss.InverseGapWeighting'
+    assert method['mapping'] == dict(class_name='training.methods.loss.SigmoidMapping', q=2.0, k=8.0, b=1.0)
+    assert method['weighting']['class_name'] == 'training.methods.loss.InverseGapWeighting'
     assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
-    assert options['ema_kwargs']['class_name'] == 'training.ema.ConstantEMA'
+    assert options['ema_kwargs']['class_name'] == 'training.loop.ema.ConstantEMA'
     assert options['network_kwargs']['class_name'] == 'training.networks.ECMPrecond'
     assert options['metrics'] == ['fd_randnet', 'two_step_fd_randnet']
     assert options['eval_init_metrics'] == ['fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet']

@@ -1,4 +1,4 @@
-"""training/samplers.py against the official sampler references (edm_forward.npz, network ddpmpp_cond)."""
+"""training/sampling/samplers.py against the official sampler references (edm_forward.npz, network ddpmpp_cond)."""
 
 import math
 
@@ -8,7 +8,8 @@ import torch
 
 import dnnlib
 from conftest import load_npz_meta
-from training import networks, samplers
+from training import networks
+from training.sampling import samplers
 
 CASE = 'ddpmpp_cond'
 SEEDS = [0, 1, 2, 3]

@@ -1,4 +1,4 @@
-"""training/samplers_karras.py against openai's karras_sample (fixtures/openai_cm, determ-indiv seeds 0-3)."""
+"""training/sampling/samplers_karras.py against openai's karras_sample (fixtures/openai_cm, determ-indiv seeds 0-3)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 import dnnlib
 from conftest import load_npz_meta, load_openai_cm_net
-from training import samplers, samplers_karras
+from training.sampling import samplers
+from training.sampling import samplers_karras
 
 CASES = ['in_cm_onestep', 'in_cm_multistep', 'in_cm_multistep_ct', 'in_edm_heun', 'lsun_cm_onestep',
          'lsun_cm_multistep', 'lsun_cm_multistep_noisy_end', 'lsun_edm_heun', 'lsun_edm_heun_churn', 'lsun_edm_euler',

@@ -1,5 +1,5 @@
 """What keeps sampling and scoring off the host's critical path: PNGs written on background threads
-(training.generation.BackgroundWriter, generate.py), batches handed to the host (host_batches), and feature
+(training.sampling.generation.BackgroundWriter, generate.py), batches handed to the host (host_batches), and feature
 statistics summed where the features are (metrics.metric_utils.FeatureStats with torch input)."""
 
 import threading
@@ -11,7 +11,7 @@ import torch
 
 import generate
 from metrics import metric_utils
-from training import generation
+from training.sampling import generation
 
 
 def png_bytes_written_serially(path, image):

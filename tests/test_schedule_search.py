@@ -14,8 +14,11 @@ import schedule_search
 from tests.test_fid_cli import _tiny_ecm_snapshot
 from tests.test_metrics import TinyDetector, save_torchscript
 from metrics import detectors, metric_main, metric_utils
-from training import checkpoint_cm, samplers, samplers_karras, ternary_search
-from training.dataset_convert import convert_dataset
+from training.checkpoints import openai_state as checkpoint_cm
+from training.sampling import samplers
+from training.sampling import samplers_karras
+from training.sampling import ternary_search
+from training.data.dataset_convert import convert_dataset
 
 
 class Counted:

@@ -10,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_training import data_dir, tiny_options  # noqa: F401 (fixtures)
 from torch_utils import misc
-from training import run_files, samplers_karras
-from training import training_loop as tl
+from training.loop import run_files
+from training.sampling import samplers_karras
+from training.loop import training_loop as tl
 from training.methods.consistency_models import update_target
 from training.networks.randomness import DrawTape, dropout
 

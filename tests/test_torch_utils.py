@@ -122,7 +122,7 @@ def _free_port():
 def _gloo_worker(rank, world_size, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    from training import loss as loss_lib
+    from training.methods import loss as loss_lib
     dist.init()
     result = dict(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=dist.get_local_rank(),
                   distributed=dist.is_distributed())

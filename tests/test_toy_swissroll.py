@@ -5,7 +5,7 @@ import math
 import torch
 from click.testing import CliRunner
 
-from training import toy_swissroll as toy
+from training.methods import toy_swissroll as toy
 
 
 class _ConstantVelocity(torch.nn.Module):

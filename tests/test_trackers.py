@@ -1,4 +1,4 @@
-"""Experiment tracking (training.trackers): W&B offline writes its run files with the scalars, grids and metrics,
+"""Experiment tracking (training.loop.trackers): W&B offline writes its run files with the scalars, grids and metrics,
 and a resumed run keeps its W&B run id (from the training state); TensorBoard events read back with the same
 scalars, the sample grids and the metric records; W&B falls back to offline logging when it cannot go online."""
 
@@ -11,7 +11,9 @@ from click.testing import CliRunner
 
 import train
 from configs import presets
-from training import checkpoint, run_records, trackers
+from training.checkpoints import checkpoint
+from training.loop import run_records
+from training.loop import trackers
 
 
 def short_run_args(root, data, *extra):
@@ -131,8 +133,8 @@ def test_bad_wandb_target(target):
 
 
 def test_status_line_ends_with_the_eta():
-    from training import run_files
-    from training.checkpoint import LoopProgress
+    from training.loop import run_files
+    from training.checkpoints.checkpoint import LoopProgress
     progress = LoopProgress(cur_nimg=100, cur_tick=1, tick_start_nimg=0, elapsed_sec=10.0)
     # 900 images left at (9 s training + 1 s maintenance) per 100 images: 90 s
     assert run_files.eta_sec(progress, 9.0, 100, 1.0, 1000) == pytest.approx(90.0)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import train
 from configs import presets
 from conftest import write_random_dataset
-from training import lpips as lpips_mod
-from training.checkpoint import TrainingState
+from training.methods import lpips as lpips_mod
+from training.checkpoints.checkpoint import TrainingState
 
 TINY_ARCH = dict(model_channels=32, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[8], channels_per_head=16)
 TICK = 0.008        # 8 images = two steps of batch 4 per tick
@@ -91,7 +91,7 @@ def test_dry_run_prints_the_released_recipe(files, tmp_path, preset):
     assert json.dumps(options['method_kwargs']) in json.dumps(options)
     recipe = presets.PRESETS[preset]
     assert options['batch_size'] == recipe['batch'] and options['optimizer_kwargs']['lr'] == recipe['optimizer']['lr']
-    assert options['network_kwargs']['class_name'] == 'training.networks_cm.KarrasDenoiser'
+    assert options['network_kwargs']['class_name'] == 'training.networks.karras.KarrasDenoiser'
     assert [t['beta'] for t in options['ema_kwargs']['trackers']] == [t['beta'] for t in recipe['ema']['trackers']]
     assert '"method_kwargs"' in output
 

@@ -22,11 +22,11 @@ import train
 from configs import presets
 from tests.conftest import write_random_dataset
 from torch_utils import distributed as dist
-from training import checkpoint
-from training import runtime
-from training import training_loop as tl
-from training.callbacks import Callback
-from training.checkpoint import TrainingState
+from training.checkpoints import checkpoint
+from training.loop import runtime
+from training.loop import training_loop as tl
+from training.loop.callbacks import Callback
+from training.checkpoints.checkpoint import TrainingState
 from training.methods.ect import ECT
 from training.methods.toy import ToyDenoising
 
@@ -353,9 +353,9 @@ def test_dry_run_writes_options(data_dir, tmp_path):
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['network_kwargs']['class_name'] == 'training.networks.ECMPrecond'
     assert options['method_kwargs']['class_name'] == 'training.methods.ect.ECT'
-    assert options['method_kwargs']['mapping']['class_name'] == 'training.loss.SigmoidMapping'
+    assert options['method_kwargs']['mapping']['class_name'] == 'training.methods.loss.SigmoidMapping'
     assert options['optimizer_kwargs']['class_name'] == 'torch.optim.RAdam'
-    assert options['ema_kwargs'] == dict(class_name='training.ema.ConstantEMA', beta=0.9999)
+    assert options['ema_kwargs'] == dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999)
     assert options['mid_t'] == [1.0, 0.5] and options['method_kwargs']['P_mean'] == -1.0
     assert options['method_kwargs']['double_ticks'] is None
     assert options['detector_files'] == {}   # the official detectors

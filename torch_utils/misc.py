@@ -1,6 +1,6 @@
 """Training helpers: seeding and RNG state, DDP gradient sync, parameter copying, module summaries.
 
-The endless, resumable data sampler (`InfiniteSampler`) lives with the dataset in training/dataset.py.
+The endless, resumable data sampler (`InfiniteSampler`) lives with the dataset in training/data/dataset.py.
 """
 
 import collections

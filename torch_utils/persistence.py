@@ -7,7 +7,7 @@ Pickling such an object writes EDM's persistent-object record (docs/ECT.md §7):
 module_src, class_name, state}`, so official tools can read what we export.
 
 Loading is the dangerous direction: EDM rebuilds these records by executing `module_src`. Here the plain
-`_reconstruct_persistent_obj` refuses to do that; `training.checkpoint` reads records without executing
+`_reconstruct_persistent_obj` refuses to do that; `training.checkpoints.checkpoint` reads records without executing
 anything, and only its explicit legacy opt-in routes the record to `exec_persistent_record`.
 """
 
@@ -71,7 +71,7 @@ def _reconstruct_persistent_obj(meta):
     """Target of EDM persistent records. Refuses by default: rebuilding would execute embedded source code."""
     raise RuntimeError(
         f'refusing to rebuild persistent object "{meta.get("class_name") if isinstance(meta, dict) else meta}" '
-        f'by executing the source code embedded in the pickle; load it with training.checkpoint.load_network() '
+        f'by executing the source code embedded in the pickle; load it with training.checkpoints.checkpoint.load_network() '
         f'(safe), or pass allow_unsafe_pickle=True / --allow-unsafe-pickle if you trust the file')
 
 

@@ -80,7 +80,7 @@ def load_network(network, allow_unsafe_pickle=False, **state_dict_options):
     """(network in eval mode on the CPU, snapshot metadata) of a path or URL: one of our snapshots, an official
     pickle or an openai consistency_models state dict (metadata {}); `state_dict_options` (resolution,
     parameterization, num_head_channels; None = default) serve the last."""
-    from training import checkpoint_cm  # Deferred: keeps `--help` of every command line light.
+    from training.checkpoints import openai_state as checkpoint_cm  # Deferred: keeps `--help` of every command line light.
     options = {k: v for k, v in state_dict_options.items() if v is not None}
     return checkpoint_cm.load_network_file(network, allow_unsafe_pickle=allow_unsafe_pickle, **options)
 
@@ -89,7 +89,7 @@ def load_consistency_network(network, allow_unsafe_pickle=False, **state_dict_op
     """A consistency network (eval mode, CPU) from any network file load_network reads: our ECM snapshots,
     official ECT pickles, or openai's consistency-form cd_*/ct_*.pt. Diffusion models (EDM, EDM2, openai's
     edm_*.pt) are refused with one message."""
-    from training import samplers  # Deferred: keeps `--help` of every command line light.
+    from training.sampling import samplers  # Deferred: keeps `--help` of every command line light.
     net, _ = load_network(network, allow_unsafe_pickle, **state_dict_options)
     if samplers.is_karras_net(net) and not net.is_consistency:
         raise dnnlib.UserError(f'--network={network}: an EDM-form (edm_*.pt) network is a diffusion model, not a '

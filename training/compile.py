@@ -19,7 +19,7 @@ COMPILE_HELP = ('torch.compile the network: a one-time compile per batch size be
 
 def compile_network(net, enabled=True, dynamic=False, **compile_kwargs):
     """`net` wrapped by torch.compile when `enabled` (else `net` itself). `dynamic=False` compiles one static graph
-    per input shape: a sampling run meets one batch size (training.generation pads a short batch for a compiled
+    per input shape: a sampling run meets one batch size (training.sampling.generation pads a short batch for a compiled
     network), and static graphs are the fastest. `compile_kwargs` go to torch.compile (e.g. mode='max-autotune')."""
     if not enabled:
         return net

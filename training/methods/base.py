@@ -21,7 +21,7 @@ this order (presets name the method as method_kwargs=dict(class_name='training.m
 `progress` is a `Progress` (below). Hooks a method does not need are inherited as no-ops.
 
 Extra networks: build them in `setup` (from the trained `net`, e.g. copy.deepcopy(net).eval().requires_grad_(False),
-or from a file named in the method's kwargs via training.checkpoint.load_network) and move them to `device`;
+or from a file named in the method's kwargs via training.checkpoints.checkpoint.load_network) and move them to `device`;
 return their tensors from `state_dict` (e.g. dict(target=target.state_dict())) and load them in
 `load_state_dict`, so a resumed run continues bit-for-bit; return them from `snapshot_networks` to have them
 written next to the EMA snapshots. The RNG streams are the loop's: draw from the global torch RNG only inside
@@ -30,7 +30,7 @@ written next to the EMA snapshots. The RNG streams are the loop's: draw from the
 
 import dataclasses
 
-from training.loss import tuning_kwargs
+from training.methods.loss import tuning_kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Method:
 
 
 class LossMethod(Method):
-    """A method around one loss object of training/loss.py, `self.loss_fn(net, images, labels, net_kwargs)`;
+    """A method around one loss object of training/methods/loss.py, `self.loss_fn(net, images, labels, net_kwargs)`;
     the keyword arguments of the network calls (`tuning_kwargs`, e.g. boundary=False) are decided once in setup."""
 
     loss_fn = None      # set by the subclass constructor

@@ -1,6 +1,6 @@
 """Training methods of the original Consistency Models (Song et al., ICML 2023) on the project's training loop:
 consistency distillation (CD), consistency training (CT), progressive distillation (the paper's baseline) and
-openai's EDM pretraining (`edm_train.py`). The losses are in `training/loss_cm.py`; what differs from the
+openai's EDM pretraining (`edm_train.py`). The losses are in `training/methods/loss_cm.py`; what differs from the
 public code is listed in docs/CONSISTENCY_MODELS.md.
 
 Each method owns its extra networks: a frozen teacher (eval mode) loaded from any EDM-form network file, and a
@@ -15,9 +15,9 @@ import os
 import torch
 
 import dnnlib
-from training import checkpoint_cm
-from training import loss_cm
-from training.loss import _unwrap
+from training.checkpoints import openai_state as checkpoint_cm
+from training.methods import loss_cm
+from training.methods.loss import _unwrap
 from training.methods.base import Method
 
 
@@ -101,7 +101,7 @@ class _KarrasMethod(Method):
 
     def setup(self, net, device):
         if self.loss_norm == 'lpips':
-            from training.lpips import load_lpips
+            from training.methods.lpips import load_lpips
             self.lpips = load_lpips(**self.lpips_kwargs).to(device)
 
     def schedule(self, progress):

@@ -5,7 +5,7 @@ import math
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.loss import ECTLoss
+from training.methods.loss import ECTLoss
 from training.methods.base import LossMethod
 
 
@@ -25,7 +25,7 @@ def curriculum_stage(cur_nimg, tick_kimg, double_ticks):
 
 
 class ECT(LossMethod):
-    """ECT: training.loss.ECTLoss whose stage follows `curriculum_stage` of the training progress."""
+    """ECT: training.methods.loss.ECTLoss whose stage follows `curriculum_stage` of the training progress."""
 
     def __init__(self,
         double_ticks    = None,     # ticks per curriculum stage; None or inf = the stage stays 0

@@ -1,11 +1,11 @@
 """EDM diffusion pretraining (Karras et al. 2022) as a training method: the EDM loss, no schedule."""
 
-from training.loss import EDMLoss
+from training.methods.loss import EDMLoss
 from training.methods.base import LossMethod
 
 
 class EDM(LossMethod):
-    """Denoising score matching with EDM's noise distribution and weighting (training.loss.EDMLoss)."""
+    """Denoising score matching with EDM's noise distribution and weighting (training.methods.loss.EDMLoss)."""
 
     def __init__(self,
         P_mean      = -1.2,     # mean of ln(σ), σ ~ lognormal

@@ -3,7 +3,7 @@ upper end grows linearly over the run."""
 
 import torch
 
-from training.loss import tuning_kwargs
+from training.methods.loss import tuning_kwargs
 from training.methods.base import Method
 
 

@@ -1,4 +1,4 @@
-"""Experiment trackers as training-loop callbacks (training.callbacks): Weights & Biases (train.py
+"""Experiment trackers as training-loop callbacks (training.loop.callbacks): Weights & Biases (train.py
 --wandb=PROJECT[/RUN]) and TensorBoard (--tensorboard).
 
 Both receive, at the end of every tick, the scalars stats.jsonl records (the mean of each statistic: Loss/loss,
@@ -20,8 +20,8 @@ import PIL.Image
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import run_records
-from training.callbacks import Callback
+from training.loop import run_records
+from training.loop.callbacks import Callback
 
 WANDB_INIT_TIMEOUT_SEC = 30     # how long an online W&B start may take before falling back to offline logging
 WANDB_ID_KEY = 'wandb_run_id'   # where the W&B run id lives in TrainingState.trackers

@@ -13,7 +13,7 @@ rank reaches the same hooks at the same time. Hooks:
                               (training_stats: Loss/loss, Timing/*, Resources/*, Progress/*)
     on_end(run, outcome)      after the last tick or the pre-emption state: 'done', 'timeout' or 'preempted'
 
-`run` is a RunContext (below). Examples: training.run_files.StatsWriter (stats.jsonl, TensorBoard) and
+`run` is a RunContext (below). Examples: training.loop.run_files.StatsWriter (stats.jsonl, TensorBoard) and
 metrics.training_callback.MetricsCallback (periodic metric evaluation, wired in by train.py, so the training
 package never imports the metrics package).
 """
@@ -22,8 +22,8 @@ import dataclasses
 
 import torch
 
-from training.checkpoint import TrainingState
-from training.options import TrainingOptions
+from training.checkpoints.checkpoint import TrainingState
+from training.loop.options import TrainingOptions
 
 
 @dataclasses.dataclass(frozen=True)

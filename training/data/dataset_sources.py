@@ -14,8 +14,8 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
-from training import safe_pickle
-from training.dataset import MAX_CLASSES
+from training.checkpoints import safe_pickle
+from training.data.dataset import MAX_CLASSES
 
 CIFAR10_BATCHES = tuple(f'cifar-10-batches-py/data_batch_{batch}' for batch in range(1, 6))
 GREY_MODES = ('L', '1')

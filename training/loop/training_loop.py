@@ -1,11 +1,11 @@
 """The training loop (EDM-style): `training_loop(options, run_dir, callbacks)`.
 
-`options` is a training.options.TrainingOptions (configs.presets builds it, every component as
+`options` is a training.loop.options.TrainingOptions (configs.presets builds it, every component as
 dict(class_name=..., **kwargs)). The loop runs single-process or under torchrun (DDP: NCCL on GPUs, gloo on
 CPUs), accumulates gradients over `batch_gpu`-sized rounds so the gradient equals that of the whole batch,
 calls the training method's hooks (training/methods/base.py) and never asks which method it runs, reports a
-status line per tick, writes sample grids, network snapshots and training states (training/run_files.py,
-training.checkpoint.TrainingState), calls the callbacks (training/callbacks.py; periodic metric evaluation is
+status line per tick, writes sample grids, network snapshots and training states (training/loop/run_files.py,
+training.checkpoints.checkpoint.TrainingState), calls the callbacks (training/loop/callbacks.py; periodic metric evaluation is
 one, wired in by train.py) and stops cleanly on SIGTERM/SIGUSR1 (pre-emption) after writing a state at the
 next step boundary.
 """
@@ -22,12 +22,12 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import compile as tc
-from training import run_files
-from training import runtime
-from training import trackers
-from training.callbacks import RunContext
-from training.checkpoint import TrainingState
-from training.loss import reduce_loss
+from training.loop import run_files
+from training.loop import runtime
+from training.loop import trackers
+from training.loop.callbacks import RunContext
+from training.checkpoints.checkpoint import TrainingState
+from training.methods.loss import reduce_loss
 from training.methods.base import Progress
 from training.networks.layers import set_memory_format
 
@@ -150,9 +150,9 @@ class Trainer:
     """One run of the loop on this rank: built once from the options, then `run()`."""
 
     def __init__(self,
-                 options,       # training.options.TrainingOptions
+                 options,       # training.loop.options.TrainingOptions
                  run_dir,       # output directory
-                 callbacks=(),  # training.callbacks.Callback objects (besides the stats.jsonl writer)
+                 callbacks=(),  # training.loop.callbacks.Callback objects (besides the stats.jsonl writer)
                  ):
         device = dist.device()
         o = options.replace(precision=runtime.resolve_precision(options.precision, device))
@@ -165,7 +165,7 @@ class Trainer:
             dist.print0(f'Resumed from {o.resume_state} at {state.progress.cur_nimg / 1e3:.1f} kimg, '
                         f'tick {state.progress.cur_tick}')
         self.run_ctx = RunContext(options=o, run_dir=run_dir, device=device, state=state)
-        # --compile: DDP around the compiled module (training/loss_compiled.py says why); state.net, the EMAs and
+        # --compile: DDP around the compiled module (training/methods/loss_compiled.py says why); state.net, the EMAs and
         # everything saved stay the plain module.
         self.ddp = runtime.wrap_ddp(tc.compile_network(state.net, o.compile), device, o.find_unused_parameters)
         self.data_iterator = runtime.build_data_iterator(dataset, o.data_loader_kwargs, batch_gpu, o.seed,

@@ -1,8 +1,8 @@
 """Post-hoc EMA reconstruction (Karras et al. 2024, EDM2, Section 3 and Appendix C.2).
 
-During training, PowerFunctionEMA (training/ema.py) keeps power-function averages of the weights and the
+During training, PowerFunctionEMA (training/loop/ema.py) keeps power-function averages of the weights and the
 training loop snapshots them as network-snapshot-{kimg:06d}-{std:.3f}.pt. EDM2's own raw snapshots,
-network-snapshot-{kimg:07d}-{std:.3f}.pkl, are read too (safely, by training.checkpoint's restricted
+network-snapshot-{kimg:07d}-{std:.3f}.pkl, are read too (safely, by training.checkpoints.checkpoint's restricted
 unpickler), their training time taken from the name as EDM2's reconstruct_phema.py does. Each snapshot, taken at time t
 with exponent gamma, is the average of the weight trajectory theta(tau) under the profile
 p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]. The average under any other power-function
@@ -12,7 +12,7 @@ coefficients combine the stored weights.
 
 Times may be given in any unit (images, steps, kimg): the coefficients do not depend on it.
 
-    python -m training.phema --indir=RUN_DIR --outdir=DIR --std=0.05,0.1 [--time-kimg=...]
+    python -m training.loop.phema --indir=RUN_DIR --outdir=DIR --std=0.05,0.1 [--time-kimg=...]
 """
 
 import copy
@@ -25,9 +25,9 @@ import torch
 
 import dnnlib
 from torch_utils import progress
-from training import checkpoint
+from training.checkpoints import checkpoint
 from training import cli_common
-from training.ema import MAX_STD, std_to_exp
+from training.loop.ema import MAX_STD, std_to_exp
 
 SNAPSHOT_PATTERN = re.compile(r'^network-snapshot-(\d+)-(\d+\.\d+)\.(pt|pkl)$')   # power-EMA snapshot names
 SUFFIX_PATTERN = re.compile(r'^-(\d+\.\d+)$')                               # their metadata['ema'] suffix

@@ -15,7 +15,9 @@ import PIL.Image
 import torch
 
 import dnnlib
-from training import compile as tc, samplers, samplers_karras
+from training import compile as tc
+from training.sampling import samplers
+from training.sampling import samplers_karras
 
 
 def split_batches(seeds, batch_size, world_size=1):

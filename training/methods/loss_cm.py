@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import misc
-from training import loss_compiled
-from training.loss import tuning_kwargs
+from training.methods import loss_compiled
+from training.methods.loss import tuning_kwargs
 
 WEIGHT_SCHEDULES = ('snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
 LOSS_NORMS = ('l2', 'l1', 'l2-32', 'lpips')
@@ -154,7 +154,7 @@ def consistency_loss(net, target, x0, noise, indices, num_scales, labels=None, t
     n + 1 after one ODE step. The target pass reuses the student's dropout masks: the RNG states of the CPU and
     of a CUDA device are restored for it, so the masks agree on every device (the official code restores only
     the CPU generator). A torch.compile'd `net` (--compile) draws its masks in the graph, so the target pass runs
-    the student's graph with `target`'s weights (training/loss_compiled.py); `target` must then be a copy of it."""
+    the student's graph with `target`'s weights (training/methods/loss_compiled.py); `target` must then be a copy of it."""
     grid = dict(denominator=num_scales - 1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     t, t_next = level_sigma(indices, **grid), level_sigma(indices + 1, **grid)
     x_t = x0 + noise * _col(t, x0.ndim)

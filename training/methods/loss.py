@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from training import loss_compiled
+from training.methods import loss_compiled
 from training.networks.randomness import sharing_draws
 
 
@@ -180,8 +180,8 @@ class ECTLoss(_NoiseLoss):
         if not (isinstance(c, (int, float)) and c >= 0):
             raise dnnlib.UserError(f'ECTLoss: c must be a non-negative number, got {c!r}')
         self.c = float(c)
-        mapping = mapping if mapping is not None else dict(class_name='training.loss.SigmoidMapping')
-        weighting = weighting if weighting is not None else dict(class_name='training.loss.InverseGapWeighting')
+        mapping = mapping if mapping is not None else dict(class_name='training.methods.loss.SigmoidMapping')
+        weighting = weighting if weighting is not None else dict(class_name='training.methods.loss.InverseGapWeighting')
         self.mapping = _build_component('ECTLoss', 'mapping', mapping, {})
         self.weighting = _build_component('ECTLoss', 'weighting', weighting, dict(sigma_data=self.sigma_data))
         self.stage = 0

@@ -15,7 +15,7 @@ import torch
 
 import dnnlib
 from torch_utils import misc
-from training import samplers_karras
+from training.sampling import samplers_karras
 
 # Recipe defaults of consistency sampling (docs/ECT.md §5).
 T_MAX = 80.0                # first time step t_max of consistency sampling
@@ -157,7 +157,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 
 
 def is_karras_net(net):
-    """True for openai consistency_models networks (training.networks_cm.KarrasDenoiser), in either form."""
+    """True for openai consistency_models networks (training.networks.karras.KarrasDenoiser), in either form."""
     return getattr(net, 'parameterization', None) in ('edm', 'consistency')
 
 

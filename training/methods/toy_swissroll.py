@@ -6,7 +6,7 @@ Few-step Euler sampling is scored two ways against fresh data samples: the mean 
 point to its nearest data point (how far samples fall off the roll: the sharpness that Fig. 6 shows), and the
 sliced Wasserstein-2 distance (whether the whole distribution is covered).
 
-    python -m training.toy_swissroll [--outdir=out/toy-swissroll] [--steps=4000]
+    python -m training.methods.toy_swissroll [--outdir=out/toy-swissroll] [--steps=4000]
 
 prints two tables (rows: p, columns: Euler steps) and writes `swissroll.png` (one panel per p × steps).
 The paper's extracted text lost the value of ε; we use ε = 1e-3 (`--eps`).

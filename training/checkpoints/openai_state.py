@@ -1,6 +1,6 @@
 """openai/consistency_models checkpoints: the released `.pt` files are plain state dicts of guided-diffusion's
 `UNetModel`. They are read with `torch.load(weights_only=True)`, the architecture is inferred from the tensor
-shapes, and the weights are mapped into this project's `KarrasDenoiser` (training.networks_cm). Also the one
+shapes, and the weights are mapped into this project's `KarrasDenoiser` (training.networks.karras). Also the one
 entry point that loads any network file of the project: our snapshots, official EDM/EDM2/ECT pickles and these
 state dicts (docs/ECT.md §2 and §7).
 
@@ -20,8 +20,8 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from training import checkpoint
-from training.networks_cm import KarrasDenoiser
+from training.checkpoints import checkpoint
+from training.networks.karras import KarrasDenoiser
 
 # Resolution of the released files by a part of their name (the resolution is not in a state dict).
 RELEASED_RESOLUTIONS = {'imagenet64': 64, 'bedroom256': 256, 'cat256': 256}
@@ -229,7 +229,8 @@ def load_network_file(path_or_url, *, allow_unsafe_pickle=False, resolution=None
     """(network in eval mode on the CPU, metadata) of any network file: an openai consistency_models state dict
     (metadata {}), or whatever checkpoint.load_network_and_metadata reads (our snapshots, official pickles,
     exported networks)."""
-    from training import export, hub  # Deferred: they import training.checkpoint.
+    from training.checkpoints import export
+    from training.checkpoints import hub  # Deferred: they import training.checkpoints.checkpoint.
     if hub.is_hf_url(path_or_url) or export.is_safetensors_path(path_or_url):
         return checkpoint.load_network_and_metadata(path_or_url, allow_unsafe_pickle=allow_unsafe_pickle)
     path = dnnlib.util.open_url(path_or_url, return_filename=True)  # URLs are downloaded to the cache once.

@@ -7,7 +7,7 @@ all-reduce overlaps the backward; DDP(compile(net)) gives that overlap up (the a
 compiled backward ends) for two things: the target pass can call the compiled module without DDP (below), and
 DDP's no_sync() for gradient accumulation (torch_utils.misc.ddp_sync) works unchanged.
 
-The eager path (training.loss.ECTLoss.prediction_and_target) records the prediction pass's masks on a DrawTape
+The eager path (training.methods.loss.ECTLoss.prediction_and_target) records the prediction pass's masks on a DrawTape
 and replays them; a compiled network draws no tape (none is lent to it): the tape's Python state (mode, cursor,
 recorded list) would be traced into the graph, making the recording and the replaying pass different graphs.
 Instead the compiled path restores the RNG state, as the official code does. Why the two passes then share

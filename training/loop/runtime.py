@@ -1,6 +1,6 @@
 """The run-time pieces of a training run: seeding, batch split, data, the trained network, DDP, pre-emption.
 
-Each is a small function the training loop (training/training_loop.py) calls once; train.py uses the checks
+Each is a small function the training loop (training/loop/training_loop.py) calls once; train.py uses the checks
 (check_batch, build_dataset, check_transfer_compatible) to validate a run before it starts.
 """
 
@@ -15,10 +15,10 @@ import dnnlib
 from torch_utils import cpu_memory
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import checkpoint
-from training import checkpoint_cm
-from training import device_data
-from training.dataset import InfiniteSampler
+from training.checkpoints import checkpoint
+from training.checkpoints import openai_state as checkpoint_cm
+from training.data import device_data
+from training.data.dataset import InfiniteSampler
 
 
 def setup_runtime(seed, precision):
@@ -96,7 +96,7 @@ def build_data_iterator(dataset, data_loader_kwargs, batch_gpu, seed, start_nimg
                         rank=None, num_replicas=None):
     """Endless iterator of (uint8 images, labels) micro-batches continuing at global image `start_nimg`, for this
     rank (or `rank` of `num_replicas`): from a DataLoader, or with `data_on_device` gathered on the device from
-    the whole dataset held there (training.device_data; the same batches, no workers)."""
+    the whole dataset held there (training.data.device_data; the same batches, no workers)."""
     rank = dist.get_rank() if rank is None else rank
     num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
     sampler = InfiniteSampler(len(dataset), rank=rank, num_replicas=num_replicas, seed=seed, start_index=start_nimg)

@@ -4,7 +4,7 @@ heun, euler, ancestral, dpm and progdist diffusion samplers, in openai's float32
 Every sampler starts from `latents * sigma_max`, calls the network with its noise level broadcast to the batch,
 clamps each denoised output to [-1, 1] (`clip_denoised`, the default) and the result at the end. `randn_like`
 gives the noise in the order the official samplers draw it, in the state's dtype (float32): with the per-seed
-generators of `training.samplers.StackedRandomGenerator`, seed `N*S + i` gives image `i` of openai's
+generators of `training.sampling.samplers.StackedRandomGenerator`, seed `N*S + i` gives image `i` of openai's
 `--generator determ-indiv --seed S --num_samples N` (one batch on one process).
 """
 

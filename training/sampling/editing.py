@@ -17,7 +17,7 @@ import PIL.ImageFont
 import torch
 
 import dnnlib
-from training import samplers_karras
+from training.sampling import samplers_karras
 
 LUMA = (0.2989, 0.5870, 0.1140)    # The official grey-level weights of R, G, B.
 DEFAULT_TS = (0, 12, 24, 39)       # Documented default schedule (4 NFE) on the default 40-point grid.

@@ -2,7 +2,7 @@
 no host-to-device copy of images per step.
 
 Every distinct raw image is copied once into one uint8 tensor on the device; each rank then draws its shard of
-the training.dataset.InfiniteSampler stream (the same sampler, rank and start position as the DataLoader path),
+the training.data.dataset.InfiniteSampler stream (the same sampler, rank and start position as the DataLoader path),
 gathers the items on the device and mirrors the x-flipped ones there, so the batches are exactly those of the
 DataLoader path: same images, same order, same labels, on any number of ranks and after a resume.
 """
@@ -38,11 +38,11 @@ def available_bytes(device):
 
 
 def check_device_data(dataset, device):
-    """UserError unless `dataset` can be held on `device` (a training.dataset.Dataset that fits, estimated
+    """UserError unless `dataset` can be held on `device` (a training.data.dataset.Dataset that fits, estimated
     before anything is loaded)."""
     if not all(hasattr(dataset, name) for name in ('index_map', 'read_raw_image', 'raw_labels')):
         raise dnnlib.UserError(f'--data-on-device: {type(dataset).__name__} cannot be held on the device (it needs '
-                               f'the index map of training.dataset.Dataset); train without --data-on-device')
+                               f'the index map of training.data.dataset.Dataset); train without --data-on-device')
     need, free = device_data_nbytes(dataset), available_bytes(device)
     if need > DEVICE_MEMORY_FRACTION * free:
         raise dnnlib.UserError(f'--data-on-device: {dataset.name} takes {need / 2**30:.2f} GiB, more than '
@@ -54,7 +54,7 @@ class DeviceDataset:
     """A dataset's raw images and labels on one device; `batch(indices)` gives the items `dataset[i]` would."""
 
     def __init__(self,
-                 dataset,   # a training.dataset.Dataset (index_map, read_raw_image, raw_labels)
+                 dataset,   # a training.data.dataset.Dataset (index_map, read_raw_image, raw_labels)
                  device,    # the training device
                  ):
         check_device_data(dataset, device)

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: loading any network file (official EDM/EDM2/ECT pickles, read safely by training.safe_pickle,
+"""Checkpoint I/O: loading any network file (official EDM/EDM2/ECT pickles, read safely by training.checkpoints.safe_pickle,
 or this project's own snapshots), network snapshots, weight transfer between networks, and training-state
 files (docs/ECT.md §2 and §7)."""
 
@@ -15,7 +15,7 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from training.safe_pickle import (NETWORK_CLASS_MODULE, NETWORK_CLASS_NAMES, file_name, instantiate, load_pkl, load_state_strict, name_list, network_class, pickled_ema, refusal, torch_refused_global, unreadable)
+from training.checkpoints.safe_pickle import (LEGACY_NETWORK_MODULES, NETWORK_CLASS_MODULE, NETWORK_CLASS_NAMES, file_name, instantiate, load_pkl, load_state_strict, name_list, network_class, pickled_ema, refusal, torch_refused_global, unreadable)
 
 SNAPSHOT_FORMAT = 'ect-network-snapshot'
 SNAPSHOT_VERSION = 2   # 2: with a checksum of the content (version 1 files, without, are still read)
@@ -28,8 +28,9 @@ def load_network_and_metadata(path_or_url, *, allow_unsafe_pickle=False, cache_d
     """(network, metadata) of an official pickle (its `ema`; metadata {}, pickles have none) or of one of our
     snapshots (its metadata), told apart by content; the network is in eval mode on the CPU. URLs are
     downloaded into the cache once. Exported networks (model.safetensors + config.json, their folder) and
-    hf://OWNER/REPO[/FILE] paths are accepted too (training.export, training.hub)."""
-    from training import export, hub  # Deferred: they import this module.
+    hf://OWNER/REPO[/FILE] paths are accepted too (training.checkpoints.export, training.checkpoints.hub)."""
+    from training.checkpoints import export
+    from training.checkpoints import hub  # Deferred: they import this module.
     if hub.is_hf_url(path_or_url):
         path_or_url = hub.resolve(path_or_url)
     if export.is_safetensors_path(path_or_url):
@@ -232,6 +233,7 @@ def build_network(class_name, init_kwargs, tensors, name):
     if not isinstance(init_kwargs, dict):
         raise UserError(f'{name}: the constructor arguments of {class_name} are not a dict')
     module_name, _, short_name = class_name.rpartition('.')
+    module_name = LEGACY_NETWORK_MODULES.get(module_name, module_name)
     net = instantiate(getattr(importlib.import_module(module_name), short_name), (), init_kwargs, name)
     load_state_strict(net, tensors, name)
     return net.eval()
@@ -325,7 +327,7 @@ class TrainingState:
     VERSION = 2
 
     net: torch.nn.Module                # the trained network (not DDP-wrapped)
-    ema: object                         # EMA tracker(s) of net (training.ema.*: state_dict/load_state_dict/get)
+    ema: object                         # EMA tracker(s) of net (training.loop.ema.*: state_dict/load_state_dict/get)
     method: object                      # the training method (training.methods.base.Method)
     optimizer: torch.optim.Optimizer    # optimiser of net's parameters
     scaler: object = None               # torch.amp.GradScaler under fp16, else None

@@ -19,7 +19,7 @@ from training.networks import DhariwalUNet
 PARAMETERIZATIONS = ('edm', 'consistency')
 
 # guided-diffusion's UNetModel, as DhariwalUNet options; the architecture itself (channels, levels, blocks,
-# attention, scale-shift) comes from the checkpoint (training.checkpoint_cm.infer_unet_kwargs).
+# attention, scale-shift) comes from the checkpoint (training.checkpoints.openai_state.infer_unet_kwargs).
 OPENAI_ADM_OPTIONS = dict(min_channels_per_group=1, exp_freqs=True, channel_mult_emb=4, augment_dim=0, dropout=0.0)
 
 # The released networks (openai's scripts/launch.sh): ImageNet-64 and LSUN-256 (Bedroom, Cat).

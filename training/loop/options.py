@@ -1,9 +1,9 @@
 """The options of a training run: one frozen dataclass (configs.presets.build_options makes it from a preset
-and the command line; train.py saves it as training_options.json; training.training_loop reads it)."""
+and the command line; train.py saves it as training_options.json; training.loop.training_loop reads it)."""
 
 import dataclasses
 
-from training.samplers import CIFAR10_MID_T
+from training.sampling.samplers import CIFAR10_MID_T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,7 @@ class TrainingOptions:
     method_kwargs: dict = dataclasses.field(default_factory=dict)       # training method (training.methods.*)
     optimizer_kwargs: dict = dataclasses.field(default_factory=dict)    # optimiser (torch.optim.*), with lr
     lr_kwargs: dict = dataclasses.field(default_factory=dict)           # learning-rate schedule component
-    ema_kwargs: dict = dataclasses.field(default_factory=dict)          # EMA component (training.ema.*)
+    ema_kwargs: dict = dataclasses.field(default_factory=dict)          # EMA component (training.loop.ema.*)
     total_kimg: float = 25600           # training length in thousands of images
     batch_size: int = 128               # global batch size
     batch_gpu: int = None               # micro-batch per process per round; None = no accumulation
@@ -42,7 +42,7 @@ class TrainingOptions:
     find_unused_parameters: bool = False    # DDP option for networks with parameters the loss never uses
     channels_last: bool = False         # train the network in NHWC layout (training.networks.layers.set_memory_format)
     tensorboard: bool = False           # also write TensorBoard events (scalars, grids, metrics)
-    wandb: str = None                   # 'PROJECT[/RUN]': also log to Weights & Biases (training.trackers)
+    wandb: str = None                   # 'PROJECT[/RUN]': also log to Weights & Biases (training.loop.trackers)
     resume_state: str = None            # training-state file to continue from
 
     def replace(self, **changes):

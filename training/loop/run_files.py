@@ -16,10 +16,10 @@ import psutil
 import torch
 
 from torch_utils import training_stats
-from training import checkpoint
-from training import samplers
-from training.callbacks import Callback
-from training.generation import save_grid_png
+from training.checkpoints import checkpoint
+from training.sampling import samplers
+from training.loop.callbacks import Callback
+from training.sampling.generation import save_grid_png
 
 def grid_inputs(net, num_images, device, seed=0):
     """Fixed latents and labels of the sample grids (per-seed generators, so every tick shows the same noise)."""
@@ -70,7 +70,7 @@ def save_snapshots(nets, run_dir, kimg, metadata):
 
 class StatsWriter(Callback):
     """Appends one JSON line per tick to stats.jsonl (single write on an O_APPEND file). Experiment trackers
-    (TensorBoard, W&B) are callbacks of their own: training.trackers."""
+    (TensorBoard, W&B) are callbacks of their own: training.loop.trackers."""
 
     def __init__(self,
                  run_dir,            # where stats.jsonl goes

@@ -15,7 +15,7 @@ import PIL.Image
 
 import dnnlib
 from torch_utils import progress
-from training.dataset_sources import archive_name, check_output_shape, open_source
+from training.data.dataset_sources import archive_name, check_output_shape, open_source
 
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
 

@@ -1,14 +1,14 @@
 """Shareable checkpoints: a network as `model.safetensors` + `config.json`, loaded back without any pickle.
 
-    python -m training.export training-runs/<run>/network-snapshot-000048.pt --outdir=exported/ect-shapes16
-    python -m training.export <snapshot> --outdir=DIR --upload=OWNER/REPO   # + model card, to the Hugging Face Hub
+    python -m training.checkpoints.export training-runs/<run>/network-snapshot-000048.pt --outdir=exported/ect-shapes16
+    python -m training.checkpoints.export <snapshot> --outdir=DIR --upload=OWNER/REPO   # + model card, to the Hugging Face Hub
 
 `model.safetensors` holds the network's tensors exactly (names, dtypes, bits) in the safetensors format (a JSON
 header and raw little-endian data: nothing is executed or unpickled to read it). `config.json` holds what
 rebuilds and uses it: the architecture (an allow-listed class name and its keyword arguments), the
 preconditioner, the training recipe, the sampling defaults (sampler, t_max, mid_t), the training progress (kimg,
 curriculum stage, EMA) and the metric records of the snapshot (metric-*.jsonl in its run directory). The folder,
-either file, or hf://OWNER/REPO[/FILE] (training.hub) is accepted wherever a network path is. Needs the optional
+either file, or hf://OWNER/REPO[/FILE] (training.checkpoints.hub) is accepted wherever a network path is. Needs the optional
 `safetensors` package (pip install safetensors).
 """
 
@@ -19,9 +19,9 @@ import zipfile
 import click
 
 import dnnlib
-from training import checkpoint
-from training import run_records
-from training import samplers
+from training.checkpoints import checkpoint
+from training.loop import run_records
+from training.sampling import samplers
 from training.cli_common import user_errors
 
 SAFETENSORS_FILE = 'model.safetensors'
@@ -179,7 +179,7 @@ def export_network(network, outdir):
 @click.option('--private', help='Create the Hub repository as private', is_flag=True)
 def main(network, outdir, repo_id, private):
     """Export a network snapshot as model.safetensors + config.json (optionally to the Hugging Face Hub)."""
-    from training import hub   # Deferred: the Hub client is optional and only needed for --upload.
+    from training.checkpoints import hub   # Deferred: the Hub client is optional and only needed for --upload.
     with user_errors():
         if repo_id is not None:
             hub.check_repo_id(repo_id, '--upload')

@@ -17,8 +17,8 @@ import os
 import re
 
 import dnnlib
-from training import export
-from training import run_records
+from training.checkpoints import export
+from training.loop import run_records
 
 HF_PREFIX = 'hf://'
 _REPO_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$')

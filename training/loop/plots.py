@@ -1,6 +1,6 @@
 """Plots of training runs from what they record: stats.jsonl and metric-*.jsonl, several runs overlaid.
 
-    python -m training.plots training-runs/00000-quickstart-... [training-runs/00001-... ...] [--outdir=DIR]
+    python -m training.loop.plots training-runs/00000-quickstart-... [training-runs/00001-... ...] [--outdir=DIR]
 
 Writes two PNGs (default folder: <RUN_DIR>/plots for one run; --outdir is needed for several):
   training.png  loss, learning rate, curriculum stage and training speed (img/s) against kimg
@@ -14,7 +14,7 @@ import os
 import click
 
 import dnnlib
-from training import run_records
+from training.loop import run_records
 from training.cli_common import user_errors
 
 # (axis title, stats.jsonl statistic, conversion of its mean to the plotted value)

@@ -19,7 +19,7 @@ PerceptualSimilarity's dict (`lin{k}.model.1.weight`), piq's list of five tensor
 import torch
 
 import dnnlib
-from training import checkpoint
+from training.checkpoints import checkpoint
 
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 # torchvision names its files by the sha256 prefix; the full hash as published by genforce (models/perceptual_model.py).

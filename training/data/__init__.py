@@ -1,0 +1,5 @@
+"""Datasets: reading EDM-format folders and zips (dataset), what dataset_tool.py converts and how
+(dataset_sources, dataset_convert), and a dataset held on the training device (device_data).
+
+May import: torch_utils, dnnlib.
+"""
