@@ -14,7 +14,7 @@ What each side runs, per step (DDPM++ at CIFAR-10 width, ECMPrecond, dropout 0.2
 synthetic uint8 images; the speed does not depend on the data):
   * official: the body of locuslab/ect's training/ct_training_loop.py loop (zero_grad, ECMLoss, loss report,
     mean().backward(), per-parameter nan_to_num, RAdam as its ct_train.py builds it, per-parameter EMA lerp)
-    with its own training/networks.py and training/methods/loss.py imported from --official-root. On the CPU its loss
+    with its own training/networks.py and training/loss.py imported from --official-root. On the CPU its loss
     calls torch.cuda.get_rng_state / set_rng_state; the worker points them at the CPU generator, which is what
     that code does on a GPU (share the dropout masks of its two passes).
   * ours: training.loop.training_loop.training_step + the preset's EMA update, exactly as the training loop runs them.
@@ -81,7 +81,7 @@ def official_worker(root, batch, resolution, stage, steps, warmup, device):
                                               img_channels=3, label_dim=0, **DDPMPP_CIFAR).train().requires_grad_(True)
     net = net.to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = dnnlib.util.construct_class_by_name(class_name='training.methods.loss.ECMLoss', P_mean=-1.1, P_std=2.0, q=2,
+    loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.ECMLoss', P_mean=-1.1, P_std=2.0, q=2,
                                                   c=0.0, k=8.0, b=1.0, adj='sigmoid')
     loss_fn.update_schedule(stage)
     optimizer = torch.optim.RAdam(net.parameters(), lr=1e-4, betas=[0.9, 0.999], eps=1e-8)
@@ -201,7 +201,7 @@ def main(official_root, batch, resolution, stage, threads, steps, warmup, rounds
          channels_last, worker):
     """Time our ECT step against the official one, interleaved, and print ours/official."""
     if not os.path.isfile(os.path.join(official_root, 'training', 'loss.py')):
-        raise click.BadParameter(f'{official_root} has no training/methods/loss.py; expected a checkout of locuslab/ect', param_hint='--official-root')
+        raise click.BadParameter(f'{official_root} has no training/loss.py; expected a checkout of locuslab/ect', param_hint='--official-root')
     try:
         stages = [int(s) for s in stage.split(',') if s]
     except ValueError:

@@ -99,7 +99,7 @@ run train "$L_TRAIN" python bench/bench_train.py --preset=cifar10-ecm "$dev" --p
     --json="$raw/train-cifar10.json"
 run train_nhwc "$L_TRAIN_NHWC" python bench/bench_train.py --preset=cifar10-ecm "$dev" --precision=bf16 --channels-last \
     "${train_sizes[@]}" --json="$raw/train-cifar10-nhwc.json"
-if [ -n "${OFFICIAL_ECT:-}" ] && [ -f "${OFFICIAL_ECT}/training/methods/loss.py" ]; then
+if [ -n "${OFFICIAL_ECT:-}" ] && [ -f "${OFFICIAL_ECT}/training/loss.py" ]; then
     run official "$L_OFFICIAL" python bench/bench_vs_official.py --official-root="$OFFICIAL_ECT" "${official_sizes[@]}" \
         --out="$raw/vs-official.json"
 else

@@ -21,8 +21,10 @@ import traceback
 import torch
 
 from metrics import metric_main
+from metrics import scoring
 from torch_utils import progress
 from training.checkpoints import checkpoint
+from training.checkpoints import reader
 
 SNAPSHOT_NAME = 'initial-network.pt'
 
@@ -33,10 +35,9 @@ def _score_snapshot(snapshot_path, job, child_threads, connection):
     torch.set_num_threads(child_threads)
     out = io.StringIO()
     try:
-        from metrics import training_callback   # (imports this module)
         with contextlib.redirect_stdout(out):
-            net = checkpoint.load_network(snapshot_path).eval().requires_grad_(False)
-            training_callback.score_initial_network(net, **job)
+            net = reader.load_network(snapshot_path)[0].eval().requires_grad_(False)
+            scoring.score_initial_network(net, **job)
         connection.send(('ok', out.getvalue().splitlines()))
     except BaseException:   # noqa: B902 -- everything goes back to the training process, which raises it
         connection.send(('error', traceback.format_exc()))

@@ -28,8 +28,8 @@ DINOV2_SKIPPED = 'fd_dinov2: DINOv2 weights not available (URL unreachable and n
 def find_snapshots(resume):
     """(run_dir, [snapshot paths]) for a snapshot file, an exported network folder (model.safetensors, scored into
     that folder) or a run directory (sorted by name)."""
-    from training.checkpoints import export  # Deferred: only needed to recognise exported folders.
-    if os.path.isdir(resume) and export.is_safetensors_path(resume):
+    from training.checkpoints import safetensors_io  # Deferred: only needed to recognise exported folders.
+    if os.path.isdir(resume) and safetensors_io.is_safetensors_path(resume):
         return resume, [resume]
     if os.path.isfile(resume):
         return os.path.dirname(os.path.abspath(resume)), [resume]

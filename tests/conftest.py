@@ -1,3 +1,4 @@
+from training.checkpoints import reader
 """Shared test helpers: the location of the reference fixtures (never copied into the repository) and small
 synthetic EDM-format datasets."""
 
@@ -58,7 +59,7 @@ def load_openai_cm_net(name, parameterization):
     'consistency' form, loaded from its openai state dict through the project's loader."""
     from training.checkpoints import openai_state as checkpoint_cm
     path = FIXTURES_DIR / 'openai_cm' / f'tiny_{name}.pt'
-    net, _ = checkpoint_cm.load_network_file(str(path), resolution=16, parameterization=parameterization,
+    net, _ = reader.load_network(str(path), resolution=16, parameterization=parameterization,
                                              num_head_channels=OPENAI_CM_HEAD_CHANNELS[name])
     return net.requires_grad_(False)
 

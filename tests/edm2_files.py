@@ -1,6 +1,6 @@
 """Stand-ins for files the official EDM2 code writes, built the way it builds them (tiny weights).
 
-- Raw power-EMA snapshots: EDM2's training/loop/training_loop.py pickles
+- Raw power-EMA snapshots: EDM2's training/training_loop.py pickles
   `dnnlib.EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=<fp16 eval copy of the EMA network>)` to
   `network-snapshot-{nimg // 1000:07d}-{std:.3f}.pkl`, every object of a persistent class as a
   torch_utils.persistence record.
@@ -53,7 +53,7 @@ def edm2_snapshot_name(nimg, std):
 def write_edm2_snapshot(run_dir, nimg, std, ema_net, encoder=None):
     """One raw snapshot as EDM2's training loop writes it; returns its path."""
     data = dnnlib.EasyDict(encoder=encoder if encoder is not None else StandardRGBEncoder(),
-                           dataset_kwargs=dnnlib.EasyDict(class_name='training.data.dataset.ImageFolderDataset',
+                           dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
                                                           path='datasets/img64.zip'),
                            loss_fn=EDM2Loss(P_mean=-0.8, P_std=1.6))
     data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)

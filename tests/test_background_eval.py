@@ -12,6 +12,7 @@ import dnnlib
 import train
 from configs import presets
 from metrics import background, metric_main
+from training.checkpoints import reader
 from training.checkpoints import checkpoint
 
 
@@ -33,7 +34,7 @@ def _transferred_quickstart_network(run_dir):
     options = json.loads((run_dir / 'training_options.json').read_text())
     ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
                                               label_dim=0)
-    checkpoint.transfer_weights(checkpoint.load_network(presets.QUICKSTART_CHECKPOINT), ecm)
+    checkpoint.transfer_weights(reader.load_network(presets.QUICKSTART_CHECKPOINT)[0], ecm)
     return ecm.eval()
 
 
@@ -62,7 +63,7 @@ def test_background_scores_match_the_in_loop_scores(shapes_zip, tmp_path):
 
 
 def test_a_failing_background_evaluation_is_raised(shapes_zip, tmp_path):
-    net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)
+    net = reader.load_network(presets.QUICKSTART_CHECKPOINT)[0]
     job = dict(metrics=['fd_randnet'], metrics_ref=str(tmp_path / 'missing.zip'), mid_t=[1.5], run_dir=str(tmp_path),
                num_samples=8, detector_files={}, grids=False)
     threads = torch.get_num_threads()
@@ -73,7 +74,7 @@ def test_a_failing_background_evaluation_is_raised(shapes_zip, tmp_path):
 
 
 def test_cancel_stops_the_child(tmp_path):
-    net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)
+    net = reader.load_network(presets.QUICKSTART_CHECKPOINT)[0]
     job = dict(metrics=['fd_randnet_heun'], metrics_ref=str(tmp_path), mid_t=[1.5], run_dir=str(tmp_path),
                num_samples=50000, detector_files={}, grids=True)
     threads = torch.get_num_threads()

@@ -14,6 +14,7 @@ import dnnlib
 from conftest import REPO_ROOT, load_npz_meta
 from edm2_files import EDM2Loss, StandardRGBEncoder
 from torch_utils import persistence
+from training.checkpoints import reader
 from training import networks
 from training.checkpoints import checkpoint
 from training.networks import edm2 as networks_edm2
@@ -80,7 +81,7 @@ def _run(net, inputs, **kwargs):
 
 def _official_pickle(net):
     return pickle.dumps(dict(ema=net, loss_fn=VPLoss(beta_d=19.5), augment_pipe=AugmentPipe(p=0.12),
-                             dataset_kwargs=dnnlib.EasyDict(class_name='training.data.dataset.ImageFolderDataset',
+                             dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
                                                             path='cifar10.zip', xflip=False)))
 
 
@@ -118,7 +119,7 @@ def test_official_pickle_loads_safely(case, vp_pickle, tmp_path):
     assert loaded['loss_fn'] == safe_pickle.PersistentRecord('VPLoss', dict(beta_d=19.5))
     assert loaded['augment_pipe'] == safe_pickle.PersistentRecord('AugmentPipe', dict(p=0.12))
     assert type(loaded['dataset_kwargs']) is dnnlib.EasyDict and loaded['dataset_kwargs'].path == 'cifar10.zip'
-    via_load_network = checkpoint.load_network(path)
+    via_load_network = reader.load_network(path)[0]
     assert type(via_load_network) is networks.VPPrecond and not via_load_network.training
     assert torch.equal(_run(via_load_network, inputs), _run(net, inputs))
 
@@ -179,7 +180,7 @@ def test_known_class_with_malicious_source_loads_without_running_it(case, vp_pic
     meta = _record_meta(net, _marker_src(marker))
     path = tmp_path / 'net.pkl'
     path.write_bytes(pickle.dumps(dict(ema=_Crafted(persistence._reconstruct_persistent_obj, meta))))
-    loaded = checkpoint.load_network(path)
+    loaded = reader.load_network(path)[0]
     assert not marker.exists()
     assert type(loaded) is networks.VPPrecond
     assert torch.equal(_run(loaded, inputs), _run(net, inputs))
@@ -194,7 +195,7 @@ def test_forbidden_global_is_refused(tmp_path, fn, args, global_name):
     path = tmp_path / 'network.pkl'
     path.write_bytes(pickle.dumps(dict(ema=_Crafted(fn, *(a.format(marker=marker) for a in args)))))
     with pytest.raises(dnnlib.UserError) as info:
-        checkpoint.load_network(path)
+        reader.load_network(path)[0]
     message = str(info.value)
     assert f'"{global_name}"' in message and str(path) in message and '\n' not in message
     assert not os.path.exists(marker)
@@ -226,10 +227,10 @@ def test_legacy_path_warns_and_loads(case, vp_pickle):
 def test_load_network_rejects_other_content(tmp_path):
     path = tmp_path / 'notes.txt'
     path.write_text('hello')
-    with pytest.raises(dnnlib.UserError, match='not a network checkpoint'):
-        checkpoint.load_network(path)
+    with pytest.raises(dnnlib.UserError, match='notes.txt: not a network file'):
+        reader.load_network(path)[0]
     with pytest.raises(dnnlib.UserError, match='no such file'):
-        checkpoint.load_network(tmp_path / 'absent.pkl')
+        reader.load_network(tmp_path / 'absent.pkl')[0]
 
 
 def test_transfer_vp_to_ecm(case):
@@ -279,7 +280,7 @@ def test_snapshot_round_trip(case, tmp_path):
     assert loaded_metadata == metadata
     assert type(loaded) is networks.ECMPrecond and not loaded.training
     assert torch.equal(_run(loaded, inputs), _run(net, inputs))
-    via_load_network = checkpoint.load_network(str(path))
+    via_load_network = reader.load_network(str(path))[0]
     assert torch.equal(_run(via_load_network, inputs), _run(net, inputs))
 
 
@@ -295,7 +296,7 @@ def test_snapshot_with_disallowed_class_is_refused(tmp_path):
     with pytest.raises(dnnlib.UserError, match='"os.system".*allow-list'):
         checkpoint.load_network_snapshot(path)
     with pytest.raises(dnnlib.UserError, match='"os.system"'):
-        checkpoint.load_network(path)
+        reader.load_network(path)[0]
 
 
 def test_snapshot_with_forbidden_global_is_refused(tmp_path):

@@ -4,12 +4,16 @@ whose resumed run continues as the uninterrupted run did."""
 
 import pathlib
 
+import pytest
 import torch
 
+import dnnlib
 from test_training import TICK_KIMG, data_dir, final_weights, tiny_options  # noqa: F401 (data_dir is a fixture)
 from training.loop import training_loop as tl
+from training.checkpoints import checkpoint
 from training.checkpoints.checkpoint import TrainingState
 from training.cli_common import load_network
+from training.networks.edm2 import Precond
 
 COMPAT = pathlib.Path(__file__).resolve().parent / 'data' / 'compat'
 
@@ -34,3 +38,31 @@ def test_an_earlier_training_state_resumes_where_the_straight_run_went(data_dir,
     assert weights.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_snapshot_naming_the_earlier_edm2_module_loads(tmp_path):
+    """Snapshots written before training/ had rooms (and EDM2's own code) name training.networks_edm2.Precond; the
+    producer's way: today's writer, then the class name the earlier writer recorded."""
+    net = Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1], num_blocks=1,
+                  attn_resolutions=[])
+    data = dict(checkpoint._with_checksum(dict(format=checkpoint.SNAPSHOT_FORMAT, version=1,
+                class_name='training.networks_edm2.Precond', init_kwargs=dict(net.init_kwargs),
+                state_dict=net.state_dict(), metadata=dict(kimg=3))))
+    data.pop('sha256')
+    torch.save(data, tmp_path / 'old-edm2.pt')
+    loaded, metadata = load_network(str(tmp_path / 'old-edm2.pt'))
+    assert type(loaded) is Precond and metadata == dict(kimg=3)
+    assert all(torch.equal(value, net.state_dict()[name]) for name, value in loaded.state_dict().items())
+
+
+def test_the_format_is_recognised_from_the_bytes_not_the_name(tmp_path):
+    """A snapshot named .pkl is read as a snapshot and an openai state dict named .pkl as a state dict: one reader
+    each, chosen by the content."""
+    snapshot = tmp_path / 'snapshot-named.pkl'
+    snapshot.write_bytes((COMPAT / 'network-snapshot.pt').read_bytes())
+    net, metadata = load_network(str(snapshot))
+    assert metadata['nimg'] == 8 and type(net).__name__ == 'ECMPrecond'
+    text = tmp_path / 'notes.pkl'
+    text.write_text('hello')
+    with pytest.raises(dnnlib.UserError, match='notes.pkl: not a network file'):
+        load_network(str(text))

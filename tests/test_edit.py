@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import edit
+from training.checkpoints import reader
 from training.checkpoints import openai_state as checkpoint_cm
 from training.sampling import editing
 from training.sampling import samplers
@@ -28,7 +29,7 @@ def lsun_path(fixtures_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def lsun_net(lsun_path):
-    net, _ = checkpoint_cm.load_network_file(str(lsun_path), resolution=16, num_head_channels=8)
+    net, _ = reader.load_network(str(lsun_path), resolution=16, num_head_channels=8)
     return net
 
 

@@ -1,3 +1,4 @@
+from training.checkpoints import reader
 """Files of the official EDM2 code, built as it builds them (tests/edm2_files.py): reference statistics .pkl read
 by load_ref and fid.py, safely; hostile variants refused."""
 
@@ -106,7 +107,7 @@ def test_edm2_latent_network_is_refused_with_one_message(tmp_path):
     message = 'an EDM2 latent-space network (its encoder is StabilityVAEEncoder, a VAE): latent-space models are ' \
               'not supported'
     with pytest.raises(dnnlib.UserError, match=r'network-snapshot-0008388-0\.050\.pkl: ' + re.escape(message)):
-        checkpoint.load_network(path)
+        reader.load_network(path)[0]
     result = CliRunner().invoke(phema.main, [f'--indir={tmp_path}', f'--outdir={tmp_path / "out"}', '--std=0.05'])
     assert result.exit_code == 2 and 'Traceback' not in result.output
     assert result.stderr.strip().splitlines() == [f'Error: {path}: {message}; use a pixel-space network (e.g. '

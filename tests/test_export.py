@@ -16,6 +16,8 @@ from click.testing import CliRunner
 
 import dnnlib
 from test_samplers import ecm_net  # noqa: F401 (a fixture: the reference ECM network)
+from training.checkpoints import safetensors_io
+from training.checkpoints import reader
 from training import cli_common
 from training.checkpoints import checkpoint
 from training.checkpoints import export
@@ -62,7 +64,7 @@ def exported(run_dir, tmp_path_factory):
 def test_round_trip_is_bit_identical(ecm_net, exported):  # noqa: F811 (fixture)
     outdir, _config = exported
     for path in (outdir, outdir / 'model.safetensors', outdir / 'config.json'):
-        net, metadata = export.load_safetensors_network(str(path))
+        net, metadata = safetensors_io.load_safetensors_network(str(path))
         assert type(net) is type(ecm_net) and not net.training
         assert net.init_kwargs == ecm_net.init_kwargs
         assert tensor_digests(net) == tensor_digests(ecm_net)
@@ -114,7 +116,7 @@ def test_every_loader_accepts_an_export(ecm_net, exported):  # noqa: F811 (fixtu
     assert tensor_digests(net) == tensor_digests(ecm_net)
     assert samplers.resolve_sampler(net, metadata=metadata)[1] == samplers.resolve_sampler(
         ecm_net, metadata=dict(mid_t=[0.821]))[1]
-    assert tensor_digests(checkpoint.load_network(outdir)) == tensor_digests(ecm_net)
+    assert tensor_digests(reader.load_network(outdir)[0]) == tensor_digests(ecm_net)
 
 
 def test_bad_exports_are_one_clear_message(exported, tmp_path):
@@ -124,15 +126,15 @@ def test_bad_exports_are_one_clear_message(exported, tmp_path):
     (broken / 'model.safetensors').write_bytes((outdir / 'model.safetensors').read_bytes()[:1000])
     (broken / 'config.json').write_text(json.dumps(config))
     with pytest.raises(dnnlib.UserError, match='cannot read safetensors file'):
-        export.load_safetensors_network(str(broken))
+        safetensors_io.load_safetensors_network(str(broken))
     (broken / 'model.safetensors').write_bytes((outdir / 'model.safetensors').read_bytes())
     evil = dict(config, architecture=dict(config['architecture'], class_name='os.system'))
     (broken / 'config.json').write_text(json.dumps(evil))
     with pytest.raises(dnnlib.UserError, match='refused to load: the file refers to class "os.system".*may be malicious'):
-        export.load_safetensors_network(str(broken))
+        safetensors_io.load_safetensors_network(str(broken))
     os.remove(broken / 'config.json')
     with pytest.raises(dnnlib.UserError, match='config.json is missing'):
-        export.load_safetensors_network(str(broken / 'model.safetensors'))
+        safetensors_io.load_safetensors_network(str(broken / 'model.safetensors'))
 
 
 def test_cli_writes_the_files_and_needs_safetensors(run_dir, tmp_path, monkeypatch):
@@ -176,7 +178,7 @@ def test_hf_paths_load_through_the_hub(ecm_net, exported, run_dir, monkeypatch):
     assert tensor_digests(net) == tensor_digests(ecm_net) and metadata['mid_t'] == [0.821]
     assert calls == [('someone/ect-net', 'config.json', None), ('someone/ect-net', 'model.safetensors', None)]
     monkeypatch.setitem(sys.modules, 'huggingface_hub', fake_hub(str(run_dir), calls))
-    net = checkpoint.load_network(f'hf://someone/run@v1/{SNAPSHOT}')
+    net = reader.load_network(f'hf://someone/run@v1/{SNAPSHOT}')[0]
     assert tensor_digests(net) == tensor_digests(ecm_net) and calls[-1] == ('someone/run', SNAPSHOT, 'v1')
 
 

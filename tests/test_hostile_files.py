@@ -21,6 +21,7 @@ import fid
 from metrics import detectors, evaluate
 from tests.conftest import write_random_dataset
 from torch_utils import persistence
+from training.checkpoints import reader
 from training.checkpoints import checkpoint
 
 _UNSAFE_ADVICE = ('weights_only', 'add_safe_globals', 'safe_globals', 'truncated', 'corrupt', '--allow-unsafe')
@@ -162,7 +163,7 @@ def test_code_calling_files_are_refused_with_a_clear_message(tmp_path, loader):
             pickle.dump(dict(ema=payload) if loader == 'network_pkl' else payload, f)
     load = dict(detector=lambda: detectors.get_detector('inception', path),
                 torchscript_data=lambda: detectors.get_detector('vgg16', path),
-                network_pkl=lambda: checkpoint.load_network(path),
+                network_pkl=lambda: reader.load_network(path)[0],
                 snapshot=lambda: checkpoint.load_network_snapshot(path),
                 training_state=lambda: checkpoint.load_training_state(path))[loader]
     with pytest.raises(dnnlib.UserError) as info:
@@ -176,7 +177,7 @@ def test_disallowed_persistent_class_is_refused_with_a_clear_message(tmp_path):
     path = tmp_path / 'net.pkl'
     path.write_bytes(pickle.dumps(dict(ema=_Call(persistence._reconstruct_persistent_obj, meta))))
     with pytest.raises(dnnlib.UserError) as info:
-        checkpoint.load_network(str(path))
+        reader.load_network(str(path))[0]
     assert_refusal(str(info.value), str(path), '"EvilNet"')
 
 
@@ -184,7 +185,7 @@ def test_tensor_record_without_storage_is_a_refusal_not_corruption(tmp_path):
     path = tmp_path / 'net.pkl'
     path.write_bytes(pickle.dumps(dict(ema=_Call(torch._utils._rebuild_tensor_v2, 'not a storage', 0, (1,), (1,)))))
     with pytest.raises(dnnlib.UserError) as info:
-        checkpoint.load_network(str(path))
+        reader.load_network(str(path))[0]
     assert_refusal(str(info.value), str(path), 'without a storage')
 
 
@@ -194,7 +195,7 @@ def test_truncated_file_is_called_truncated_not_malicious(tmp_path):
     pickle.dump(dict(ema=torch.ones(3)), buffer)
     path.write_bytes(buffer.getvalue()[:-20])
     with pytest.raises(dnnlib.UserError) as info:
-        checkpoint.load_network(str(path))
+        reader.load_network(str(path))[0]
     message = str(info.value)
     assert 'truncated' in message and 'malicious' not in message and str(path) in message
 

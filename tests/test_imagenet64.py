@@ -73,7 +73,7 @@ def official_edm2_net(seed=1):
 
 def write_official_pickle(path, net):
     data = dict(ema=net, loss_fn=EDM2Loss(P_mean=-0.8, P_std=1.6), encoder=StandardRGBEncoder(),
-                dataset_kwargs=dnnlib.EasyDict(class_name='training.data.dataset.ImageFolderDataset', path='img64.zip'))
+                dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='img64.zip'))
     path.write_bytes(pickle.dumps(data))
     return str(path)
 

@@ -77,6 +77,90 @@ def test_imports_only_run_downward():
     assert not upward, f'upward imports (file, imported package): {sorted(upward)}'
 
 
+def _module_names():
+    """{dotted module name: path} of every module (a package is its __init__)."""
+    names = {}
+    for rel in _modules():
+        parts = list(rel.with_suffix('').parts)
+        names['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = rel
+    return names
+
+
+def _import_graph():
+    """{module: {project modules it imports}}, imports inside functions included; `from a.b import c` is an edge to
+    a.b.c when that is a module, else to a.b."""
+    names = _module_names()
+    edges = {name: set() for name in names}
+    for name, rel in names.items():
+        for node in ast.walk(ast.parse((REPO_ROOT / rel).read_text(encoding='utf-8'), filename=str(rel))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in names else node.module
+                           for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in names:
+                    target = target.rpartition('.')[0]
+                if target and target != name:
+                    edges[name].add(target)
+    return edges
+
+
+def import_cycles(edges):
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_cycle_detection():
+    assert import_cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+    assert import_cycles({'a': {'b'}, 'b': set()}) == []
+
+
+def test_no_import_cycle():
+    """No module imports, even inside a function, a module that imports it back (directly or around a circle)."""
+    cycles = import_cycles(_import_graph())
+    assert not cycles, f'import cycles: {cycles}'
+
+
+def test_training_has_at_most_ten_modules_outside_its_rooms():
+    assert len(list((REPO_ROOT / 'training').glob('*.py'))) <= 10
+
+
 def _click_exception_subclasses():
     """{file} of every module that defines a subclass of click.ClickException."""
     found = set()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_npz_meta
+from training.checkpoints import reader
 from training.checkpoints import openai_state as checkpoint_cm
 from training.methods import loss_cm
 from training.methods import lpips as lpips_mod
@@ -39,7 +40,7 @@ def net_file(fixtures_dir):
 
 
 def tiny_net(net_file, form, dropout=0.0, train=True):
-    net, _ = checkpoint_cm.load_network_file(net_file, resolution=16, parameterization=form, num_head_channels=16)
+    net, _ = reader.load_network(net_file, resolution=16, parameterization=form, num_head_channels=16)
     for module in net.modules():
         if isinstance(module, UNetBlock):
             module.dropout = dropout

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dnnlib
+from training.checkpoints import reader
 from training.checkpoints import checkpoint
 from training.methods import loss_cm
 from training import networks
@@ -165,7 +166,7 @@ def test_openai_teachers_load_and_consistency_forms_are_refused(fixtures_dir, tm
     import shutil
     from training.checkpoints import openai_state as checkpoint_cm
     source = fixtures_dir / 'openai_cm' / 'tiny_imagenet_like.pt'
-    student, _ = checkpoint_cm.load_network_file(str(source), resolution=16, parameterization='consistency',
+    student, _ = reader.load_network(str(source), resolution=16, parameterization='consistency',
                                                  num_head_channels=16)
     teacher = cmm.load_teacher(str(source), student, torch.device('cpu'), num_head_channels=16)
     assert teacher.parameterization == 'edm' and not teacher.training

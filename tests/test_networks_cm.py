@@ -9,6 +9,7 @@ import torch
 
 import dnnlib
 from conftest import FIXTURES_DIR, load_openai_cm_net
+from training.checkpoints import reader
 from training.checkpoints import checkpoint
 from training.checkpoints import openai_state as checkpoint_cm
 from training.networks import karras as networks_cm
@@ -101,10 +102,10 @@ def test_file_names_give_resolution_and_parameterization():
 def test_released_name_needs_no_options(tmp_path, openai_cm):
     path = tmp_path / 'cd_cat256_l2.pt'  # The released name tells resolution and form; the tiny net is 16 px anyway.
     shutil.copy(FIXTURES_DIR / 'openai_cm' / 'tiny_lsun_like.pt', path)
-    net, metadata = checkpoint_cm.load_network_file(str(path), resolution=16, num_head_channels=8)
+    net, metadata = reader.load_network(str(path), resolution=16, num_head_channels=8)
     assert net.is_consistency and net.img_resolution == 16 and metadata == {}
     with pytest.raises(dnnlib.UserError, match='--parameterization'):
-        checkpoint_cm.load_network_file(str(FIXTURES_DIR / 'openai_cm' / 'tiny_lsun_like.pt'), resolution=16)
+        reader.load_network(str(FIXTURES_DIR / 'openai_cm' / 'tiny_lsun_like.pt'), resolution=16)
 
 
 def test_truncated_or_wrong_file_is_one_clear_message(tmp_path):
@@ -112,11 +113,11 @@ def test_truncated_or_wrong_file_is_one_clear_message(tmp_path):
     truncated = tmp_path / 'cd_bedroom256_l2.pt'
     truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(dnnlib.UserError, match='cd_bedroom256_l2.pt.*(truncated|damaged|not a network)'):
-        checkpoint_cm.load_network_file(str(truncated))
+        reader.load_network(str(truncated))
     wrong = tmp_path / 'ct_bedroom256.pt'
     torch.save({'model': [1, 2, 3]}, wrong)
     with pytest.raises(dnnlib.UserError, match='ct_bedroom256.pt'):
-        checkpoint_cm.load_network_file(str(wrong))
+        reader.load_network(str(wrong))
 
 
 def _state_dict(name):
@@ -148,7 +149,7 @@ def test_head_width_must_divide_channels():
 def test_snapshot_round_trip(tmp_path, openai_cm):
     net = load_openai_cm_net('imagenet_like', 'consistency')
     checkpoint.save_network_snapshot(tmp_path / 'snap.pt', net, kimg=0)
-    loaded, metadata = checkpoint_cm.load_network_file(str(tmp_path / 'snap.pt'))
+    loaded, metadata = reader.load_network(str(tmp_path / 'snap.pt'))
     x, sigma, y = _inputs(openai_cm, 'imagenet_like')
     with torch.no_grad():
         assert torch.equal(loaded(x, sigma, y), net(x, sigma, y))

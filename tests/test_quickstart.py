@@ -16,6 +16,7 @@ import train
 from configs import presets
 from metrics import detectors
 from metrics import metric_main
+from training.checkpoints import reader
 from training.checkpoints import checkpoint
 from training.sampling import generation
 from training.data.dataset import ImageFolderDataset
@@ -166,7 +167,7 @@ def test_quickstart_preset_resolves_as_claimed(tmp_path):
     assert (options['total_kimg'], options['batch_size'], options['tick_kimg'], method['double_ticks']) == (16, 16, 2, 2)
     assert options['ema_kwargs']['beta'] == 0.995 and options['optimizer_kwargs']['lr'] == 5e-4
     assert options['mid_t'] == [1.5] and options['eval_init_background'] is True
-    net = checkpoint.load_network(presets.QUICKSTART_CHECKPOINT)                          # safe snapshot loader
+    net = reader.load_network(presets.QUICKSTART_CHECKPOINT)[0]                          # safe snapshot loader
     assert type(net).__name__ == 'EDMPrecond' and (net.img_resolution, net.img_channels) == (16, 3)
     ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
                                               label_dim=0)

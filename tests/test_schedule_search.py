@@ -14,6 +14,7 @@ import schedule_search
 from tests.test_fid_cli import _tiny_ecm_snapshot
 from tests.test_metrics import TinyDetector, save_torchscript
 from metrics import detectors, metric_main, metric_utils
+from training.checkpoints import reader
 from training.checkpoints import openai_state as checkpoint_cm
 from training.sampling import samplers
 from training.sampling import samplers_karras
@@ -147,7 +148,7 @@ def test_openai_network_searches_multistep_ts(setup, fixtures_dir, tmp_path):
     result = _run(setup, tmp_path, '--steps=8', '--resolution=16', '--num_head_channels=8', network=path)
     assert result.exit_code == 0, result.output
     record = json.load(open(tmp_path / 'schedule-search.json'))
-    net, _ = checkpoint_cm.load_network_file(str(path), resolution=16, num_head_channels=8)
+    net, _ = reader.load_network(str(path), resolution=16, num_head_channels=8)
     row = record['points'][0]
     kwargs = dict(sampler='multistep', ts=row['ts'], steps=8)
     assert row['fid'] == pytest.approx(_fid(setup, samplers_karras.karras_sample, kwargs, net=net), rel=1e-6)

@@ -468,7 +468,7 @@ def test_run_ecm_usage():
 
 def test_metric_detectors_are_loaded_once_per_run(monkeypatch, tmp_path):
     from metrics import metric_main
-    from metrics.training_callback import evaluate_metrics
+    from metrics.scoring import evaluate_metrics
     loads, used = [], []
     monkeypatch.setattr(metric_main, 'load_metric_detector',
                         lambda metric, url=None, device='cpu': loads.append((metric, url)) or object())

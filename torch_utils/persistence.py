@@ -71,7 +71,7 @@ def _reconstruct_persistent_obj(meta):
     """Target of EDM persistent records. Refuses by default: rebuilding would execute embedded source code."""
     raise RuntimeError(
         f'refusing to rebuild persistent object "{meta.get("class_name") if isinstance(meta, dict) else meta}" '
-        f'by executing the source code embedded in the pickle; load it with training.checkpoints.checkpoint.load_network() '
+        f'by executing the source code embedded in the pickle; load it with training.checkpoints.reader.load_network() '
         f'(safe), or pass allow_unsafe_pickle=True / --allow-unsafe-pickle if you trust the file')
 
 

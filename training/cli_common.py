@@ -80,9 +80,9 @@ def load_network(network, allow_unsafe_pickle=False, **state_dict_options):
     """(network in eval mode on the CPU, snapshot metadata) of a path or URL: one of our snapshots, an official
     pickle or an openai consistency_models state dict (metadata {}); `state_dict_options` (resolution,
     parameterization, num_head_channels; None = default) serve the last."""
-    from training.checkpoints import openai_state as checkpoint_cm  # Deferred: keeps `--help` of every command line light.
+    from training.checkpoints import reader  # Deferred: keeps `--help` of every command line light.
     options = {k: v for k, v in state_dict_options.items() if v is not None}
-    return checkpoint_cm.load_network_file(network, allow_unsafe_pickle=allow_unsafe_pickle, **options)
+    return reader.load_network(network, allow_unsafe_pickle=allow_unsafe_pickle, **options)
 
 
 def load_consistency_network(network, allow_unsafe_pickle=False, **state_dict_options):

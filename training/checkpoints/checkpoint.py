@@ -1,6 +1,5 @@
-"""Checkpoint I/O: loading any network file (official EDM/EDM2/ECT pickles, read safely by training.checkpoints.safe_pickle,
-or this project's own snapshots), network snapshots, weight transfer between networks, and training-state
-files (docs/ECT.md §2 and §7)."""
+"""This project's own files: network snapshots (written and read), weight transfer between networks, and
+training-state files (docs/ECT.md §2 and §7). Any network file is read by training.checkpoints.reader."""
 
 import dataclasses
 import hashlib
@@ -15,46 +14,10 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from training.checkpoints.safe_pickle import (LEGACY_NETWORK_MODULES, NETWORK_CLASS_MODULE, NETWORK_CLASS_NAMES, file_name, instantiate, load_pkl, load_state_strict, name_list, network_class, pickled_ema, refusal, torch_refused_global, unreadable)
+from training.checkpoints.safe_pickle import (LEGACY_NETWORK_MODULES, NETWORK_CLASS_MODULE, NETWORK_CLASS_NAMES, file_name, instantiate, load_state_strict, name_list, network_class, refusal, torch_refused_global, unreadable)
 
 SNAPSHOT_FORMAT = 'ect-network-snapshot'
 SNAPSHOT_VERSION = 2   # 2: with a checksum of the content (version 1 files, without, are still read)
-
-_PICKLE_PROTOCOL_BYTE = b'\x80'
-_ZIP_MAGIC = b'PK'
-
-
-def load_network_and_metadata(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
-    """(network, metadata) of an official pickle (its `ema`; metadata {}, pickles have none) or of one of our
-    snapshots (its metadata), told apart by content; the network is in eval mode on the CPU. URLs are
-    downloaded into the cache once. Exported networks (model.safetensors + config.json, their folder) and
-    hf://OWNER/REPO[/FILE] paths are accepted too (training.checkpoints.export, training.checkpoints.hub)."""
-    from training.checkpoints import export
-    from training.checkpoints import hub  # Deferred: they import this module.
-    if hub.is_hf_url(path_or_url):
-        path_or_url = hub.resolve(path_or_url)
-    if export.is_safetensors_path(path_or_url):
-        return export.load_safetensors_network(path_or_url)
-    name = os.fspath(path_or_url)
-    metadata = {}
-    with dnnlib.util.open_url(path_or_url, cache_dir=cache_dir) as f:
-        head = f.read(2)
-        f.seek(0)
-        if head.startswith(_ZIP_MAGIC):
-            net, metadata = load_network_snapshot(f, name=name)
-        elif head.startswith(_PICKLE_PROTOCOL_BYTE):
-            net = pickled_ema(load_pkl(f, name, allow_unsafe_pickle), name)
-            if allow_unsafe_pickle:
-                net = net.to('cpu')  # Executed source may have restored CUDA tensors; our rebuilds are on the CPU.
-        else:
-            raise UserError(f'{name}: not a network checkpoint (neither a network pickle nor a network snapshot)')
-    return net.eval(), metadata
-
-
-def load_network(path_or_url, *, allow_unsafe_pickle=False, cache_dir=None):
-    """The network of an official pickle or of one of our snapshots (see load_network_and_metadata)."""
-    return load_network_and_metadata(path_or_url, allow_unsafe_pickle=allow_unsafe_pickle, cache_dir=cache_dir)[0]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Plain-data checks shared by snapshots and training states.

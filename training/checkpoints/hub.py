@@ -17,7 +17,7 @@ import os
 import re
 
 import dnnlib
-from training.checkpoints import export
+from training.checkpoints import safetensors_io
 from training.loop import run_records
 
 HF_PREFIX = 'hf://'
@@ -85,11 +85,11 @@ def resolve(url, cache_dir=None):
     or the downloaded FILE (a snapshot or pickle)."""
     repo_id, revision, filename = parse_hf_url(url)
     hub = _hub_module(url)
-    if filename is None or filename.endswith('.safetensors') or os.path.basename(filename) == export.CONFIG_FILE:
+    if filename is None or filename.endswith('.safetensors') or os.path.basename(filename) == safetensors_io.CONFIG_FILE:
         folder = os.path.dirname(filename) if filename else ''
         weights = filename if filename and filename.endswith('.safetensors') else \
-            '/'.join(p for p in (folder, export.SAFETENSORS_FILE) if p)
-        _download(hub, url, repo_id, '/'.join(p for p in (folder, export.CONFIG_FILE) if p), revision, cache_dir)
+            '/'.join(p for p in (folder, safetensors_io.SAFETENSORS_FILE) if p)
+        _download(hub, url, repo_id, '/'.join(p for p in (folder, safetensors_io.CONFIG_FILE) if p), revision, cache_dir)
         return _download(hub, url, repo_id, weights, revision, cache_dir)
     return _download(hub, url, repo_id, filename, revision, cache_dir)
 

@@ -1,8 +1,7 @@
 """openai/consistency_models checkpoints: the released `.pt` files are plain state dicts of guided-diffusion's
 `UNetModel`. They are read with `torch.load(weights_only=True)`, the architecture is inferred from the tensor
-shapes, and the weights are mapped into this project's `KarrasDenoiser` (training.networks.karras). Also the one
-entry point that loads any network file of the project: our snapshots, official EDM/EDM2/ECT pickles and these
-state dicts (docs/ECT.md §2 and §7).
+shapes, and the weights are mapped into this project's `KarrasDenoiser` (training.networks.karras). Files reach
+it through training.checkpoints.reader.
 
 Name mapping (openai -> ours, inside `model.`): `time_embed.0/2` -> `map_layer0/1`, `label_emb` -> `map_label`
 (transposed), `input_blocks.i` -> the i-th `enc` module, `middle_block.0-1` -> `dec.*_in0`, `middle_block.2` ->
@@ -14,13 +13,10 @@ attention's `norm/qkv/proj_out` -> `norm2/qkv/proj`, where qkv channels are reor
 """
 
 import os
-import zipfile
 
 import torch
 
-import dnnlib
 from dnnlib.util import UserError
-from training.checkpoints import checkpoint
 from training.networks.karras import KarrasDenoiser
 
 # Resolution of the released files by a part of their name (the resolution is not in a state dict).
@@ -222,23 +218,3 @@ def karras_denoiser_from_state_dict(data, name, resolution=None, parameterizatio
 
 def is_openai_state_dict(data):
     return isinstance(data, dict) and 'format' not in data and any(k == 'input_blocks.0.0.weight' for k in data)
-
-
-def load_network_file(path_or_url, *, allow_unsafe_pickle=False, resolution=None, parameterization=None,
-                      num_head_channels=64):
-    """(network in eval mode on the CPU, metadata) of any network file: an openai consistency_models state dict
-    (metadata {}), or whatever checkpoint.load_network_and_metadata reads (our snapshots, official pickles,
-    exported networks)."""
-    from training.checkpoints import export
-    from training.checkpoints import hub  # Deferred: they import training.checkpoints.checkpoint.
-    if hub.is_hf_url(path_or_url) or export.is_safetensors_path(path_or_url):
-        return checkpoint.load_network_and_metadata(path_or_url, allow_unsafe_pickle=allow_unsafe_pickle)
-    path = dnnlib.util.open_url(path_or_url, return_filename=True)  # URLs are downloaded to the cache once.
-    name = os.fspath(path_or_url)
-    if not zipfile.is_zipfile(path):
-        return checkpoint.load_network_and_metadata(path, allow_unsafe_pickle=allow_unsafe_pickle)
-    data = checkpoint.read_weights_only(path, name, 'network file')
-    if is_openai_state_dict(data):
-        return karras_denoiser_from_state_dict(data, name, resolution, parameterization, num_head_channels), {}
-    return checkpoint.network_from_snapshot(data, name)
-

@@ -26,6 +26,7 @@ import torch
 import dnnlib
 from torch_utils import progress
 from training.checkpoints import checkpoint
+from training.checkpoints import reader
 from training import cli_common
 from training.loop.ema import MAX_STD, std_to_exp
 
@@ -251,7 +252,7 @@ def plan_reconstruction(infos, out_stds, out_nimg=None, max_fit_error=0.1):
 def _load_source(info, config):
     """The network of one snapshot (ours or an EDM2 pickle, told apart by content); a configuration (class,
     constructor kwargs) other than `config` (that of the first source, or None) is a UserError naming the file."""
-    net = checkpoint.load_network(info.path)
+    net = reader.load_network(info.path)[0]
     if config is not None and (type(net), net.init_kwargs) != config:
         raise dnnlib.UserError(f'{info.path}: network configuration differs from the other snapshots '
                                f'({type(net).__name__} {net.init_kwargs} vs {config[0].__name__} {config[1]}); '

@@ -16,7 +16,7 @@ from torch_utils import cpu_memory
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training.checkpoints import checkpoint
-from training.checkpoints import openai_state as checkpoint_cm
+from training.checkpoints import reader
 from training.data import device_data
 from training.data.dataset import InfiniteSampler
 
@@ -123,7 +123,7 @@ def check_transfer_compatible(src_net, dataset, name):
 def load_transfer_source(transfer, network_kwargs, resolution):
     """The --transfer network from any network file; an openai state dict (edm_*.pt, ...) is read at the data's
     `resolution`, with the trained network's parameterization and attention head width."""
-    net, _ = checkpoint_cm.load_network_file(transfer, resolution=resolution,
+    net, _ = reader.load_network(transfer, resolution=resolution,
                                              parameterization=network_kwargs.get('parameterization', 'edm'),
                                              num_head_channels=network_kwargs.get('channels_per_head', 64))
     return net

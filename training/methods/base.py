@@ -21,7 +21,7 @@ this order (presets name the method as method_kwargs=dict(class_name='training.m
 `progress` is a `Progress` (below). Hooks a method does not need are inherited as no-ops.
 
 Extra networks: build them in `setup` (from the trained `net`, e.g. copy.deepcopy(net).eval().requires_grad_(False),
-or from a file named in the method's kwargs via training.checkpoints.checkpoint.load_network) and move them to `device`;
+or from a file named in the method's kwargs via training.checkpoints.reader.load_network) and move them to `device`;
 return their tensors from `state_dict` (e.g. dict(target=target.state_dict())) and load them in
 `load_state_dict`, so a resumed run continues bit-for-bit; return them from `snapshot_networks` to have them
 written next to the EMA snapshots. The RNG streams are the loop's: draw from the global torch RNG only inside

@@ -15,7 +15,8 @@ import os
 import torch
 
 import dnnlib
-from training.checkpoints import openai_state as checkpoint_cm
+from training.checkpoints import openai_state
+from training.checkpoints import reader
 from training.methods import loss_cm
 from training.methods.loss import _unwrap
 from training.methods.base import Method
@@ -36,11 +37,11 @@ def load_teacher(path, net, device, num_head_channels=None):
     if not path:
         raise dnnlib.UserError('--teacher: this method needs a teacher network (an EDM-form checkpoint)')
     base = os.path.basename(str(path)).lower()
-    _require_edm_form(path, next((form for prefix, form in checkpoint_cm.RELEASED_PARAMETERIZATIONS.items()
+    _require_edm_form(path, next((form for prefix, form in openai_state.RELEASED_PARAMETERIZATIONS.items()
                                   if base.startswith(prefix)), 'edm'))   # a released cd_/ct_ name: before reading
     if num_head_channels is None:
         num_head_channels = getattr(net, 'init_kwargs', {}).get('channels_per_head', 64)
-    teacher, _ = checkpoint_cm.load_network_file(path, resolution=getattr(net, 'img_resolution', None),
+    teacher, _ = reader.load_network(path, resolution=getattr(net, 'img_resolution', None),
                                                  parameterization='edm', num_head_channels=num_head_channels)
     _require_edm_form(path, getattr(teacher, 'parameterization', 'edm'))
     for key in ('img_resolution', 'img_channels', 'label_dim'):

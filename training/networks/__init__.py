@@ -2,7 +2,12 @@
 U-Net (`SongUNet`), the ADM U-Net (`DhariwalUNet`) and the VP / VE / EDM / ECM preconditioners.
 
 Official EDM pickles and this project's snapshots name these classes as `training.networks.<Class>`, so every
-class is re-exported here from the module that defines it."""
+class is re-exported here from the module that defines it. Beside them: EDM2's U-Net and preconditioner (edm2,
+named `training.networks_edm2.<Class>` by EDM2's own code and earlier snapshots), openai's Consistency Models U-Net
+(karras) and the random draws inside a forward pass (randomness).
+
+May import: torch_utils, dnnlib.
+"""
 
 from training.networks.dhariwal_unet import DhariwalUNet
 from training.networks.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
