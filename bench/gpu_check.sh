@@ -21,10 +21,13 @@ cd "$(dirname "$0")/.."
 allow_cpu=0
 if [ "${1:-}" = --allow-cpu ]; then allow_cpu=1; fi
 
-# Per-section wall-time limits in seconds on a GPU; their sum must stay within BUDGET_S.
+# Per-section wall-time limits in seconds on a GPU; their sum must stay within BUDGET_S. The compile section
+# compiles five graphs from a cold inductor cache (a device machine starts bare): 216 s on the 2-core CPU dry run
+# (52 s warm), of which Dynamo tracing and lowering (single-threaded; estimated at 40%) do not shrink with the GPU
+# machine's 16 cores while the kernel builds do: 216 x (0.4 + 0.6 / 6) = 108 s, hence 120.
 BUDGET_S=480
-L_INFO=15 L_CHECKS=45 L_NOSYNC=40 L_DDP=40 L_TRAIN=60 L_TRAIN_NHWC=30 L_OFFICIAL=70 L_IMAGENET=50 L_SAMPLING=35 L_COMPILE=70
-L_REPORT=15
+L_INFO=15 L_CHECKS=45 L_NOSYNC=40 L_DDP=40 L_TRAIN=60 L_TRAIN_NHWC=25 L_OFFICIAL=45 L_IMAGENET=45 L_SAMPLING=35 L_COMPILE=120
+L_REPORT=10
 total=$((L_INFO + L_CHECKS + L_NOSYNC + L_DDP + L_TRAIN + L_TRAIN_NHWC + L_OFFICIAL + L_IMAGENET + L_SAMPLING + L_COMPILE
          + L_REPORT))
 if [ "$total" -gt "$BUDGET_S" ]; then echo "bench/gpu_check.sh: section limits add up to ${total} s > ${BUDGET_S} s" >&2; exit 2; fi
