@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures('private_cache')
 
 def _run(shapes_zip, outdir, *extra):
     args = ['--preset=quickstart', f'--outdir={outdir}', f'--data={shapes_zip}', f'--ref={shapes_zip}',
-            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000064', '--metric-samples=16',
+            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000064', '--metric-samples=8',
             '--eval-init=fd_randnet_heun,fd_randnet', '--metrics=fd_randnet', '--snap=1', '--dump=2', *extra]
     result = CliRunner().invoke(train.main, args)
     assert result.exit_code == 0, result.output
@@ -47,7 +47,7 @@ def test_background_scores_match_the_in_loop_scores(shapes_zip, tmp_path):
     # The same numbers as scoring the transferred network directly (only float sums' thread split may differ).
     net = _transferred_quickstart_network(run_dir)
     for metric in ('fd_randnet_heun', 'fd_randnet'):
-        direct = metric_main.calc_metric(metric, net, ref=shapes_zip, num_samples=16, mid_t=[1.5]).results
+        direct = metric_main.calc_metric(metric, net, ref=shapes_zip, num_samples=8, mid_t=[1.5]).results
         for name, value in direct.items():
             assert records[('initial-network.pt', metric)][name] == pytest.approx(value, rel=1e-4), metric
     # The child's report lines reach the training process's output (and so log.txt), before the summary table.

@@ -203,7 +203,7 @@ def test_mistyped_data_is_not_fabricated(tmp_path):
 
 def test_short_quickstart_run(shapes_zip, tmp_path):
     args = ['--preset=quickstart', f'--outdir={tmp_path / "runs"}', f'--data={shapes_zip}', f'--ref={shapes_zip}',
-            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=24',
+            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=8',
             '--snap=1', '--dump=2', '--sample-every=3']
     result = CliRunner().invoke(train.main, args)
     assert result.exit_code == 0, result.output
@@ -220,7 +220,7 @@ def test_short_quickstart_run(shapes_zip, tmp_path):
                      ('initial-network.pt', 'two_step_fd_randnet', 'consistency', 2),
                      ('network-snapshot-000000.pt', 'fd_randnet', 'consistency', 1),
                      ('network-snapshot-000000.pt', 'two_step_fd_randnet', 'consistency', 2)}
-    assert all(r['num_samples'] == 24 and np.isfinite(list(r['results'].values())).all() for r in records)
+    assert all(r['num_samples'] == 8 and np.isfinite(list(r['results'].values())).all() for r in records)
     assert 'Curriculum stage 2' in result.output                 # 3 ticks, doubling every tick
     log = (run_dir / 'log.txt').read_text()
     table = log[log.index('Summary of the metric records'):]
