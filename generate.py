@@ -5,9 +5,10 @@
 
 ECM networks default to 2-step consistency sampling (steps [80, mid_t, 0]; mid_t from the snapshot's
 metadata, else 0.821 for 32x32 DDPM++/NCSN++/ADM networks and 1.526 for EDM2 networks); diffusion networks
-default to EDM's Heun sampler with 18 steps (35 NFE). Image `i` of seed `s` is identical whatever the batch
-size, device or number of processes: each seed has its own CPU generator, drawn in the order latent,
-class index (conditional networks), then the noise each stochastic step needs.
+default to EDM's Heun sampler with 18 steps (35 NFE). The random inputs of seed `s` are identical
+whatever the batch size, device or number of processes (its image up to floating-point rounding): each seed has
+its own CPU generator, drawn in the order latent, class index (conditional networks), then the noise each
+stochastic step needs.
 
 The reusable parts live in training/: the sampler rules and recipe defaults in training.sampling.samplers, seeds to images
 in training.sampling.generation.

@@ -1,8 +1,9 @@
 """Seeds in, images out: the reusable core of generate.py, the metrics and the training loop's sample grids.
 
-Image `i` of seed `s` is identical whatever the batch size, device or number of processes: each seed has its
-own CPU generator (docs/ECT.md §5), drawn in the order latent, class index (conditional networks), then the
-noise each stochastic step needs.
+The random inputs of seed `s` are identical whatever the batch size, device or number of processes: each seed has
+its own CPU generator (docs/ECT.md §5), drawn in the order latent, class index (conditional networks), then the
+noise each stochastic step needs. Its image is the same up to floating-point rounding: another batch size or
+device can sum in another order and move a pixel by one level (docs/GPU.md).
 """
 
 import collections
@@ -96,8 +97,8 @@ def generate_images(net, seeds, class_idx=None, sampler=None, sampler_kwargs=Non
 
     `net` must already be in eval() on `device` (default: the device of its parameters). `sampler` is
     'consistency', 'heun', a name of samplers_karras.SAMPLERS, 'karras' (kwargs naming the sampler) or a callable
-    with the samplers' signature (None: chosen from the network, see samplers.resolve_sampler); `sampler_kwargs` None means the recipe's defaults for that sampler. The images of
-    a seed do not depend on `batch_size`, `rank` or `world_size`; rank r takes batches r, r + world_size, ...
+    with the samplers' signature (None: chosen from the network, see samplers.resolve_sampler); `sampler_kwargs` None means the recipe's defaults for that sampler. The random inputs
+    of a seed do not depend on `batch_size`, `rank` or `world_size` (its image only up to rounding); rank r takes batches r, r + world_size, ...
     (EDM's sharding).
     """
     batches = generate_batches(net, seeds, class_idx, sampler, sampler_kwargs, batch_size, device, rank, world_size)

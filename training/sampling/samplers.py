@@ -30,8 +30,8 @@ HEUN_NUM_STEPS = 18         # EDM's Heun sampler: N = 18 noise levels, NFE 2N âˆ
 class StackedRandomGenerator:
     """One `torch.Generator` per seed; every draw is made per seed and stacked along the batch dimension.
 
-    By default the generators live on the CPU and the numbers are moved to `device` afterwards, so image
-    `i` of seed `s` is bit-identical whatever the device, the batch size or the number of processes.
+    By default the generators live on the CPU and the numbers are moved to `device` afterwards, so the
+    draws of seed `s` are bit-identical whatever the device, the batch size or the number of processes.
     Pass `generator_device=device` to draw on the device instead (EDM's generate.py does that on CUDA;
     faster for large stochastic samplers, but the numbers then depend on the device kind).
     """
