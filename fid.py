@@ -135,7 +135,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
     dist.print0(f'Computing {kind} statistics of {len(dataset)} images of "{image_path}"...')
     with user_errors(os_errors=True), progress.disabled_if(no_progress):
         stats = dataset_stats(dataset, detector, batch_size, device)
-    _print_distance(stats, ref_arrays)
+    dist.print0(f"{_distance(stats, ref_arrays):g}")
 
 
 @cli.command()
@@ -143,6 +143,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 @click.option('--ref', 'ref_path', help='Reference statistics (.npz with mu, sigma; openai/ADM reference batches too)', metavar='NPZ|URL', type=str, required=True)
 @click.option('--num', '--num-images', 'num_samples', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', 'first_seed', help='First seed (seeds seed .. seed+num-1)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--repeats', help='Seed sets: --seed + i·--num, i < INT (EDM\'s protocol: each FID, their mean and minimum)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--sampler', help='Sampler  [default: consistency for ECM nets, onestep for openai CMs, heun otherwise]', type=click.Choice(['consistency', *samplers_karras.SAMPLERS]), default=None)
 @click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), Heun steps, or openai\'s steps', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
@@ -150,7 +151,7 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 @click.option('--compile', 'compile_net', help=COMPILE_HELP, is_flag=True)
 @state_dict_options
 @_common_options
-def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, ts, compile_net, resolution,
+def net(network, ref_path, num_samples, first_seed, repeats, sampler, num_steps, mid_t, ts, compile_net, resolution,
         parameterization, num_head_channels, kind, detector, batch_size, allow_unsafe_pickle, device, no_progress):
     """FID (or FD) of a network, sampling in memory (no PNGs written)."""
     with user_errors():
@@ -162,18 +163,23 @@ def net(network, ref_path, num_samples, first_seed, sampler, num_steps, mid_t, t
         sampler, sampler_kwargs = samplers.resolve_sampler(model, sampler, num_steps, mid_t, None, metadata, ts)
         detector, device = _setup(kind, detector, allow_unsafe_pickle, device)
         metric_main.check_ref_width(ref_arrays, detector, [model.img_channels, model.img_resolution, model.img_resolution], device)
-    seeds = list(range(first_seed, first_seed + num_samples))
-    dist.print0(f'Generating {num_samples} images with the {sampler} sampler {sampler_kwargs}...')
+    dist.print0(f'Generating {num_samples} images per seed set with the {sampler} sampler {sampler_kwargs}...')
+    values = []
     with torch.no_grad(), progress.disabled_if(no_progress):
         model = compile_network(model.to(device), compile_net)
-        stats = network_stats(model, detector, seeds, sampler, sampler_kwargs, batch_size, device)
-    _print_distance(stats, ref_arrays)
+        for index in range(repeats):
+            seeds = metric_main.seed_set(num_samples, index, first_seed)
+            stats = network_stats(model, detector, seeds, sampler, sampler_kwargs, batch_size, device)
+            values.append(_distance(stats, ref_arrays))
+            dist.print0(f'seeds {seeds[0]}-{seeds[-1]}: {values[-1]:g}' if repeats > 1 else f'{values[-1]:g}')
+    if repeats > 1:
+        summary = metric_main.summarise_repeats([dict(fid=v) for v in values])
+        dist.print0(f'mean {summary["fid_mean"]:g} min {summary["fid_min"]:g} over {repeats} seed sets')
 
 
-def _print_distance(stats, ref_arrays):
+def _distance(stats, ref_arrays):
     with user_errors():
-        value = fid_from_stats(stats, ref_arrays)
-    dist.print0(f'{value:g}')
+        return fid_from_stats(stats, ref_arrays)
 
 
 def main(args=None):

@@ -5,6 +5,8 @@
 
 Results go to <run dir>/metric-<name>.jsonl (the snapshot's folder); snapshot/metric pairs already recorded
 there are skipped. A table (snapshot, metric, value) of every record of the requested metrics is printed.
+`--repeats=3` computes each metric on three seed sets (EDM's protocol) and records each value, the mean and the
+minimum; a pair counts as recorded only with the same number of seed sets.
 """
 
 import glob
@@ -50,11 +52,12 @@ def parse_metrics(metrics):
     return names
 
 
-def pending_work(run_dir, snapshots, metrics):
-    """[(snapshot path, [metrics not yet recorded for it])], snapshots with nothing to do left out."""
+def pending_work(run_dir, snapshots, metrics, repeats=1):
+    """[(snapshot path, [metrics not yet recorded for it with `repeats` seed sets])], snapshots with nothing to
+    do left out."""
     work = []
     for path in snapshots:
-        todo = [m for m in metrics if not metric_main.is_recorded(run_dir, m, os.path.basename(path))]
+        todo = [m for m in metrics if not metric_main.is_recorded(run_dir, m, os.path.basename(path), repeats)]
         if todo:
             work.append((path, todo))
     return work
@@ -111,10 +114,10 @@ def _snapshot_order(name):
 
 
 def evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device,
-             compile_net=False, **state_dict_kwargs):
+             compile_net=False, repeats=1, **state_dict_kwargs):
     """Compute and record every pending (snapshot, metric) pair; a progress bar over the pairs on rank 0.
-    `compile_net`: torch.compile each network; `state_dict_kwargs` (resolution, parameterization,
-    num_head_channels) serve openai state dicts."""
+    `compile_net`: torch.compile each network; `repeats`: seed sets per metric; `state_dict_kwargs` (resolution,
+    parameterization, num_head_channels) serve openai state dicts."""
     with progress.bar(total=sum(len(todo) for _, todo in work), desc='snapshot x metric', unit='metric') as pairs_bar:
         for path, todo in work:
             net, metadata = load_network(path, allow_unsafe_pickle, **state_dict_kwargs)
@@ -123,19 +126,19 @@ def evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, 
                 pairs_bar.set_postfix_str(f'{os.path.basename(path)} {metric}')
                 if metric in detectors_by_metric:
                     _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metric, num_samples,
-                                  batch_size, mid_t, device)
+                                  batch_size, mid_t, device, repeats)
                 pairs_bar.update(1)
             dist.barrier()
 
 
 def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metric, num_samples, batch_size, mid_t,
-                  device):
+                  device, repeats):
     dist.print0(f'{os.path.basename(path)}: computing {metric}...')
     with torch.no_grad():
         result = metric_main.calc_metric(metric, net, run_dir=run_dir, snapshot_name=os.path.basename(path),
                                          ref=refs[metric], detector=detectors_by_metric[metric],
                                          num_samples=num_samples, batch_size=batch_size, device=device,
-                                         mid_t=mid_t, metadata=metadata)
+                                         mid_t=mid_t, metadata=metadata, repeats=repeats)
     dist.print0(f'{os.path.basename(path)}: {metric_main.format_result(result)}')
 
 
@@ -146,6 +149,7 @@ def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metri
 @click.option('--ref-dinov2', 'ref_dinov2', help='DINOv2 reference statistics for fd_dinov2', metavar='NPZ|URL', type=str, default=None)
 @click.option('--data', help='Dataset (or .npz with features) for kid50k_full / pr50k3_full', metavar='PATH', type=str, default=None)
 @click.option('--num-images', 'num_samples', help='Generated images per metric  [default: the metric\'s own, 50000]', metavar='INT', type=click.IntRange(min=2), default=None)
+@click.option('--repeats', help='Seed sets per metric (EDM\'s protocol: each value, their mean and minimum are recorded)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--batch', 'batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--mid_t', '--mid-t', 'mid_t', help='2-step intermediate time  [default: snapshot metadata, else recipe]', metavar='FLOAT', multiple=True)
 @click.option('--detector', help='Inception detector: NVIDIA .pkl or state dict  [default: official .pkl]', metavar='PATH|URL', type=str, default=None)
@@ -157,7 +161,7 @@ def _evaluate_one(run_dir, path, metric, net, metadata, refs, detectors_by_metri
 @state_dict_options
 @click.option('--dry-run', help='Check the arguments and list the pending work, then exit', is_flag=True)
 @progress.no_progress_option
-def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, detector, vgg16, dinov2,
+def cli(resume, metrics, ref, ref_dinov2, data, num_samples, repeats, batch_size, mid_t, detector, vgg16, dinov2,
         allow_unsafe_pickle, device, compile_net, resolution, parameterization, num_head_channels, dry_run,
         no_progress):
     """Score network snapshots with the named metrics (1- and 2-step FID by default)."""
@@ -167,7 +171,7 @@ def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, 
         metrics = parse_metrics(metrics)
         mid_t = parse_float_list(mid_t, '--mid_t')
         run_dir, snapshots = find_snapshots(resume)
-        work = pending_work(run_dir, snapshots, metrics)
+        work = pending_work(run_dir, snapshots, metrics, repeats)
         refs = metric_refs(metrics, ref, ref_dinov2, data) if work else {}
         detectors_by_metric = load_detectors(sorted({m for _, todo in work for m in todo}), detector, dinov2,
                                              allow_unsafe_pickle, device, vgg16)
@@ -179,7 +183,7 @@ def cli(resume, metrics, ref, ref_dinov2, data, num_samples, batch_size, mid_t, 
         return
     with user_errors(), progress.disabled_if(no_progress):
         evaluate(run_dir, work, refs, detectors_by_metric, num_samples, batch_size, mid_t, allow_unsafe_pickle, device,
-                 compile_net=compile_net, resolution=resolution, parameterization=parameterization, num_head_channels=num_head_channels)
+                 compile_net=compile_net, repeats=repeats, resolution=resolution, parameterization=parameterization, num_head_channels=num_head_channels)
     for line in results_table(run_dir, snapshots, metrics):
         dist.print0(line)
 

@@ -6,6 +6,9 @@
 Names keep their published meaning (fid50k_full: FID of 50,000 one-step samples against the full training
 set statistics); `num_samples` overrides the count for tests and quick checks, and the record says so.
 Generated images use seeds 0 .. num_samples − 1, shared out over the ranks by training.sampling.generation.generate_images.
+With `repeats=R` (EDM's protocol: a published FID is the minimum over three seed sets) the metric is computed R
+times, seed set i being i·num_samples .. (i + 1)·num_samples − 1; the record holds each set's value, their mean
+and minimum.
 """
 
 import collections
@@ -101,8 +104,15 @@ def _ref_features(ref, detector, batch_size, device, rank, num_gpus, max_items):
     return metric_utils.load_ref(ref, need_features=True)['features'][:max_items]
 
 
-def _generated_stats(net, detector, num_samples, capture_all, sampling, batch_size, device, rank, num_gpus):
-    seeds = list(range(num_samples))
+def seed_set(num_samples, index=0, first_seed=0):
+    """The seeds of seed set `index`: first_seed + index·num_samples, ... (num_samples consecutive seeds)."""
+    start = first_seed + index * num_samples
+    return list(range(start, start + num_samples))
+
+
+def _generated_stats(net, detector, num_samples, capture_all, sampling, batch_size, device, rank, num_gpus,
+                     seed_index=0):
+    seeds = seed_set(num_samples, seed_index)
     batches = generate_images(net, seeds, class_idx=None, sampler=sampling['sampler'],
                               sampler_kwargs=sampling['sampler_kwargs'], batch_size=batch_size, device=device,
                               rank=rank, world_size=num_gpus)
@@ -125,14 +135,14 @@ def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, met
     return dict(sampler=sampler, sampler_kwargs=sampler_kwargs, nfe=samplers.sampler_nfe(sampler, sampler_kwargs))
 
 
-def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus):
+def _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus, seed_index=0):
     kind = ref_kind(metric)
     args = (batch_size, device, rank, num_gpus)
     if kind == 'stats':
         mu_ref, sigma_ref = _load_stats(ref, detector, detector_kind(metric), *args)
-        mu, sigma = _generated_stats(net, detector, num_samples, False, sampling, *args).get_mean_cov()
+        mu, sigma = _generated_stats(net, detector, num_samples, False, sampling, *args, seed_index).get_mean_cov()
         return {metric: metric_utils.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
-    gen = _generated_stats(net, detector, num_samples, True, sampling, *args).get_all()
+    gen = _generated_stats(net, detector, num_samples, True, sampling, *args, seed_index).get_all()
     if metric == 'is50k':
         mean, std = metric_utils.inception_score(gen, num_splits=10)
         return dict(is50k_mean=mean, is50k_std=std)
@@ -208,17 +218,18 @@ def check_ref_width(ref_arrays, detector, image_shape, device):
 
 def calc_metric(metric, net, run_dir=None, snapshot_name=None, ref=None, detector=None, num_samples=None,
                 batch_size=64, device='cpu', rank=None, num_gpus=None, sampler=None, sampler_kwargs=None, mid_t=None,
-                metadata=None, allow_unsafe_pickle=False):
+                metadata=None, allow_unsafe_pickle=False, repeats=1):
     """Compute `metric` for `net` (in eval mode on `device`); every rank must call it. Returns an EasyDict
     with results, metric, total_time, num_gpus, sampler, nfe, num_samples; with `run_dir`, rank 0 also
     appends it to <run_dir>/metric-<metric>.jsonl under `snapshot_name`.
 
     `ref`: reference for the metric (see ref_kind); `detector`: a loaded detector, a URL/path, or None for
     the default of the metric's kind; `mid_t`/`metadata` choose the 2-step intermediate time; `rank` and
-    `num_gpus` default to torch_utils.distributed's.
+    `num_gpus` default to torch_utils.distributed's; `repeats`: seed sets (see the module docstring).
     """
     check_metric(metric)
     check_ref(metric, ref)
+    check_repeats(repeats)
     rank = dist.get_rank() if rank is None else rank
     num_gpus = dist.get_world_size() if num_gpus is None else num_gpus
     num_samples = check_metric(metric).num_samples if num_samples is None else int(num_samples)
@@ -229,13 +240,34 @@ def calc_metric(metric, net, run_dir=None, snapshot_name=None, ref=None, detecto
         check_ref_width(metric_utils.load_ref(ref, kind=detector_kind(metric)), detector, image_shape, device)
     sampling = sampling_for(metric, net, sampler, sampler_kwargs, mid_t, metadata)
     start = time.time()
-    results = _compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus)
-    result = dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=time.time() - start,
-                             num_gpus=num_gpus, sampler=sampling['sampler'], nfe=sampling['nfe'],
-                             num_samples=num_samples)
+    per_set = [_compute(metric, net, ref, detector, num_samples, sampling, batch_size, device, rank, num_gpus, i)
+               for i in range(repeats)]
+    result = dnnlib.EasyDict(results=dnnlib.EasyDict(summarise_repeats(per_set)), metric=metric,
+                             total_time=time.time() - start, num_gpus=num_gpus, sampler=sampling['sampler'],
+                             nfe=sampling['nfe'], num_samples=num_samples, repeats=repeats)
+    if repeats > 1:
+        result.per_seed_set = [{k: _json_value(v) for k, v in r.items()} for r in per_set]
     if run_dir is not None:
         report_metric(result, run_dir, snapshot_name)
     return result
+
+
+def check_repeats(repeats):
+    if not isinstance(repeats, int) or repeats < 1:
+        raise dnnlib.UserError(f'--repeats: the number of seed sets must be a positive integer, got {repeats!r}')
+
+
+# EDM's evaluation protocol (Karras et al. 2022, Sec. 5 / Appendix F: the minimum of three FIDs with different seeds):
+# one seed set gives its values; several give <name>_mean and <name>_min of each value over the sets.
+def summarise_repeats(per_set):
+    if len(per_set) == 1:
+        return per_set[0]
+    summary = {}
+    for key in per_set[0]:
+        values = [float(r[key]) for r in per_set]
+        summary[f'{key}_mean'] = float(np.mean(values))
+        summary[f'{key}_min'] = min(values)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,8 +287,10 @@ def read_records(run_dir, metric):
     return run_records.read_jsonl(record_path(run_dir, metric))
 
 
-def is_recorded(run_dir, metric, snapshot_name):
-    return any(r.get('snapshot_pkl') == snapshot_name for r in read_records(run_dir, metric))
+def is_recorded(run_dir, metric, snapshot_name, repeats=1):
+    """Whether `run_dir` records `metric` for `snapshot_name` with `repeats` seed sets."""
+    return any(r.get('snapshot_pkl') == snapshot_name and r.get('repeats', 1) == repeats
+               for r in read_records(run_dir, metric))
 
 
 # Appending rewrites the file through atomic_write (read, add a line, rename into place): only rank 0
@@ -266,6 +300,8 @@ def report_metric(result, run_dir, snapshot_name=None):
     record = dict(results={k: _json_value(v) for k, v in result.results.items()}, metric=result.metric,
                   total_time=result.total_time, num_gpus=result.num_gpus, snapshot_pkl=snapshot_name,
                   sampler=result.sampler, nfe=result.nfe, num_samples=result.num_samples, timestamp=time.time())
+    if result.get('repeats', 1) > 1:
+        record.update(repeats=result.repeats, per_seed_set=result.per_seed_set)
     line = json.dumps(record)
     if run_dir is not None and dist.get_rank() == 0:
         path = record_path(run_dir, result.metric)
@@ -283,7 +319,8 @@ def report_metric(result, run_dir, snapshot_name=None):
 def format_result(result):
     """One human-readable line, e.g. 'fid50k_full 3.8512 (50000 samples, nfe 1, 612.3 s)'."""
     values = ' '.join(f'{k} {v:.4f}' for k, v in result.results.items())
-    return f'{values} ({result.num_samples} samples, nfe {result.nfe}, {result.total_time:.1f} s)'
+    sets = f' x {result.repeats} seed sets' if result.get('repeats', 1) > 1 else ''
+    return f'{values} ({result.num_samples} samples{sets}, nfe {result.nfe}, {result.total_time:.1f} s)'
 
 
 def all_records(run_dir):

@@ -130,6 +130,41 @@ def test_net_mode_scores_in_memory_and_evaluator_records(setup, tmp_path):
     assert 'network-snapshot-000001.pt two_step_fid50k_full' in ' '.join(second.output.split())
 
 
+def test_repeats_score_consecutive_seed_sets_and_record_mean_and_min(setup, tmp_path):
+    """--repeats=2 (EDM's protocol): seed set i is --seed + i·--num; each set's value equals a single run on those
+    seeds; fid.py net prints the mean and minimum, the evaluator records them and each value."""
+    s = setup
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    _tiny_ecm_snapshot(run_dir / 'network-snapshot-000001.pt')
+    ref = str(tmp_path / 'ref8.npz')
+    feats = np.random.default_rng(1).standard_normal([40, 6])
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    common = [f'--network={run_dir / "network-snapshot-000001.pt"}', f'--ref={ref}', '--num=6', '--steps=1',
+              f'--detector={s["det"]}', '--allow-unsafe-pickle', '--batch=6']
+    single = [float(invoke(['net', *common, f'--seed={seed}'])[-1]) for seed in (3, 9)]
+    assert single[0] != pytest.approx(single[1])
+    lines = invoke(['net', *common, '--seed=3', '--repeats=2'])
+    assert [line.split(':')[0] for line in lines[-3:-1]] == ['seeds 3-8', 'seeds 9-14']
+    assert [float(line.split(':')[1]) for line in lines[-3:-1]] == pytest.approx(single, rel=1e-5)
+    words = lines[-1].split()
+    assert float(words[1]) == pytest.approx(np.mean(single), rel=1e-5)
+    assert float(words[3]) == pytest.approx(min(single), rel=1e-5)
+
+    args = [f'--resume={run_dir}', f'--ref={ref}', '--num-images=6', f'--detector={s["det"]}', '--allow-unsafe-pickle',
+            '--batch=6', '--metrics=fid50k_full']
+    for repeats in ('--repeats=1', '--repeats=2'):   # a one-set record does not count for two sets
+        result = CliRunner().invoke(evaluate.cli, [*args, repeats], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run_dir / 'metric-fid50k_full.jsonl').read_text().splitlines()]
+    assert len(records) == 2 and 'repeats' not in records[0] and records[1]['repeats'] == 2
+    first_set = records[0]['results']['fid50k_full']
+    second_set = float(invoke(['net', *common, '--seed=6'])[-1])
+    per_set = [r['fid50k_full'] for r in records[1]['per_seed_set']]
+    assert per_set == pytest.approx([first_set, second_set], rel=1e-5)
+    assert records[1]['results'] == pytest.approx(dict(fid50k_full_mean=np.mean(per_set), fid50k_full_min=min(per_set)))
+
+
 def test_evaluator_takes_the_openai_state_dict_flags(setup, tmp_path):
     """A renamed openai .pt needs --resolution/--parameterization/--num_head_channels (a state dict cannot tell);
     the evaluator takes them like fid.py net and records the same FID."""
