@@ -110,7 +110,7 @@ def cli_overrides(kw):
         detector_files={k: kw[k] for k in ('detector', 'vgg16', 'dinov2') if kw[k]} or None,
         max_hours=kw['max_hours'], seed=kw['seed'], precision=precision, transfer=kw['transfer'], loss=kw['loss'],
         q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
-        P_mean=kw['p_mean'], P_std=kw['p_std'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
+        P_mean=kw['p_mean'], P_std=kw['p_std'], augment_p=kw['augment'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
         lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
         xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], data_on_device=kw['data_on_device'],
         tensorboard=kw['tensorboard'] or None, channels_last=kw['channels_last'], compile=kw['compile'] or None,
@@ -395,6 +395,7 @@ def launch(options, run_dir):
 @click.option('--lpips-lin', help='LPIPS: linear-layer weights file/URL  [default: piq\'s]', metavar='PT|URL', type=str)
 @click.option('--resume', help='Continue: training-state file, run dir, or "auto"', metavar='PT|DIR|auto', type=str)
 @click.option('--xflip', help='Add x-flipped copies of the data', metavar='BOOL', type=bool)
+@click.option('--augment', help='EDM\'s non-leaking augmentation: probability p (0 = off; the network gets augment labels)', metavar='P', type=float)
 @click.option('--cache', help='Cache the dataset in RAM', metavar='BOOL', type=bool)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=int)
 @click.option('--data-on-device', help='Hold the whole dataset on the training device (CIFAR-sized data; no workers)', metavar='BOOL', type=bool)

@@ -24,6 +24,9 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
   eval_init_background (score them in a background process while training starts: metrics.background),
   metric_samples (generated images per metric; None = the metric's published count);
+  augment (EDM's non-leaking augmentation, dict(class_name='training.data.augment.AugmentPipe', **kwargs) or None:
+  given to the method as augment_kwargs, and the network's augment_dim is the pipe's label width unless
+  network_kwargs sets it), augment_p (train.py --augment=P: the pipe's probability p; 0 turns it off);
   Consistency Models (configs/presets_cm.py): teacher, loss_norm, lpips_vgg, lpips_lin, transfer='teacher'.
 """
 
@@ -85,7 +88,8 @@ DEFAULTS = dict(
     data_on_device=False, compile=False,
     find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
-    eval_init_metrics=[], eval_init_background=False, metric_samples=None, detector_files={},
+    eval_init_metrics=[], eval_init_background=False, metric_samples=None, detector_files={}, augment=None,
+    augment_p=None,
     **presets_cm.FLAG_DEFAULTS,
 )
 
@@ -110,6 +114,8 @@ IMAGENET64_SIZES = {
     'l': dict(model_channels=320, lr=8e-4, dropout=0.50, init='l-1073741-0.040'),
     'xl': dict(model_channels=384, lr=7e-4, dropout=0.50, init='xl-0671088-0.040'),
 }
+EDM_CIFAR10_AUGMENT = dict(class_name='training.data.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1,
+                           rotate_frac=1, aniso=1, translate_frac=1)   # edm train.py's augment_kwargs, --augment=0.12
 ECM_SIGMA_MIN = 0.003   # docs/ECT.md §2: ECM's sigma_min (the official ECMPrecond default)
 
 
@@ -146,10 +152,10 @@ PRESETS = {
     'cifar10-ecm-1gpu-hour': dict(_CIFAR10_ECM, q=256, double_ticks=None, max_hours=1.0,
                                   ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.9993)),
     # EDM diffusion pretraining of DDPM++ (EDM's CIFAR-10 recipe, Karras et al. 2022 Table 7), for users without
-    # a checkpoint. EDM's --augment=0.12 (its non-leaking augmentation pipeline) is not reproduced: this project
-    # has no augmentation pipeline (--xflip is the only data augmentation), so expect EDM's FID without it.
+    # a checkpoint, with EDM's non-leaking augmentation at p = 0.12 (edm train.py: --augment default 0.12, and the
+    # transforms of its augment_kwargs; augment_dim 9 follows from them).
     'cifar10-edm-pretrain': dict(
-        arch='ddpmpp', precond='edm', cond=False, dropout=0.13, transfer=None,
+        arch='ddpmpp', precond='edm', cond=False, dropout=0.13, transfer=None, augment=EDM_CIFAR10_AUGMENT,
         duration_mimg=200.0, batch=512, tick_kimg=50.0, double_ticks=None,
         loss='edm', P_mean=-1.2, P_std=1.2,
         optimizer=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8, foreach=True),
@@ -225,13 +231,42 @@ def _network_kwargs(o):
     if o.dropout_res is not None:
         kwargs.update(dropout_res=int(o.dropout_res))
     kwargs.update(use_fp16=False)   # mixed precision is autocast's job (--precision); network_kwargs may override
+    augment = _augment_kwargs(o)
+    if augment is not None:
+        kwargs.update(augment_dim=augment_label_dim(augment))
     kwargs.update(copy.deepcopy(o.network_kwargs))
     return kwargs
 
 
+def _augment_kwargs(o):
+    """The augmentation pipe (dict(class_name, **kwargs)) after --augment=P, or None: off."""
+    if o.augment_p is None:
+        return copy.deepcopy(o.augment)
+    if not 0 <= o.augment_p <= 1:
+        raise dnnlib.UserError(f'--augment: the augmentation probability must be in [0, 1], got {o.augment_p}')
+    if o.augment_p == 0:
+        return None
+    return dict(copy.deepcopy(o.augment or EDM_CIFAR10_AUGMENT), p=float(o.augment_p))
+
+
+def augment_label_dim(augment):
+    """The width of the augment labels of pipe `augment` (the network's augment_dim), from the built pipe."""
+    try:
+        return int(dnnlib.util.construct_class_by_name(**augment).label_dim)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise dnnlib.UserError(f'augment: cannot build {augment.get("class_name")}: {e}') from None
+
+
 def _method_kwargs(o):
-    """The training method, with the Consistency Models flags (--teacher, --loss-norm, --lpips-*) applied."""
-    return presets_cm.apply_method_flags(_named_method_kwargs(o), o)
+    """The training method, with the Consistency Models flags (--teacher, --loss-norm, --lpips-*) and the
+    augmentation pipe (augment_kwargs) applied."""
+    kwargs = presets_cm.apply_method_flags(_named_method_kwargs(o), o)
+    augment = _augment_kwargs(o)
+    if augment is not None:
+        kwargs['augment_kwargs'] = augment
+    elif 'augment_kwargs' in kwargs and o.augment_p == 0:
+        kwargs['augment_kwargs'] = None
+    return kwargs
 
 
 def _named_method_kwargs(o):

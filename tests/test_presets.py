@@ -56,9 +56,24 @@ def test_cifar10_one_gpu_hour_matches_spec():
 def test_edm_pretrain_preset():
     o = presets.resolve('cifar10-edm-pretrain', dict(data='x'))
     # docs/ECT.md §3: diffusion pretraining uses the EDM loss with P_mean -1.2, P_std 1.2.
-    assert o.method_kwargs == dict(class_name='training.methods.edm.EDM', P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    # EDM's train.py for CIFAR-10 (typed here from it): --augment=0.12 with xflip 1e8, yflip 1, scale 1, rotate_frac 1,
+    # aniso 1, translate_frac 1, and the network's augment_dim 9.
+    edm_augment = dict(class_name='training.data.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1,
+                       rotate_frac=1, aniso=1, translate_frac=1)
+    assert o.method_kwargs == dict(class_name='training.methods.edm.EDM', P_mean=-1.2, P_std=1.2, sigma_data=0.5,
+                                   augment_kwargs=edm_augment)
+    assert o.network_kwargs['augment_dim'] == 9
     assert o.transfer is None and o.grid_sampler == 'edm'
     assert o.ema_kwargs['class_name'] == 'training.loop.ema.HalfLifeEMA' and o.ema_kwargs['halflife_kimg'] == 500
+    # --augment=P sets p; --augment=0 turns the pipe and the network's augment labels off; out of [0, 1] is refused.
+    o = presets.resolve('cifar10-edm-pretrain', dict(data='x', augment_p=0.2))
+    assert o.method_kwargs['augment_kwargs'] == dict(edm_augment, p=0.2) and o.network_kwargs['augment_dim'] == 9
+    o = presets.resolve('cifar10-edm-pretrain', dict(data='x', augment_p=0.0))
+    assert o.method_kwargs.get('augment_kwargs') is None and 'augment_dim' not in o.network_kwargs
+    with pytest.raises(dnnlib.UserError, match='--augment'):
+        presets.resolve('cifar10-edm-pretrain', dict(data='x', augment_p=1.5))
+    # ECT's recipes have no augmentation: the ECT method takes none.
+    assert 'augment_kwargs' not in presets.resolve('cifar10-ecm', dict(data='x')).method_kwargs
 
 
 def test_overrides_and_components_build():

@@ -1,15 +1,48 @@
-"""EDM diffusion pretraining (Karras et al. 2022) as a training method: the EDM loss, no schedule."""
+"""EDM diffusion pretraining (Karras et al. 2022) as a training method: the EDM loss, no schedule, optionally with
+EDM's non-leaking augmentation (training/data/augment.py, docs/AUGMENT.md)."""
 
-from training.methods.loss import EDMLoss
+import dnnlib
+from training.methods.loss import EDMLoss, _build_component, _unwrap
 from training.methods.base import LossMethod
+
+
+def network_augment_dim(net):
+    """The augment_dim of a (possibly DDP-wrapped or compiled) preconditioned network: 0 when it takes no labels."""
+    layer = getattr(getattr(_unwrap(net), 'model', None), 'map_augment', None)
+    return 0 if layer is None else int(layer.in_features)
 
 
 class EDM(LossMethod):
     """Denoising score matching with EDM's noise distribution and weighting (training.methods.loss.EDMLoss)."""
 
     def __init__(self,
-        P_mean      = -1.2,     # mean of ln(σ), σ ~ lognormal
-        P_std       = 1.2,      # standard deviation of ln(σ)
-        sigma_data  = 0.5,      # standard deviation of the data
+        P_mean          = -1.2,     # mean of ln(σ), σ ~ lognormal
+        P_std           = 1.2,      # standard deviation of ln(σ)
+        sigma_data      = 0.5,      # standard deviation of the data
+        augment_kwargs  = None,     # dict(class_name='training.data.augment.AugmentPipe', p=..., ...); None = off
     ):
-        self.loss_fn = EDMLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+        pipe = None if augment_kwargs is None else _build_component('EDM', 'augment_kwargs', augment_kwargs, {})
+        self.loss_fn = EDMLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, augment_pipe=pipe)
+
+    def setup(self, net, device):
+        super().setup(net, device)
+        self._check_augmentation(net)
+
+    def _check_augmentation(self, net):
+        """UserError unless the network's augment_dim is the width of the augment labels (0 without augmentation)."""
+        pipe, augment_dim = self.loss_fn.augment_pipe, network_augment_dim(net)
+        if pipe is None:
+            if augment_dim:
+                raise dnnlib.UserError(f'EDM: the network has augment_dim={augment_dim} (network_kwargs, --arch-kwargs) '
+                                       f'but method_kwargs has no augment_kwargs, so its augmentation input would never '
+                                       f'be trained: set augment_kwargs, or augment_dim=0')
+            return
+        width = getattr(pipe, 'label_dim', None)   # None: a plain callable, whose width is unknown here
+        if augment_dim == 0 or augment_dim != (width or augment_dim):
+            need = width or 'N'
+            raise dnnlib.UserError(f'EDM: method_kwargs.augment_kwargs gives {need} augment labels but the network has '
+                                   f'augment_dim={augment_dim}: set augment_dim={need} in the preset\'s network_kwargs '
+                                   f'(--arch-kwargs=\'{{"augment_dim": {need}}}\')')
+        inner = _unwrap(net)
+        if hasattr(pipe, 'check_image_shape') and hasattr(inner, 'img_channels'):
+            pipe.check_image_shape(inner.img_channels, inner.img_resolution, inner.img_resolution)

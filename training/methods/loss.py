@@ -254,8 +254,21 @@ class EDMLoss(_NoiseLoss):
         P_mean      = -1.2,     # Mean of ln(σ), σ ~ lognormal.
         P_std       = 1.2,      # Standard deviation of ln(σ).
         sigma_data  = 0.5,      # Standard deviation of the data.
+        augment_pipe = None,    # images -> (images, augment labels): training.data.augment.AugmentPipe; None = off.
     ):
         self.P_mean, self.P_std, self.sigma_data = _check_lognormal('EDMLoss', P_mean, P_std, sigma_data)
+        self.augment_pipe = augment_pipe
+
+    def __call__(self, net, images, labels=None, net_kwargs=None):
+        """Per-sample losses [N] with freshly drawn noise. With an augment pipe, EDM's order (edm training/loss.py):
+        n, then the augmentation, then eps; the augmented images are the clean images (input and target) and their
+        augment labels go to the network as augment_labels."""
+        if self.augment_pipe is None:
+            return super().__call__(net, images, labels, net_kwargs)
+        rnd_normal = torch.randn([images.shape[0]] + [1] * (images.ndim - 1), device=images.device)
+        images, augment_labels = self.augment_pipe(images)
+        kwargs = dict(net_kwargs or {}, augment_labels=augment_labels)
+        return self.loss_from_noise(net, images, rnd_normal, torch.randn_like(images), labels, kwargs)
 
     # EDM eq. 2 with λ(σ) = (σ² + σd²)/(σ·σd)², σ = exp(P_mean + P_std·n).
     def loss_from_noise(self, net, images, rnd_normal, eps, labels=None, net_kwargs=None):
