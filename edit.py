@@ -158,8 +158,11 @@ def cli(task, network, images_path, outdir, ts, steps, t_min, t_max, rho, mask, 
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise dnnlib.UserError(f'--outdir={outdir}: exists and is not a directory')
         ts = parse_int_list(ts, '--ts')
-        net = load_consistency_network(network, allow_unsafe_pickle, resolution=resolution,
-                                       parameterization=parameterization, num_head_channels=num_head_channels)
+        net, family = load_consistency_network(network, allow_unsafe_pickle, resolution=resolution,
+                                               parameterization=parameterization, num_head_channels=num_head_channels)
+        if family != 'consistency':
+            raise dnnlib.UserError(f'--network={network}: a {family} network; zero-shot editing (Song et al. 2023, '
+                                   f'Algorithm 4) runs on noise-level (σ) consistency models: ECM, CD/CT, TCM')
         dataset = open_images(images_path, net, class_idx)
         if task == 'superres' and net.img_resolution % patch_size:
             raise dnnlib.UserError(f'--patch={patch_size}: does not divide the resolution {net.img_resolution}')

@@ -144,9 +144,9 @@ def calc(image_path, ref_path, num_expected, seed, kind, detector, batch_size, a
 @click.option('--num', '--num-images', 'num_samples', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', 'first_seed', help='First seed (seeds seed .. seed+num-1)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--repeats', help='Seed sets: --seed + i·--num, i < INT (EDM\'s protocol: each FID, their mean and minimum)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, onestep for openai CMs, heun otherwise]', type=click.Choice(['consistency', *samplers_karras.SAMPLERS]), default=None)
+@click.option('--sampler', help='Sampler  [default: the snapshot\'s few-step sampler (consistency for ECM nets, trigflow for sCM, meanflow for MeanFlow), onestep for openai CMs, heun otherwise]', type=click.Choice([*samplers.FEW_STEP, *samplers_karras.SAMPLERS]), default=None)
 @click.option('--steps', 'num_steps', help='Consistency steps (1, 2, ...), Heun steps, or openai\'s steps', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
+@click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate times of a few-step sampler, in its time variable (σ; TrigFlow radians; MeanFlow t) (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
 @click.option('--ts', help='multistep: levels of the --steps grid, e.g. 0,22,39', metavar='INT,INT[,...]', type=str, default=None)
 @click.option('--compile', 'compile_net', help=COMPILE_HELP, is_flag=True)
 @state_dict_options

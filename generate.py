@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 generate.py --network=URL --outdir=out --seeds=0-49999 --subdirs
 
 ECM networks default to 2-step consistency sampling (steps [80, mid_t, 0]; mid_t from the snapshot's
-metadata, else 0.821 for 32x32 DDPM++/NCSN++/ADM networks and 1.526 for EDM2 networks); diffusion networks
-default to EDM's Heun sampler with 18 steps (35 NFE). The random inputs of seed `s` are identical
+metadata, else 0.821 for 32x32 DDPM++/NCSN++/ADM networks and 1.526 for EDM2 networks); sCT/sCD snapshots to
+sCM's 2-step TrigFlow sampler and MeanFlow snapshots to MeanFlow's (the sampler their snapshot records, in their own
+time variable); diffusion networks default to EDM's Heun sampler with 18 steps (35 NFE). The random inputs of seed `s` are identical
 whatever the batch size, device or number of processes (its image up to floating-point rounding): each seed has
 its own CPU generator, drawn in the order latent, class index (conditional networks), then the noise each
 stochastic step needs.
@@ -112,12 +113,12 @@ def set_fp16(net, fp16):
 @click.option('--subdirs', help='Create a subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random per seed]', metavar='INT', type=int, default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--sampler', help='Sampler  [default: consistency for ECM nets, onestep for openai CMs, heun otherwise]', type=click.Choice(['consistency', *samplers_karras.SAMPLERS]), default=None)
+@click.option('--sampler', help='Sampler  [default: the snapshot\'s few-step sampler (consistency for ECM nets, trigflow for sCM, meanflow for MeanFlow), onestep for openai CMs, heun otherwise]', type=click.Choice([*samplers.FEW_STEP, *samplers_karras.SAMPLERS]), default=None)
 @click.option('--steps', 'num_steps', help='Consistency steps, Heun steps N (NFE 2N-1), or openai\'s steps  [default: 2 / 18 / 40]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--ts', help='multistep: levels of the --steps grid, e.g. 0,22,39  [default: 0,22,39]', metavar='INT,INT[,...]', type=str, default=None)
 @click.option('--clip_denoised', help='openai samplers: clamp denoised outputs to [-1, 1]  [default: true]', metavar='BOOL', type=bool, default=None)
-@click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate consistency times (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
-@click.option('--t-max', '--t_max', 't_max', help='Initial consistency time  [default: 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--mid_t', '--mid-t', 'mid_t', help='Intermediate times of a few-step sampler, in its time variable (σ; TrigFlow radians; MeanFlow t) (repeat or comma list)', metavar='FLOAT[,FLOAT]', multiple=True)
+@click.option('--t-max', '--t_max', 't_max', help='Initial time of a few-step sampler  [default: 80; TrigFlow arctan(80/σd); MeanFlow 1]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--sigma_min', help='Heun: lowest noise level  [default: 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--sigma_max', help='Heun: highest noise level  [default: 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--rho', help='Heun: time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)

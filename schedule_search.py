@@ -108,8 +108,9 @@ def grid_search(net, begin, end, steps, t_min, t_max, rho, make_objective):
     return objective, p, winner_flags(schedule(p)[1])
 
 
-def continuous_search(net, mid_t_range, num_evals, t_max, rho, make_objective):
-    """Golden-section search of a 2-step mid_t in u = t^(1/rho) over `mid_t_range`; (objective, winner u, flags)."""
+def continuous_search(net, mid_t_range, num_evals, t_max, rho, make_objective, family='consistency'):
+    """Golden-section search of a 2-step mid_t in u = t^(1/rho) over `mid_t_range` with the `family` sampler
+    (rho 1 for TrigFlow and MeanFlow times); (objective, winner u, flags)."""
     if is_openai_net(net):
         raise dnnlib.UserError('--mid_t-range: openai networks sample on the grid of --steps; search it with '
                                '--begin/--end')
@@ -118,7 +119,7 @@ def continuous_search(net, mid_t_range, num_evals, t_max, rho, make_objective):
     lo, hi = mid_t_range
 
     def schedule(u):
-        return 'consistency', dict(t_steps=samplers.make_consistency_steps(t_max, [u ** rho]))
+        return family, dict(t_steps=samplers.FEW_STEP[family].make_steps(t_max, [u ** rho]))
 
     objective = make_objective(schedule, lambda u: dict(mid_t=u ** rho), num_evals)
     u = ternary_search.golden_section_search(objective, lo ** (1 / rho), hi ** (1 / rho), num_evals)
@@ -147,8 +148,16 @@ def _objective_factory(score_setup, outdir, bars):
     return make_objective
 
 
-def run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho, make_objective):
-    """(objective, winner point, generate.py flags) of the grid or the continuous search."""
+def run_search(net, family, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho, make_objective):
+    """(objective, winner point, generate.py flags) of the grid or the continuous search; `family`: the network's
+    few-step sampler (samplers.FEW_STEP). TrigFlow and MeanFlow networks are searched continuously, in their own
+    time variable."""
+    if family != 'consistency':
+        if mid_t_range is None:
+            raise dnnlib.UserError(f'--mid_t-range: a {family} network samples in its own time variable; search its '
+                                   f'2-step mid_t with --mid_t-range=LO,HI (within (0, {samplers.FEW_STEP[family].t_max:.6g}))')
+        return continuous_search(net, parse_float_list(mid_t_range, '--mid_t-range'), num_evals,
+                                 samplers.FEW_STEP[family].t_max, 1.0, make_objective, family)
     if mid_t_range is not None:
         return continuous_search(net, parse_float_list(mid_t_range, '--mid_t-range'), num_evals, t_max, rho,
                                  make_objective)
@@ -187,16 +196,16 @@ def cli(network, ref_path, outdir, num_samples, first_seed, steps, begin, end, m
         ref = metric_utils.load_ref(ref_path)
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise dnnlib.UserError(f'--outdir={outdir}: exists and is not a directory')
-        net = load_consistency_network(network, allow_unsafe_pickle, resolution=resolution,
-                                       parameterization=parameterization,
-                                       num_head_channels=num_head_channels).to(device)
+        net, family = load_consistency_network(network, allow_unsafe_pickle, resolution=resolution,
+                                               parameterization=parameterization, num_head_channels=num_head_channels)
+        net = net.to(device)
         det = detectors.get_detector(kind, detector, allow_unsafe_pickle, device=device)
         metric_main.check_ref_width(ref, det, [net.img_channels, net.img_resolution, net.img_resolution], device)
         setup = dict(net=net, detector=det, ref=ref, seeds=list(range(first_seed, first_seed + num_samples)),
                      batch_size=batch_size, device=device)
         make_objective = _objective_factory(setup, outdir, bars)
-        objective, winner, flags = run_search(net, begin, end, steps, mid_t_range, num_evals, t_min, t_max, rho,
-                                              make_objective)
+        objective, winner, flags = run_search(net, family, begin, end, steps, mid_t_range, num_evals, t_min, t_max,
+                                              rho, make_objective)
     for bar in bars:
         bar.total = bar.n
         bar.close()

@@ -26,12 +26,12 @@ import click
 import torch.distributed
 
 import dnnlib
-from configs import presets
+from configs import checks, presets
 from configs import presets_cm
 from torch_utils import distributed as dist
 from torch_utils import progress
 from training.loop import run_dirs
-from training.cli_common import parse_float_list, user_errors
+from training.cli_common import parse_double, parse_float_list, parse_json_dict, parse_metric_list, user_errors
 
 
 class Tee:
@@ -55,39 +55,6 @@ class Tee:
 
     def isatty(self):
         return False
-
-
-def parse_double(text):
-    """--double: ticks per stage, or 'inf'/'never' (inf: the stage never grows)."""
-    if text is None:
-        return None
-    if str(text).lower() in ('inf', 'never', 'none'):
-        return float('inf')
-    try:
-        return float(text)
-    except ValueError:
-        raise dnnlib.UserError(f'--double: expected a number of ticks or "never", got "{text}"') from None
-
-
-def parse_json_dict(text, flag):
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise dnnlib.UserError(f'{flag}: not valid JSON ({e.msg}): {text}') from None
-    if not isinstance(value, dict):
-        raise dnnlib.UserError(f'{flag}: expected a JSON object, got {text}')
-    return value
-
-
-def parse_metric_list(text):
-    """--metrics / --eval-init: None = the preset's list; '' or 'none' = no metrics; else the comma list."""
-    if text is None:
-        return None
-    if text.strip().lower() == 'none':
-        return []
-    return [m.strip() for m in text.split(',') if m.strip()]
 
 
 def cli_overrides(kw):
@@ -115,7 +82,7 @@ def cli_overrides(kw):
         xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], data_on_device=kw['data_on_device'],
         tensorboard=kw['tensorboard'] or None, channels_last=kw['channels_last'], compile=kw['compile'] or None,
         wandb=kw['wandb'],
-        teacher=kw['teacher'], loss_norm=kw['loss_norm'], lpips_vgg=kw['lpips_vgg'], lpips_lin=kw['lpips_lin'],
+        teacher=kw['teacher'], stage1=kw['stage1'], loss_norm=kw['loss_norm'], lpips_vgg=kw['lpips_vgg'], lpips_lin=kw['lpips_lin'],
     )
 
 
@@ -188,7 +155,7 @@ def check_data(options, data_source=None, check_images=True, dry_run=False):
     if options.data_on_device:
         from training.data import device_data
         device_data.check_device_data(dataset, dist.device())
-    check_network_kwargs(options.network_kwargs, dataset)
+    check_network(options, dataset)
     check_transfer(options, dataset, dry_run)
     return dataset.name
 
@@ -216,17 +183,20 @@ def check_method(options):
         raise dnnlib.UserError(f'method_kwargs: cannot build {options.method_kwargs.get("class_name")}: {e}') from None
 
 
-def check_network_kwargs(network_kwargs, dataset):
+def check_network(options, dataset):
     """Build the network for `dataset` on the meta device (no memory, no time): unknown or unusable
-    --arch-kwargs are refused now, not after the run directory is made."""
+    --arch-kwargs are refused now, not after the run directory is made, and so is a network the training method
+    cannot train (Method.check_network)."""
+    network_kwargs = options.network_kwargs
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     try:
         with torch.device('meta'):
-            dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
+            net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
     except (TypeError, ValueError, RuntimeError, AssertionError, dnnlib.UserError) as e:
         raise dnnlib.UserError(f'--arch-kwargs: cannot build {network_kwargs["class_name"]} with '
                                f'{ {k: v for k, v in network_kwargs.items() if k != "class_name"} }: '
                                f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
+    dnnlib.util.construct_class_by_name(**options.method_kwargs).check_network(net)
 
 
 def check_extras(options):
@@ -360,7 +330,7 @@ def launch(options, run_dir):
 @click.option('--ema', help='EMA half-life in Mimg (EDM meaning; HalfLifeEMA)', metavar='MIMG', type=float)
 @click.option('--ema-beta', help='Constant EMA decay per step (ECT: 0.9999)', metavar='FLOAT', type=float)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=float)
-@click.option('--precision', help='auto (bf16 on CUDA, else fp32) | fp32 | tf32 | bf16 (autocast) | fp16 (autocast + GradScaler)', type=click.Choice(list(presets.PRECISIONS)))
+@click.option('--precision', help='auto (bf16 on CUDA, else fp32) | fp32 | tf32 | bf16 (autocast) | fp16 (autocast + GradScaler)', type=click.Choice(list(checks.PRECISIONS)))
 @click.option('--fp16', help='Alias of --precision=fp16', metavar='BOOL', type=bool)
 @click.option('--tf32', help='Alias of --precision=tf32', metavar='BOOL', type=bool)
 @click.option('--q', 'q', help='Curriculum base q: t-r shrinks by q per stage', metavar='FLOAT', type=float)
@@ -389,7 +359,8 @@ def launch(options, run_dir):
 @click.option('--max-hours', help='Stop (with a state) after this many hours of training', metavar='HOURS', type=float)
 @click.option('--seed', help='Random seed', metavar='INT', type=int)
 @click.option('--transfer', help='Initial weights: EDM/ECT pickle, URL or snapshot ("none" = random init)', metavar='PKL|URL', type=str)
-@click.option('--teacher', help='Consistency Models: the EDM-form network to distil (edm_*.pt, EDM/EDM2 checkpoint)', metavar='PT|PKL', type=str)
+@click.option('--teacher', help='CD, progressive distillation, sCD: the diffusion network to distil (edm_*.pt, EDM/EDM2 checkpoint)', metavar='PT|PKL', type=str)
+@click.option('--stage1', help='TCM: the stage-1 consistency network (frozen below t\', and the initial weights)', metavar='PT|PKL', type=str)
 @click.option('--loss-norm', '--loss_norm', 'loss_norm', help='Consistency Models distance: l2 | l1 | l2-32 | lpips', type=click.Choice(['l2', 'l1', 'l2-32', 'lpips']))
 @click.option('--lpips-vgg', help='LPIPS: VGG16 weights file/URL  [default: torchvision\'s]', metavar='PTH|URL', type=str)
 @click.option('--lpips-lin', help='LPIPS: linear-layer weights file/URL  [default: piq\'s]', metavar='PT|URL', type=str)

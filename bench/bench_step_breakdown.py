@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from configs import presets  # noqa: E402
+from configs import checks, presets  # noqa: E402
 from training.loop import runtime  # noqa: E402
 from training.loop import training_loop as tl  # noqa: E402
 from bench.bench_train import SyntheticData, synthetic_batches, synchronize  # noqa: E402
@@ -62,7 +62,7 @@ def profile_steps(step, device, steps, warmup):
 @click.option('--width', help='model_channels (16 = tiny, 128 = CIFAR-10)', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--batch', help='Batch (one process)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--resolution', help='Image resolution', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
-@click.option('--precision', help='Precision', type=click.Choice(presets.PRECISIONS), default='fp32', show_default=True)
+@click.option('--precision', help='Precision', type=click.Choice(checks.PRECISIONS), default='fp32', show_default=True)
 @click.option('--steps', help='Profiled steps', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--warmup', help='Untimed steps first', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--top', help='Rows of the table', metavar='INT', type=click.IntRange(min=1), default=25, show_default=True)

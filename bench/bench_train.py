@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
-from configs import presets  # noqa: E402
+from configs import checks, presets  # noqa: E402
 from training import compile as tc  # noqa: E402
 from training.loop import runtime  # noqa: E402
 from training.loop import training_loop as tl  # noqa: E402
@@ -90,9 +90,9 @@ def time_steps(options, data, precision, device, iters, warmup, compiled=False):
 
 def parse_precisions(text):
     values = [p for p in text.split(',') if p]
-    bad = [p for p in values if p not in presets.PRECISIONS]
+    bad = [p for p in values if p not in checks.PRECISIONS]
     if bad or not values:
-        raise click.BadParameter(f'{bad or text} not in {", ".join(presets.PRECISIONS)}', param_hint='--precision')
+        raise click.BadParameter(f'{bad or text} not in {", ".join(checks.PRECISIONS)}', param_hint='--precision')
     return values
 
 

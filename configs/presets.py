@@ -17,8 +17,8 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
-  grid_sampler ('consistency' | 'edm'), xflip, cache, workers, data_on_device (the whole dataset on the training
-  device, no DataLoader workers: training.data.device_data), compile (torch.compile the trained network; off
+  grid_sampler ('edm' | 'consistency' | 'trigflow' | 'meanflow'), xflip, cache, workers, data_on_device (the whole
+  dataset on the training device, no DataLoader workers: training.data.device_data), compile (torch.compile the trained network; off
   everywhere, see train.py --compile), find_unused_parameters, channels_last, tensorboard, wandb,
   data_source / data_max_images (when `data` does not exist yet, train.py builds it from this dataset_tool.py
   source, e.g. 'procedural:shapes'), eval_init_metrics (metrics of the initial network, before training),
@@ -35,7 +35,8 @@ import math
 import os
 
 import dnnlib
-from configs import presets_cm
+from configs import presets_cm, presets_ct
+from configs.checks import check_numbers, check_run_flags, choice as _choice
 from training.loop.options import TrainingOptions
 from training.sampling.samplers import CIFAR10_MID_T, IMAGENET64_MID_T
 
@@ -56,6 +57,7 @@ ARCHS = {
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
     'edm2': dict(),   # EDM2 UNet: sizes come from network_kwargs (model_channels etc.)
     **presets_cm.ARCHS,   # openai's released ADM U-Nets (KarrasDenoiser, --precond=karras)
+    **presets_ct.ARCHS,   # MeanFlow's two-time U-Net (--precond=meanflow)
 }
 
 # Preconditioners (EDM's --precond) -> class names. --arch=edm2 always uses the EDM2 preconditioner.
@@ -65,6 +67,7 @@ PRECONDS = {
     'edm': 'training.networks.EDMPrecond',
     'ecm': 'training.networks.ECMPrecond',
     'karras': presets_cm.PRECOND,   # openai's KarrasDenoiser; network_kwargs.parameterization = edm | consistency
+    **presets_ct.PRECONDS,          # sCM's TrigFlow form around EDM's (or, with --arch=edm2, EDM2's) preconditioner
 }
 EDM2_PRECOND = 'training.networks.edm2.Precond'
 
@@ -72,8 +75,6 @@ MAPPINGS = {'sigmoid': 'training.methods.loss.SigmoidMapping', 'constant': 'trai
 WEIGHTINGS = {'ict': 'training.methods.loss.InverseGapWeighting', 'edm2': 'training.methods.loss.InverseSquareWeighting',
               'none': 'training.methods.loss.NoWeighting'}
 LOSSES = {'ect': 'training.methods.ect.ECT', 'edm': 'training.methods.edm.EDM'}   # --loss -> training method
-PRECISIONS = ('auto', 'fp32', 'tf32', 'bf16', 'fp16')   # auto: bf16 on CUDA with native bf16, else fp32 (runtime)
-GRID_SAMPLERS = ('consistency', 'edm')
 
 # Values used when neither the preset nor the command line gives one.
 DEFAULTS = dict(
@@ -197,13 +198,8 @@ PRESETS = {
         metrics_ref=QUICKSTART_DATA, eval_ticks=1000, metric_samples=500,
     ),
     **presets_cm.PRESETS,   # Consistency Models (openai's launch.sh): CD, CT, EDM pretraining
+    **presets_ct.PRESETS,   # continuous-time consistency models: sCT, sCD (FastGen's configs), MeanFlow (py-meanflow)
 }
-
-
-def _choice(flag, value, choices):
-    if value not in choices:
-        raise dnnlib.UserError(f'{flag}: "{value}" is not one of {", ".join(sorted(choices))}')
-    return value
 
 
 def merge(preset_name, overrides):
@@ -225,7 +221,8 @@ def merge(preset_name, overrides):
 
 def _network_kwargs(o):
     arch = _choice('--arch', o.arch, ARCHS)
-    class_name = EDM2_PRECOND if arch == 'edm2' else PRECONDS[_choice('--precond', o.precond, PRECONDS)]
+    precond = _choice('--precond', o.precond, PRECONDS)
+    class_name = EDM2_PRECOND if arch == 'edm2' and precond != 'trigflow' else PRECONDS[precond]
     kwargs = dict(class_name=class_name, **copy.deepcopy(ARCHS[arch]))
     kwargs.update(dropout=float(o.dropout))
     if o.dropout_res is not None:
@@ -235,6 +232,8 @@ def _network_kwargs(o):
     if augment is not None:
         kwargs.update(augment_dim=augment_label_dim(augment))
     kwargs.update(copy.deepcopy(o.network_kwargs))
+    if precond == 'trigflow' and arch == 'edm2':
+        kwargs.update(denoiser='edm2')   # the TrigFlow form of EDM2's preconditioner
     return kwargs
 
 
@@ -303,64 +302,6 @@ def _optimizer_kwargs(o):
     return kwargs
 
 
-def _check_numbers(o):
-    positive = dict(batch=('--batch', o.batch), duration_mimg=('--duration', o.duration_mimg),
-                    tick_kimg=('--tick', o.tick_kimg), lr=('--lr', _optimizer_kwargs(o).get('lr', 1)))
-    for flag, value in positive.values():
-        if not value > 0:
-            raise dnnlib.UserError(f'{flag}: must be positive, got {value}')
-    if o.batch_gpu is not None and not o.batch_gpu > 0:
-        raise dnnlib.UserError(f'--batch-gpu: must be positive, got {o.batch_gpu}')
-    if not 0 <= o.dropout < 1:
-        raise dnnlib.UserError(f'--dropout: must be in [0, 1), got {o.dropout}')
-    if o.double_ticks is not None and not o.double_ticks > 0:
-        raise dnnlib.UserError(f'--double: must be positive, got {o.double_ticks}')
-    if o.max_hours is not None and not o.max_hours > 0:
-        raise dnnlib.UserError(f'--max-hours: must be positive, got {o.max_hours}')
-    if any(not 0 < t < 80 for t in o.mid_t):
-        raise dnnlib.UserError(f'--mid-t: every value must be in (0, 80), got {list(o.mid_t)}')
-    if o.metric_samples is not None and not o.metric_samples > 1:
-        raise dnnlib.UserError(f'--metric-samples: must be at least 2, got {o.metric_samples}')
-    if o.metrics and not o.eval_ticks:
-        raise dnnlib.UserError('--metrics: needs --eval-every=N (ticks between evaluations)')
-    _choice('--precision', o.precision, PRECISIONS)
-    _choice('--grid-sampler', o.grid_sampler, GRID_SAMPLERS)
-
-
-def _negative_entry(value, where):
-    """The first 'key=value' holding a negative number in a (nested) network_kwargs, or None."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        name = f'{where}.{key}' if where else str(key)
-        if isinstance(item, (int, float)) and not isinstance(item, bool) and item < 0:
-            return f'{name}={item}'
-        found = _negative_entry(item, name)
-        if found is not None:
-            return found
-    return None
-
-
-def _check_run_flags(o):
-    """Seed, workers, EMA, --arch-kwargs and --mid-t: the values a run would otherwise accept silently."""
-    if not isinstance(o.seed, int) or not 0 <= o.seed < 2 ** 32:
-        raise dnnlib.UserError(f'--seed: must be an integer in [0, 2^32), got {o.seed}')
-    if not isinstance(o.workers, int) or o.workers < 0:
-        raise dnnlib.UserError(f'--workers: must be a non-negative integer, got {o.workers}')
-    if o.ema_mimg is not None and not o.ema_mimg > 0:
-        raise dnnlib.UserError(f'--ema: the EMA half-life must be positive (Mimg), got {o.ema_mimg}')
-    if o.ema_beta is not None and not 0 <= o.ema_beta < 1:
-        raise dnnlib.UserError(f'--ema-beta: must be in [0, 1), got {o.ema_beta}')
-    negative = _negative_entry(o.network_kwargs, '')
-    if negative is not None:
-        raise dnnlib.UserError(f'--arch-kwargs: {negative} is negative')
-    if list(o.mid_t) != sorted(o.mid_t, reverse=True) or len(set(o.mid_t)) != len(o.mid_t):
-        raise dnnlib.UserError(f'--mid-t: the intermediate times must decrease strictly, got {list(o.mid_t)}')
-    two_step = [m for m in list(o.metrics) + list(o.eval_init_metrics) if str(m).startswith('two_step_')]
-    if two_step and len(o.mid_t) != 1:
-        raise dnnlib.UserError(f'--mid-t: {two_step[0]} samples in two steps, which take exactly one '
-                               f'intermediate time; got {list(o.mid_t)}')
-
-
 def _double_ticks(value):
     """Ticks per curriculum stage; None (also for inf) = the stage never grows."""
     return None if value is None or math.isinf(value) else float(value)
@@ -374,8 +315,8 @@ def _transfer(o):
 
 def build_options(o):
     """The training.loop.options.TrainingOptions of flat options `o`."""
-    _check_numbers(o)
-    _check_run_flags(o)
+    check_numbers(o)
+    check_run_flags(o)
     return TrainingOptions(
         dataset_kwargs=dict(class_name='training.data.dataset.ImageFolderDataset', path=o.data, use_labels=bool(o.cond),
                             xflip=bool(o.xflip), cache=bool(o.cache)),

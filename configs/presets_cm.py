@@ -2,9 +2,10 @@
 l2 and LPIPS, CT, EDM pretraining with `edm_train.py`'s settings) on ImageNet-64 and LSUN-256, as presets of
 configs/presets.py. Differences from the public code: docs/CONSISTENCY_MODELS.md.
 
-Flat keys these presets add: teacher (the EDM-form network CD and progressive distillation distil; also the
-initial weights when transfer='teacher', as the official cm_train.py copies the teacher into the student),
-loss_norm, lpips_vgg, lpips_lin (overriding the method's own options).
+Flat keys these presets add: teacher (the EDM-form network CD and progressive distillation distil, and sCD's
+teacher; also the initial weights when transfer='teacher', as the official cm_train.py copies the teacher into the
+student), stage1 (TCM's stage-1 network; the initial weights when transfer='stage1', as NVlabs/TCM's README passes
+the same file to --transfer), loss_norm, lpips_vgg, lpips_lin (overriding the method's own options).
 """
 
 import dnnlib
@@ -13,7 +14,8 @@ from training.networks.karras import RELEASED_UNETS
 
 PRECOND = 'training.networks.karras.KarrasDenoiser'
 ARCHS = {'cm-imagenet64': dict(RELEASED_UNETS['imagenet64']), 'cm-lsun256': dict(RELEASED_UNETS['lsun256'])}
-METHOD_FLAGS = ('teacher', 'loss_norm', 'lpips_vgg', 'lpips_lin')
+METHOD_FLAGS = ('teacher', 'stage1', 'loss_norm', 'lpips_vgg', 'lpips_lin')
+NETWORK_FILE_FLAGS = ('teacher', 'stage1')   # flags naming a network file that transfer= may name too
 FLAG_DEFAULTS = {key: None for key in METHOD_FLAGS}
 METHODS = 'training.methods.consistency_models.'
 
@@ -83,8 +85,7 @@ def apply_method_flags(method_kwargs, o):
     does not take or a teacher it needs and lacks."""
     for key in METHOD_FLAGS:
         value = o.get(key)
-        if value is None or (key == 'teacher' and o.get('transfer') == 'teacher'
-                             and key not in method_kwargs):
+        if value is None or (key in NETWORK_FILE_FLAGS and o.get('transfer') == key and key not in method_kwargs):
             continue
         if key not in method_kwargs:
             raise dnnlib.UserError(f'--{key.replace("_", "-")}: the training method {method_kwargs["class_name"]} '
@@ -98,15 +99,17 @@ def apply_method_flags(method_kwargs, o):
 
 def method_files(method_kwargs):
     """{flag: path} of the files a Consistency Models method reads (teacher, LPIPS weights), for up-front checks."""
-    return {f'--{key.replace("_", "-")}': method_kwargs[key] for key in ('teacher', 'lpips_vgg', 'lpips_lin')
-            if method_kwargs.get(key)}
+    return {f'--{key.replace("_", "-")}': method_kwargs[key]
+            for key in ('teacher', 'stage1', 'lpips_vgg', 'lpips_lin') if method_kwargs.get(key)}
 
 
 def transfer_path(o):
-    """The initial weights: --transfer, where 'teacher' means the --teacher network (as the official code)."""
-    if o.get('transfer') != 'teacher':
-        return o.get('transfer')
-    if not o.get('teacher'):
-        raise dnnlib.UserError('--teacher: required: this recipe starts from the teacher\'s weights (pass '
-                               '--teacher=edm_*.pt, or --transfer=none to start from scratch)')
-    return o.get('teacher')
+    """The initial weights: --transfer, where 'teacher' / 'stage1' mean the --teacher / --stage1 network (as the
+    official codes)."""
+    key = o.get('transfer')
+    if key not in NETWORK_FILE_FLAGS:
+        return key
+    if not o.get(key):
+        raise dnnlib.UserError(f'--{key}: required: this recipe starts from the {key} network\'s weights (pass '
+                               f'--{key}=FILE, or --transfer=none to start from scratch)')
+    return o.get(key)

@@ -30,8 +30,9 @@ from training.sampling import samplers
 from training.sampling.generation import generate_images
 
 # detector: kind for metrics.detectors.get_detector; ref: 'stats' (mu/sigma), 'features' or None;
-# num_samples: generated images of the published metric; steps: sampling steps; sampler: 'consistency' or 'heun'
-# (EDM's Heun sampler, NFE = 2 * steps - 1, for diffusion networks).
+# num_samples: generated images of the published metric; steps: sampling steps; sampler: 'consistency' (the network's
+# few-step sampler: consistency, trigflow or meanflow, samplers.few_step_family) or 'heun' (EDM's Heun sampler,
+# NFE = 2 * steps - 1, for diffusion networks).
 _MetricSpec = collections.namedtuple('_MetricSpec', ['detector', 'ref', 'num_samples', 'steps', 'sampler'],
                                      defaults=['consistency'])
 _METRICS = types.MappingProxyType(dict(
@@ -128,9 +129,9 @@ def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, met
     if sampler is None:
         if mid_t is not None and steps == 2:
             mid_t = [float(t) for t in (mid_t if isinstance(mid_t, (list, tuple)) else [mid_t])]
-        sampler = 'consistency'
-        sampler_kwargs = samplers.consistency_kwargs(net, num_steps=steps, mid_t=mid_t if steps == 2 else None,
-                                                     metadata=metadata)
+        sampler = samplers.few_step_family(net, metadata) or 'consistency'
+        sampler_kwargs = samplers.few_step_kwargs(net, num_steps=steps, mid_t=mid_t if steps == 2 else None,
+                                                  metadata=metadata, family=sampler)
     sampler_kwargs = dict(sampler_kwargs or {})
     return dict(sampler=sampler, sampler_kwargs=sampler_kwargs, nfe=samplers.sampler_nfe(sampler, sampler_kwargs))
 

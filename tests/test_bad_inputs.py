@@ -322,6 +322,24 @@ def test_train_refuses_bad_flags_before_any_output(train_data, tmp_path, flags, 
     assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.parametrize('preset, flags, message', [
+    ('cifar10-sct', ['--arch-kwargs={"logvar_head": false}'], 'adaptive_weighting: True needs a network built with'),
+    ('cifar10-scd', ['--teacher='], '--teacher: required by this recipe'),
+    ('cifar10-meanflow', ['--arch=ddpmpp', '--precond=edm', '--augment=0'], 'MeanFlow trains a'),
+    ('cifar10-meanflow', ['--arch-kwargs={"augment_dim": 9}'], 'augment_kwargs give 6 augment labels but the network'),
+    ('cifar10-tcm', [], 'stage1'),
+    ('cifar10-tcm', ['--stage1=missing-stage1.pt'], 'stage1: missing-stage1.pt does not exist'),
+])
+def test_continuous_time_methods_refuse_bad_input_before_any_output(train_data, tmp_path, preset, flags, message):
+    """A JVP method on a network it cannot train, sCD without a teacher, TCM without a stage-1 network: one line."""
+    args = ['--preset=' + preset, f'--data={train_data}', f'--outdir={tmp_path / "runs"}', '--transfer=none',
+            '--dry-run', '--arch-kwargs={"model_channels": 16, "channel_mult": [1], "num_blocks": 1, '
+            '"attn_resolutions": []}', *flags]
+    line = _one_line_cli_error(train.main, args)
+    assert message in line, line
+    assert not (tmp_path / 'runs').exists()
+
+
 @pytest.mark.parametrize('damage', ['truncated', 'flipped byte', 'other size'])
 def test_train_reads_every_image_before_any_output(tmp_path, damage):
     data = write_random_dataset(tmp_path / 'data', num_images=8)

@@ -6,6 +6,7 @@ one line on stderr and an exit code, through `user_errors()`.
 """
 
 import contextlib
+import json
 import re
 
 import click
@@ -60,6 +61,40 @@ def parse_float_list(values, flag):
     return floats or None
 
 
+def parse_double(text):
+    """--double: ticks per stage, or 'inf'/'never' (inf: the stage never grows)."""
+    if text is None:
+        return None
+    if str(text).lower() in ('inf', 'never', 'none'):
+        return float('inf')
+    try:
+        return float(text)
+    except ValueError:
+        raise dnnlib.UserError(f'--double: expected a number of ticks or "never", got "{text}"') from None
+
+
+def parse_json_dict(text, flag):
+    """A JSON object given on the command line (e.g. --arch-kwargs), as a dict; None when not given."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise dnnlib.UserError(f'{flag}: not valid JSON ({e.msg}): {text}') from None
+    if not isinstance(value, dict):
+        raise dnnlib.UserError(f'{flag}: expected a JSON object, got {text}')
+    return value
+
+
+def parse_metric_list(text):
+    """--metrics / --eval-init: None = the preset's list; '' or 'none' = no metrics; else the comma list."""
+    if text is None:
+        return None
+    if text.strip().lower() == 'none':
+        return []
+    return [m.strip() for m in text.split(',') if m.strip()]
+
+
 def state_dict_options(fn):
     """The flags of openai consistency_models state dicts (`--resolution --parameterization --num_head_channels`),
     which a `.pt` file cannot reveal; pass them to load_network."""
@@ -86,14 +121,15 @@ def load_network(network, allow_unsafe_pickle=False, **state_dict_options):
 
 
 def load_consistency_network(network, allow_unsafe_pickle=False, **state_dict_options):
-    """A consistency network (eval mode, CPU) from any network file load_network reads: our ECM snapshots,
-    official ECT pickles, or openai's consistency-form cd_*/ct_*.pt. Diffusion models (EDM, EDM2, openai's
-    edm_*.pt) are refused with one message."""
+    """(network in eval mode on the CPU, its few-step sampler family) from any network file load_network reads
+    that a few-step sampler serves: our ECM, sCM and MeanFlow snapshots, official ECT pickles, or openai's
+    consistency-form cd_*/ct_*.pt. Diffusion models (EDM, EDM2, openai's edm_*.pt) are refused with one message."""
     from training.sampling import samplers  # Deferred: keeps `--help` of every command line light.
-    net, _ = load_network(network, allow_unsafe_pickle, **state_dict_options)
+    net, metadata = load_network(network, allow_unsafe_pickle, **state_dict_options)
     if samplers.is_karras_net(net) and not net.is_consistency:
         raise dnnlib.UserError(f'--network={network}: an EDM-form (edm_*.pt) network is a diffusion model, not a '
                                f'consistency model; pass a cd_*/ct_* network or --parameterization=consistency')
-    if not samplers.is_consistency_net(net):
+    family = samplers.few_step_family(net, metadata)
+    if family is None:
         raise dnnlib.UserError(f'--network={network}: a diffusion model; this needs a consistency model')
-    return net
+    return net, family

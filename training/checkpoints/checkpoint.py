@@ -14,7 +14,9 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from training.checkpoints.safe_pickle import (LEGACY_NETWORK_MODULES, NETWORK_CLASS_MODULE, NETWORK_CLASS_NAMES, file_name, instantiate, load_state_strict, name_list, network_class, refusal, torch_refused_global, unreadable)
+from training.checkpoints.network_classes import LEGACY_NETWORK_MODULES, NETWORK_CLASS_MODULE, NETWORK_CLASS_NAMES
+from training.checkpoints.safe_pickle import (file_name, instantiate, load_state_strict, name_list, network_class, refusal,
+    torch_refused_global, unreadable)
 
 SNAPSHOT_FORMAT = 'ect-network-snapshot'
 SNAPSHOT_VERSION = 2   # 2: with a checksum of the content (version 1 files, without, are still read)

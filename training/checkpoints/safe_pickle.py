@@ -24,21 +24,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from torch_utils import persistence
-
-# Network classes that official records and our snapshots may name, by the module defining them here.
-NETWORK_MODULES = {
-    'training.networks': ('VPPrecond', 'VEPrecond', 'EDMPrecond', 'ECMPrecond', 'SongUNet', 'DhariwalUNet',
-                          'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding'),
-    'training.networks.edm2': ('Precond', 'UNet', 'Block', 'MPConv', 'MPFourier'),
-    'training.networks.karras': ('KarrasDenoiser',),
-}
-NETWORK_CLASS_MODULE = {name: module for module, names in NETWORK_MODULES.items() for name in names}
-# Where those modules were before training/ had rooms: snapshots written then (and EDM2's own code) name them.
-LEGACY_NETWORK_MODULES = {'training.networks_edm2': 'training.networks.edm2',
-                          'training.networks_cm': 'training.networks.karras'}
-NETWORK_CLASS_NAMES = frozenset(
-    [f'{module}.{name}' for name, module in NETWORK_CLASS_MODULE.items()]
-    + [f'{old}.{name}' for old, new in LEGACY_NETWORK_MODULES.items() for name in NETWORK_MODULES[new]])
+from training.checkpoints.network_classes import NETWORK_CLASS_MODULE
 
 # Non-network objects of official pickles: kept as PersistentRecord(class_name, init_kwargs), never built.
 _RECORD_ONLY_CLASSES = frozenset(['EDMLoss', 'VPLoss', 'VELoss', 'ECMLoss', 'ECTLoss', 'EDM2Loss', 'AugmentPipe',

@@ -38,7 +38,7 @@ class TrainingOptions:
     compile: bool = False               # torch.compile the trained network (training.compile; off: see train.py --compile)
     transfer: str = None                # initial weights: official pickle, URL or our snapshot
     mid_t: list = dataclasses.field(default_factory=lambda: [CIFAR10_MID_T])    # intermediate times of 2-step grids
-    grid_sampler: str = 'consistency'   # consistency | edm
+    grid_sampler: str = 'consistency'   # edm | consistency | trigflow | meanflow (samplers.FEW_STEP)
     find_unused_parameters: bool = False    # DDP option for networks with parameters the loss never uses
     channels_last: bool = False         # train the network in NHWC layout (training.networks.layers.set_memory_format)
     tensorboard: bool = False           # also write TensorBoard events (scalars, grids, metrics)

@@ -32,13 +32,15 @@ def grid_inputs(net, num_images, device, seed=0):
 
 
 def grid_runs(grid_sampler, mid_t):
-    """[(tag, sampler, kwargs)] of the grids: EDM Heun, or 1-step and (1 + len(mid_t))-step consistency sampling."""
+    """[(tag, sampler, kwargs)] of the grids: EDM Heun ('edm'), or 1-step and (1 + len(mid_t))-step sampling with
+    a few-step sampler (samplers.FEW_STEP: consistency, trigflow, meanflow; mid_t in its time variable)."""
     if grid_sampler == 'edm':
         return [('heun', samplers.edm_sampler, {})]
-    steps = [samplers.make_consistency_steps(samplers.T_MAX)]
+    spec = samplers.FEW_STEP[grid_sampler]
+    steps = [spec.make_steps(spec.t_max, [])]
     if mid_t:
-        steps.append(samplers.make_consistency_steps(samplers.T_MAX, list(mid_t)))
-    return [(f'{len(t_steps) - 1}step', samplers.consistency_sampler, dict(t_steps=t_steps)) for t_steps in steps]
+        steps.append(spec.make_steps(spec.t_max, list(mid_t)))
+    return [(f'{len(t_steps) - 1}step', spec.sampler, dict(t_steps=t_steps)) for t_steps in steps]
 
 
 def save_grids(net, run_dir, prefix, runs, device, num_images=64):

@@ -8,6 +8,7 @@ training states and pre-emption. The loop never asks which method it runs; it on
 this order (presets name the method as method_kwargs=dict(class_name='training.methods.ect.ECT', ...)):
 
     method = construct_class_by_name(**method_kwargs)            # hyperparameters only, no heavy work
+    method.check_network(net)                                     # train.py, before any work: net on 'meta'
     method.setup(net, device)                                     # once, after the trained net exists
     method.load_state_dict(state)                                 # on resume only, after setup
     every step:
@@ -54,6 +55,11 @@ class Progress:
 
 class Method:
     """Base class of training methods: every hook but `loss` is optional (a no-op here)."""
+
+    def check_network(self, net):
+        """Refuse, with one dnnlib.UserError, a network this method cannot train (another form, no JVP, augment
+        labels of another width). train.py calls it before any work, with the network built on the 'meta' device
+        (shapes, no values); methods also call it from setup."""
 
     def setup(self, net, device):
         """Build the method's own networks (teacher, target, ...) for the trained network `net` on `device`,

@@ -26,9 +26,9 @@ class EDM(LossMethod):
 
     def setup(self, net, device):
         super().setup(net, device)
-        self._check_augmentation(net)
+        self.check_network(net)
 
-    def _check_augmentation(self, net):
+    def check_network(self, net):
         """UserError unless the network's augment_dim is the width of the augment labels (0 without augmentation)."""
         pipe, augment_dim = self.loss_fn.augment_pipe, network_augment_dim(net)
         if pipe is None:

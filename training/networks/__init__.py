@@ -4,7 +4,9 @@ U-Net (`SongUNet`), the ADM U-Net (`DhariwalUNet`) and the VP / VE / EDM / ECM p
 Official EDM pickles and this project's snapshots name these classes as `training.networks.<Class>`, so every
 class is re-exported here from the module that defines it. Beside them: EDM2's U-Net and preconditioner (edm2,
 named `training.networks_edm2.<Class>` by EDM2's own code and earlier snapshots), openai's Consistency Models U-Net
-(karras) and the random draws inside a forward pass (randomness).
+(karras), the continuous-time forms (trigflow: sCM's F_θ around an EDM network; meanflow_unet: MeanFlow's two-time
+U-Net; tcm_precond: TCM's two-network training form), the random draws inside a forward pass (randomness) and
+forward-mode AD through any of them (jvp).
 
 May import: torch_utils, dnnlib.
 """

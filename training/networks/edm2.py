@@ -87,8 +87,9 @@ class MPFourier(torch.nn.Module):
         self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
 
     def forward(self, x):
-        y = x.to(torch.float32).ger(self.freqs.to(torch.float32))
-        y = (y + self.phases.to(torch.float32)).cos() * np.sqrt(2)
+        dtype = torch.promote_types(x.dtype, torch.float32)    # float32 as the official code; float64 stays
+        y = x.to(dtype).ger(self.freqs.to(dtype))
+        y = (y + self.phases.to(dtype)).cos() * np.sqrt(2)
         return y.to(x.dtype)
 
 
@@ -313,13 +314,14 @@ class Precond(torch.nn.Module):
         label_dim,                  # Class label dimensionality. 0 = unconditional.
         use_fp16=True,              # Run the U-Net in float16 on CUDA (unless force_fp32)?
         sigma_data=0.5,             # Expected standard deviation of the training data.
-        ecm_sigma_min=None,         # σ_min of ECT's boundary-condition form; None = plain EDM2 preconditioning.
+        ecm_sigma_min=None,         # σ_min of ECT's boundary-condition form (0: EDM's form, as TCM's consistency
+                                    # networks); None = plain EDM2 preconditioning (a diffusion network).
         logvar_channels=None,       # Channels of EDM2's uncertainty head (official: 128); None = no head.
         **unet_kwargs,              # Arguments for UNet.
     ):
         super().__init__()
-        if ecm_sigma_min is not None and not ecm_sigma_min > 0:
-            raise UserError(f'EDM2 Precond: ecm_sigma_min must be positive or None, not {ecm_sigma_min!r}')
+        if ecm_sigma_min is not None and not ecm_sigma_min >= 0:
+            raise UserError(f'EDM2 Precond: ecm_sigma_min must be non-negative or None, not {ecm_sigma_min!r}')
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim

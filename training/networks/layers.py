@@ -3,6 +3,7 @@ bit-for-bit, and the pieces both U-Nets (`song_unet`, `dhariwal_unet`) assemble 
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 from torch.nn.functional import silu
 
 import dnnlib
@@ -135,7 +136,14 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
+        if carries_tangent(x):
+            x = x.contiguous()  # torch's CPU group_norm JVP views a channels-last input flat and fails; CUDA copies too
         return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+
+
+def carries_tangent(x):
+    """Whether `x` is a dual tensor of forward-mode AD (inside torch.func.jvp or a forward_ad.dual_level)."""
+    return forward_ad.unpack_dual(x).tangent is not None
 
 #----------------------------------------------------------------------------
 # Multi-head self-attention over pixels (Vaswani et al. 2017, Eq. 1) in EDM's layout: the qkv convolution's

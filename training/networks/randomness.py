@@ -48,6 +48,7 @@ class DrawTape:
         if self.mode != 'replay':
             value = make()
             if self.mode == 'record':
+                value = _plain(value)
                 self.draws.append(value)
             return value
         if self.cursor >= len(self.draws):
@@ -55,6 +56,16 @@ class DrawTape:
         value = self.draws[self.cursor]
         self.cursor += 1
         return value if self.rows is None else value[self.rows]
+
+
+def _plain(value):
+    """`value` as a plain tensor: a draw made inside torch.func.jvp comes wrapped for that call's level (with no
+    tangent), and a recorded draw must stay valid, the same tensor, in every later pass, inside a JVP or not."""
+    if torch.compiler.is_compiling():
+        return value
+    while torch._C._functorch.is_functorch_wrapped_tensor(value):
+        value = torch._C._functorch.get_unwrapped(value)
+    return value
 
 
 def draw(tape, make):

@@ -7,6 +7,7 @@ callers pass networks already in `eval()` (ECM networks are called in their eval
 `boundary=True`, which does not depend on the mode anyway).
 """
 
+import collections
 import inspect
 import math
 
@@ -15,7 +16,7 @@ import torch
 
 import dnnlib
 from torch_utils import misc
-from training.sampling import samplers_karras
+from training.sampling import samplers_karras, samplers_meanflow, samplers_trigflow
 
 # Recipe defaults of consistency sampling (docs/ECT.md §5).
 T_MAX = 80.0                # first time step t_max of consistency sampling
@@ -171,71 +172,114 @@ def is_consistency_net(net):
     return 'boundary' in inspect.signature(net.forward).parameters
 
 
-def default_mid_t(net, metadata=None):
-    """The 2-step recipe's intermediate time for `net`: snapshot metadata first, else by network family."""
-    if metadata and metadata.get('mid_t') is not None:
+# Few-step samplers by family, each in its own time variable: 'consistency' (ECT, CD/CT, TCM: noise level σ, from
+# T_MAX = 80), 'trigflow' (sCT/sCD: TrigFlow time in radians, from arctan(80/σd)), 'meanflow' (MeanFlow: flow time,
+# noise at 1). make_steps(t_max, mid_t) -> t_steps; mid_t: the 2-step default (None: by network, default_mid_t).
+FewStep = collections.namedtuple('FewStep', ['sampler', 'make_steps', 't_max', 'mid_t'])
+FEW_STEP = dict(
+    consistency=FewStep(consistency_sampler, make_consistency_steps, T_MAX, None),
+    trigflow=FewStep(samplers_trigflow.trigflow_sampler, samplers_trigflow.make_trigflow_steps,
+                     samplers_trigflow.TRIG_T_MAX, [samplers_trigflow.TRIG_MID_T]),
+    meanflow=FewStep(samplers_meanflow.meanflow_sampler, samplers_meanflow.make_meanflow_steps,
+                     samplers_meanflow.MEANFLOW_T_MAX, [samplers_meanflow.MEANFLOW_MID_T]),
+)
+
+
+def few_step_family(net, metadata=None):
+    """The few-step sampler family of `net` (a FEW_STEP key), or None for a diffusion network: the snapshot's
+    recorded `sampler` first (its training method's), else recognised from the network."""
+    if metadata and metadata.get('sampler') in FEW_STEP:
+        return metadata['sampler']
+    if getattr(net, 'is_trigflow', False):
+        return 'trigflow'
+    if getattr(net, 'is_meanflow', False):
+        return 'meanflow'
+    return 'consistency' if is_consistency_net(net) else None
+
+
+def default_mid_t(net, metadata=None, family='consistency'):
+    """The 2-step recipe's intermediate time of `family` for `net`: the snapshot's metadata first (when it was
+    recorded for the same family), else the family's, else (consistency) by network."""
+    metadata = metadata or {}
+    if metadata.get('sampler', 'consistency') == family and metadata.get('mid_t') is not None:
         mid_t = metadata['mid_t']
         return [float(t) for t in (mid_t if isinstance(mid_t, (list, tuple)) else [mid_t])]
+    if FEW_STEP[family].mid_t is not None:
+        return list(FEW_STEP[family].mid_t)
     return [IMAGENET64_MID_T if hasattr(net, 'unet') else CIFAR10_MID_T]
+
+
+def few_step_kwargs(net, num_steps=None, mid_t=None, t_max=None, metadata=None, family='consistency'):
+    """Keyword arguments of the `family` sampler: 2 steps with the recipe's mid_t unless told otherwise."""
+    if mid_t is None:
+        if num_steps is not None and num_steps > 2:
+            raise dnnlib.UserError(f'--steps={num_steps}: more than 2 {family} steps need --mid_t with '
+                                   f'{num_steps - 1} intermediate times')
+        mid_t = [] if num_steps == 1 else default_mid_t(net, metadata, family)
+    elif num_steps is not None and num_steps != len(mid_t) + 1:
+        raise dnnlib.UserError(f'--steps={num_steps} does not match --mid_t with {len(mid_t)} values '
+                               f'({len(mid_t) + 1} steps)')
+    spec = FEW_STEP[family]
+    return dict(t_steps=spec.make_steps(spec.t_max if t_max is None else t_max, mid_t))
 
 
 def consistency_kwargs(net, num_steps=None, mid_t=None, t_max=T_MAX, metadata=None):
     """Keyword arguments of `consistency_sampler`: 2 steps with the recipe's mid_t unless told otherwise."""
-    if mid_t is None:
-        if num_steps is not None and num_steps > 2:
-            raise dnnlib.UserError(f'--steps={num_steps}: more than 2 consistency steps need --mid_t with '
-                                   f'{num_steps - 1} intermediate times')
-        mid_t = [] if num_steps == 1 else default_mid_t(net, metadata)
-    elif num_steps is not None and num_steps != len(mid_t) + 1:
-        raise dnnlib.UserError(f'--steps={num_steps} does not match --mid_t with {len(mid_t)} values '
-                               f'({len(mid_t) + 1} steps)')
-    return dict(t_steps=make_consistency_steps(t_max, mid_t))
+    return few_step_kwargs(net, num_steps, mid_t, t_max, metadata, 'consistency')
 
 
-def _default_sampler(net, ts):
+def _default_sampler(net, ts, metadata):
     if is_karras_net(net):
         return ('multistep' if ts is not None else 'onestep') if net.is_consistency else 'heun'
-    return 'consistency' if is_consistency_net(net) else 'heun'
+    return few_step_family(net, metadata) or 'heun'
 
 
 def resolve_sampler(net, sampler=None, num_steps=None, mid_t=None, t_max=None, metadata=None, ts=None,
                     clip_denoised=None, **heun_kwargs):
-    """(sampler name, sampler kwargs) for `net`: consistency for ECM networks, Heun for diffusion networks;
+    """(sampler name, sampler kwargs) for `net`: its few-step family (few_step_family: consistency for ECM
+    networks, trigflow / meanflow for sCM / MeanFlow networks), Heun for diffusion networks;
     openai's networks (KarrasDenoiser) default to onestep (multistep with `ts`) or openai's Heun with 40 steps.
     The names of samplers_karras.SAMPLERS select openai's karras_sample ('karras', kwargs naming the sampler) for
     any network; 'heun' is openai's for KarrasDenoiser and EDM's for every other network.
 
     Options of the other sampler are refused (a UserError naming the flag) rather than silently ignored.
     """
-    sampler = sampler or _default_sampler(net, ts)
+    sampler = sampler or _default_sampler(net, ts, metadata)
     if sampler in samplers_karras.SAMPLERS and (sampler != 'heun' or is_karras_net(net)):
-        if mid_t is not None or t_max is not None:
-            raise dnnlib.UserError(f'--{"mid_t" if mid_t is not None else "t-max"}: only used by --sampler=consistency')
+        _refuse_few_step_flags(mid_t, t_max)
         return 'karras', samplers_karras.karras_kwargs(sampler, num_steps, ts, clip_denoised, **heun_kwargs)
     if ts is not None or clip_denoised is not None:
         raise dnnlib.UserError(f'--{"ts" if ts is not None else "clip_denoised"}: only used by openai\'s samplers '
                                f'({", ".join(samplers_karras.SAMPLERS)})')
-    if sampler == 'consistency':
+    if sampler in FEW_STEP:
         if heun_kwargs:
             raise dnnlib.UserError(f'--{next(iter(heun_kwargs))}: only used by --sampler=heun')
-        return sampler, consistency_kwargs(net, num_steps, mid_t, T_MAX if t_max is None else t_max, metadata)
-    if mid_t is not None or t_max is not None:
-        raise dnnlib.UserError(f'--{"mid_t" if mid_t is not None else "t-max"}: only used by --sampler=consistency')
+        return sampler, few_step_kwargs(net, num_steps, mid_t, t_max, metadata, sampler)
+    _refuse_few_step_flags(mid_t, t_max)
     if num_steps is not None:
         heun_kwargs['num_steps'] = num_steps
     return 'heun', heun_kwargs
 
 
+def _refuse_few_step_flags(mid_t, t_max):
+    if mid_t is not None or t_max is not None:
+        raise dnnlib.UserError(f'--{"mid_t" if mid_t is not None else "t-max"}: only used by the few-step samplers '
+                               f'(--sampler={"/".join(FEW_STEP)})')
+
+
 def sampler_nfe(sampler, sampler_kwargs):
-    """Network evaluations per image: len(t_steps) − 1 (consistency, default 2 steps), 2N − 1 (Heun, N = 18)."""
-    if sampler == 'consistency':
-        return len(sampler_kwargs.get('t_steps', (T_MAX, CIFAR10_MID_T, 0.0))) - 1
+    """Network evaluations per image: len(t_steps) − 1 (few-step samplers; consistency's default is 2 steps),
+    2N − 1 (Heun, N = 18)."""
+    if sampler in FEW_STEP:
+        default = (T_MAX, CIFAR10_MID_T, 0.0) if sampler == 'consistency' else (FEW_STEP[sampler].t_max, 0.0)
+        return len(sampler_kwargs.get('t_steps', default)) - 1
     if sampler == 'karras':
         return samplers_karras.karras_nfe(**sampler_kwargs)
     return 2 * sampler_kwargs.get('num_steps', HEUN_NUM_STEPS) - 1
 
 
-SAMPLERS = dict(consistency=consistency_sampler, heun=edm_sampler, karras=samplers_karras.karras_sample)
+SAMPLERS = dict(heun=edm_sampler, karras=samplers_karras.karras_sample,
+               **{name: spec.sampler for name, spec in FEW_STEP.items()})
 
 # ----------------------------------------------------------------------------------------------------------
 # Output conversion.
