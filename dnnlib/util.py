@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import json
 import os
 import re
 import shutil
@@ -63,6 +64,17 @@ def construct_class_by_name(*args, class_name, **kwargs):
     if not callable(cls):
         raise UserError(f'"{class_name}" is not callable')
     return cls(*args, **kwargs)
+
+
+def json_object(text, where):
+    """The JSON object (a dict) in `text`; one UserError naming `where` (a flag, a file and line) otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f'{where}: not valid JSON ({e.msg}): {text.strip()}') from None
+    if not isinstance(value, dict):
+        raise UserError(f'{where}: expected a JSON object, got {text.strip()}')
+    return value
 
 
 def _current_umask():

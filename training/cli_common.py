@@ -6,7 +6,6 @@ one line on stderr and an exit code, through `user_errors()`.
 """
 
 import contextlib
-import json
 import re
 
 import click
@@ -75,15 +74,7 @@ def parse_double(text):
 
 def parse_json_dict(text, flag):
     """A JSON object given on the command line (e.g. --arch-kwargs), as a dict; None when not given."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise dnnlib.UserError(f'{flag}: not valid JSON ({e.msg}): {text}') from None
-    if not isinstance(value, dict):
-        raise dnnlib.UserError(f'{flag}: expected a JSON object, got {text}')
-    return value
+    return None if text is None else dnnlib.util.json_object(text, flag)
 
 
 def parse_metric_list(text):

@@ -4,7 +4,6 @@ metric, snapshot_pkl, sampler, nfe, num_samples, ...). Used by the plots, the ex
 and the experiment trackers. Lines that do not parse are a UserError naming the file and line."""
 
 import glob
-import json
 import os
 import re
 
@@ -23,13 +22,7 @@ def read_jsonl(path):
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise dnnlib.UserError(f'{path}: line {line_no} is not JSON ({e.msg})') from None
-            if not isinstance(record, dict):
-                raise dnnlib.UserError(f'{path}: line {line_no} is not a JSON object')
-            records.append(record)
+            records.append(dnnlib.util.json_object(line, f'{path}: line {line_no}'))
     return records
 
 
