@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -38,10 +39,20 @@ def _transferred_quickstart_network(run_dir):
     return ecm.eval()
 
 
-def test_background_scores_match_the_in_loop_scores(shapes_zip, tmp_path):
+@pytest.fixture(scope='module')
+def background_run(shapes_zip, tmp_path_factory):
+    """One quickstart run scoring its initial network in the background: (run dir, records, output, threads before,
+    threads after); the tests below read it (a copy of it is resumed)."""
     threads = torch.get_num_threads()
-    run_dir, records, output = _run(shapes_zip, tmp_path / 'runs', '--eval-init-background=1', '--sample-every=2')
-    assert torch.get_num_threads() == threads                   # the threads lent to the child came back
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('ECT_CACHE_DIR', str(tmp_path_factory.mktemp('cache')))
+        run = _run(shapes_zip, tmp_path_factory.mktemp('runs'), '--eval-init-background=1', '--sample-every=2')
+    return (*run, threads, torch.get_num_threads())
+
+
+def test_background_scores_match_the_in_loop_scores(shapes_zip, background_run):
+    run_dir, records, output, threads_before, threads_after = background_run
+    assert threads_after == threads_before                      # the threads lent to the child came back
     assert set(records) == {('initial-network.pt', 'fd_randnet_heun'), ('initial-network.pt', 'fd_randnet'),
                             ('network-snapshot-000000.pt', 'fd_randnet')}
     # The same numbers as scoring the transferred network directly (only float sums' thread split may differ).
@@ -83,13 +94,14 @@ def test_cancel_stops_the_child(tmp_path):
     assert not evaluation.process.is_alive() and torch.get_num_threads() == threads
 
 
-def test_a_resumed_run_finishes_what_a_preemption_cut_short(shapes_zip, tmp_path):
+def test_a_resumed_run_finishes_what_a_preemption_cut_short(shapes_zip, background_run, tmp_path):
     outdir = tmp_path / 'runs'
-    run_dir, records, _ = _run(shapes_zip, outdir, '--eval-init-background=1', '--sample-every=0')
+    run_dir = outdir / background_run[0].name
+    shutil.copytree(background_run[0], run_dir)
     heun = run_dir / 'metric-fd_randnet_heun.jsonl'
     first = heun.read_text()
     heun.unlink()                      # as if pre-empted before the child wrote it
-    resumed_dir, resumed, output = _run(shapes_zip, outdir, '--eval-init-background=1', '--sample-every=0',
+    resumed_dir, resumed, output = _run(shapes_zip, outdir, '--eval-init-background=1', '--sample-every=2',
                                         '--resume=auto', '--duration=0.000096')
     assert resumed_dir == run_dir
     initial = [r for r in metric_main.all_records(str(run_dir)) if r['snapshot_pkl'] == 'initial-network.pt']

@@ -56,15 +56,15 @@ def final_state(run_dir):
 ])
 def test_cm_run_resumes_exactly(files, tmp_path, preset, extra):
     extra = [e.format(**files) for e in extra]
-    code, output = invoke(run_args(preset, files, tmp_path / 'whole', 24, extra))
+    code, output = invoke(run_args(preset, files, tmp_path / 'whole', 16, extra))
     assert code == 0, output
     code, output = invoke(run_args(preset, files, tmp_path / 'part', 8, extra))
     assert code == 0, output
     state_file = tmp_path / 'part' / 'training-state-latest.pt'
-    code, output = invoke(run_args(preset, files, tmp_path / 'resumed', 24, extra) + [f'--resume={state_file}'])
+    code, output = invoke(run_args(preset, files, tmp_path / 'resumed', 16, extra) + [f'--resume={state_file}'])
     assert code == 0, output
     whole, resumed = final_state(tmp_path / 'whole'), final_state(tmp_path / 'resumed')
-    assert whole['method']['step'] == resumed['method']['step'] == 6
+    assert whole['method']['step'] == resumed['method']['step'] == 4
     for key in ('net', 'optimizer'):
         assert key in whole
     for name, value in whole['net'].items():
