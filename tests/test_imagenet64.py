@@ -46,8 +46,8 @@ EDM2_CDN = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/'
 TINY_ARCH = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
 NUM_CLASSES = 3
 RES = 8
-BATCH = 32
-TICK_KIMG = 1.024   # 32 steps of 32 images: every tick crosses a kimg boundary, so snapshot names differ
+BATCH = 16
+TICK_KIMG = 0.512   # 32 steps of 16 images: the two ticks end in kimg 0 and 1, so snapshot names differ
 EMA_SUFFIXES = ['-0.010', '-0.050', '-0.100', '-b0.9999']
 
 
@@ -289,7 +289,7 @@ def run_dir(tmp_path_factory, data_dir, official):
         sampled.append((all(not m.training for m in net.modules()), class_labels))
         return real_sampler(net, latents, class_labels, **kwargs)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(samplers, 'consistency_sampler', spy)
+        mp.setitem(samplers.FEW_STEP, 'consistency', samplers.FEW_STEP['consistency']._replace(sampler=spy))
         args = ['--preset=cifar10-ecm', '--preset=imagenet64-ecm-s',   # run_ecm.sh passes the CIFAR preset first
                 f'--data={data_dir}', f'--outdir={out}', '--nosubdir', f'--transfer={official[1]}',
                 '--arch-kwargs=' + json.dumps(TINY_ARCH), f'--batch={BATCH}', f'--tick={TICK_KIMG}',
@@ -326,11 +326,11 @@ def test_run_samples_ema_nets_in_eval_mode_with_labels(run_dir):
 
 def test_run_writes_power_ema_snapshots(run_dir):
     out, _ = run_dir
-    for kimg in (1, 2):
+    for tick in (1, 2):
         for suffix in EMA_SUFFIXES:
-            net, meta = checkpoint.load_network_snapshot(out / f'network-snapshot-{kimg:06d}{suffix}.pt')
+            net, meta = checkpoint.load_network_snapshot(out / f'network-snapshot-{tick - 1:06d}{suffix}.pt')
             assert not net.training and meta['ema'] == suffix and meta['mid_t'] == [SPEC['mid_t']]
-            assert meta['nimg'] == kimg * 32 * BATCH and net.ecm_sigma_min == 0.003
+            assert meta['nimg'] == tick * 32 * BATCH and net.ecm_sigma_min == 0.003
 
 
 def test_phema_cli_reconstructs_stored_profile(run_dir, tmp_path):
@@ -338,13 +338,13 @@ def test_phema_cli_reconstructs_stored_profile(run_dir, tmp_path):
     result = CliRunner().invoke(phema.main, [f'--indir={out}', f'--outdir={tmp_path}', '--std=0.05,0.075'])
     assert result.exit_code == 0, result.output
     # A stored profile (sigma_rel 0.050 at the latest snapshot) is in the span: its reconstruction is that snapshot.
-    rec, meta = checkpoint.load_network_snapshot(tmp_path / 'phema-000002-0.050.pt')
-    stored, _ = checkpoint.load_network_snapshot(out / 'network-snapshot-000002-0.050.pt')
+    rec, meta = checkpoint.load_network_snapshot(tmp_path / 'phema-000001-0.050.pt')
+    stored, _ = checkpoint.load_network_snapshot(out / 'network-snapshot-000001-0.050.pt')
     for (name, a), b in zip(rec.state_dict().items(), stored.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert meta['phema']['fit_error'] < 1e-4 and meta['ema_std'] == 0.05
     # The new profile combines the 6 power-EMA snapshots (the -b0.9999 ones are not power-function EMAs).
-    _, meta75 = checkpoint.load_network_snapshot(tmp_path / 'phema-000002-0.075.pt')
+    _, meta75 = checkpoint.load_network_snapshot(tmp_path / 'phema-000001-0.075.pt')
     assert len(meta75['phema']['sources']) == 6 and not any('b0.9999' in s for s in meta75['phema']['sources'])
     assert sum(meta75['phema']['coefficients']) == pytest.approx(1, abs=0.05)   # profiles integrate to one
 
