@@ -125,6 +125,9 @@ def sampling_for(metric, net, sampler=None, sampler_kwargs=None, mid_t=None, met
     """dict(sampler, sampler_kwargs, nfe) for `metric`: the metric's own sampling unless a sampler is given."""
     steps = check_metric(metric).steps
     if sampler is None and check_metric(metric).sampler == 'heun':
+        if getattr(net, 'is_meanflow', False):
+            raise dnnlib.UserError(f'{metric}: EDM\'s Heun sampler needs a denoiser D(x, σ); a MeanFlow network '
+                                   f'samples with its own few-step sampler (use fd_randnet / two_step_fd_randnet)')
         sampler, sampler_kwargs = 'heun', dict(num_steps=steps)
     if sampler is None:
         if mid_t is not None and steps == 2:

@@ -7,6 +7,7 @@ import torch
 from metrics import metric_main
 from torch_utils import distributed as dist
 from training.loop import run_files
+from training.sampling import samplers
 
 
 def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix, device, num_samples=None,
@@ -28,6 +29,13 @@ def evaluate_metrics(metrics, nets, metrics_ref, mid_t, run_dir, snapshot_prefix
             dist.print0(f'{metric}{suffix}: {metric_main.format_result(result)}')
 
 
+def initial_grid_runs(net, mid_t):
+    """The initial network's grids: EDM's Heun sampler (networks in EDM's D(x, σ) form: all but MeanFlow's), then
+    1- and 2-step sampling with the network's few-step family (samplers.few_step_family; mid_t in its units)."""
+    heun = [] if getattr(net, 'is_meanflow', False) else run_files.grid_runs('edm', mid_t)
+    return heun + run_files.grid_runs(samplers.few_step_family(net) or 'consistency', mid_t)
+
+
 def score_initial_network(net, metrics, metrics_ref, mid_t, run_dir, device, num_samples=None, detector_files=None,
                           grids=True, detectors=None):
     """The initial network's grids grid-initial-{heun,1step,...}.png (rank 0, when `grids`) and `metrics`,
@@ -36,7 +44,6 @@ def score_initial_network(net, metrics, metrics_ref, mid_t, run_dir, device, num
     device = torch.device(device)
     net = net.to(device)
     if grids and dist.get_rank() == 0:
-        runs = run_files.grid_runs('edm', mid_t) + run_files.grid_runs('consistency', mid_t)
-        run_files.save_grids(net, run_dir, 'grid-initial', runs, device)
+        run_files.save_grids(net, run_dir, 'grid-initial', initial_grid_runs(net, mid_t), device)
     evaluate_metrics(metrics, [('', net)], metrics_ref, mid_t, run_dir, 'initial-network', device,
                      num_samples, detectors, detector_files)

@@ -224,3 +224,16 @@ def test_snapshot_round_trip(ref, net, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ref.jvp_z, 0.2, 0.7), net.eval()(ref.jvp_z, 0.2, 0.7))
     assert meta['mid_t'] == [0.5]
+
+
+def test_training_grids_and_metrics_use_the_meanflow_sampler(net):
+    """The initial network's grids and metrics of a MeanFlow run: its own sampler in flow time, no Heun grid (it is
+    not a denoiser D(x, σ)), and a Heun metric refused in one line."""
+    from metrics import metric_main, scoring
+    runs = scoring.initial_grid_runs(net, [0.5])
+    assert [(tag, fn, kwargs['t_steps']) for tag, fn, kwargs in runs] == [
+        ('1step', meanflow_sampler, (1.0, 0.0)), ('2step', meanflow_sampler, (1.0, 0.5, 0.0))]
+    sampling = metric_main.sampling_for('two_step_fd_randnet', net, mid_t=[0.25])
+    assert sampling == dict(sampler='meanflow', sampler_kwargs=dict(t_steps=(1.0, 0.25, 0.0)), nfe=2)
+    with pytest.raises(dnnlib.UserError, match="fd_randnet_heun: EDM's Heun sampler needs a denoiser"):
+        metric_main.sampling_for('fd_randnet_heun', net)

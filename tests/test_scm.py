@@ -330,3 +330,19 @@ def test_trigflow_sampler_is_the_papers_algorithm_and_ects_consistency_sampler()
     for bad in ([math.pi / 2, 0.0], [1.0, 1.2, 0.0], [1.0, 0.5]):
         with pytest.raises(dnnlib.UserError, match='--t-steps'):
             trigflow_sampler(net, z, t_steps=bad)
+
+
+def test_training_grids_and_metrics_use_the_trigflow_sampler():
+    """A TrigFlow network's initial grids (EDM's Heun, then 1 and 2 TrigFlow steps at mid_t in radians) and metrics
+    sample in TrigFlow time; a snapshot's recorded sampler decides for files."""
+    from metrics import metric_main, scoring
+    from training.sampling import samplers
+    net = tiny().eval()
+    runs = scoring.initial_grid_runs(net, [1.1])
+    assert [tag for tag, _, _ in runs] == ['heun', '1step', '2step']
+    assert runs[2][1] is trigflow_sampler and runs[2][2]['t_steps'] == make_trigflow_steps(mid_t=[1.1])
+    sampling = metric_main.sampling_for('two_step_fd_randnet', net, mid_t=[1.1])
+    assert sampling['sampler'] == 'trigflow' and sampling['sampler_kwargs']['t_steps'][1] == 1.1
+    assert samplers.resolve_sampler(net, metadata=dict(sampler='trigflow', mid_t=[0.9]))[1]['t_steps'][1] == 0.9
+    assert samplers.resolve_sampler(net, 'consistency', metadata=dict(sampler='trigflow', mid_t=[0.9]))[1] == dict(
+        t_steps=(80.0, 0.821, 0.0))   # another family does not read the recorded (radian) mid_t
