@@ -237,3 +237,13 @@ def test_training_grids_and_metrics_use_the_meanflow_sampler(net):
     assert sampling == dict(sampler='meanflow', sampler_kwargs=dict(t_steps=(1.0, 0.25, 0.0)), nfe=2)
     with pytest.raises(dnnlib.UserError, match="fd_randnet_heun: EDM's Heun sampler needs a denoiser"):
         metric_main.sampling_for('fd_randnet_heun', net)
+
+
+def test_unused_augment_layer_is_refused_under_ddp(net, monkeypatch):
+    """augment_dim > 0 without augmentation: harmless on one process (py-meanflow's own v0 case above), refused when
+    distributed, where DDP would never reduce the unused layer's bucket."""
+    from torch_utils import distributed as dist
+    assert net.model.map_augment is not None
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 2)
+    with pytest.raises(dnnlib.UserError, match='augment_dim=6 but augment_kwargs is None'):
+        MeanFlow().setup(net, 'cpu')

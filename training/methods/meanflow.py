@@ -5,6 +5,7 @@ optionally, EDM's augmentation (docs/MEANFLOW.md)."""
 import torch
 
 import dnnlib
+from torch_utils import distributed as dist
 from training.methods import loss_compiled
 from training.methods.base import Method
 from training.networks.jvp import require_jvp_support
@@ -68,6 +69,10 @@ class MeanFlow(Method):
         require_jvp_support(net, 'MeanFlow')
         augment_dim = net.model.map_augment.in_features if net.model.map_augment is not None else 0
         if self.augment_kwargs is None:
+            if augment_dim and dist.get_world_size() > 1:
+                raise dnnlib.UserError(f'MeanFlow: the network has augment_dim={augment_dim} but augment_kwargs is '
+                                       f'None: its augment layer would get no gradient, which DDP cannot sync; '
+                                       f'set --augment=P or augment_dim=0')
             return None
         return _build_augment_pipe(self.augment_kwargs, net, augment_dim)
 
