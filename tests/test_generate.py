@@ -197,3 +197,30 @@ def test_cli_missing_network(capsys, tmp_path):
     missing = tmp_path / 'nope.pt'
     code, _, err = run_cli(capsys, f'--network={missing}', f'--outdir={tmp_path / "out"}')
     assert code == 2 and len(err.strip().splitlines()) == 1 and str(missing) in err
+
+
+@pytest.mark.parametrize('family', ['trigflow', 'meanflow'])
+def test_snapshots_of_continuous_time_methods_pick_their_sampler(capsys, tmp_path, family):
+    """An sCM or MeanFlow snapshot (its method recorded as sampler=...) samples with its own 2-step sampler at its
+    recorded mid_t, with no flag; the images equal the sampler's, written out per seed (latent from the seed's
+    generator, then the re-noising draws)."""
+    from training.networks.meanflow_unet import MeanFlowPrecond
+    from training.networks.trigflow import TrigFlowPrecond
+    from training.sampling import samplers_meanflow, samplers_trigflow
+    tiny = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1], num_blocks=1,
+                attn_resolutions=[])
+    torch.manual_seed(0)
+    net = (TrigFlowPrecond(**tiny) if family == 'trigflow' else MeanFlowPrecond(**tiny)).eval()
+    mid_t = 1.1 if family == 'trigflow' else 0.4
+    checkpoint.save_network_snapshot(tmp_path / 'net.pt', net, kimg=1, mid_t=[mid_t], sampler=family)
+    code, out, _ = run_cli(capsys, f'--network={tmp_path / "net.pt"}', f'--outdir={tmp_path / "out"}', '--seeds=3')
+    assert code == 0 and f'with the {family} sampler' in out, out
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn([1, 3, 8, 8], generator=gen)
+    if family == 'trigflow':
+        steps = samplers_trigflow.make_trigflow_steps(mid_t=[mid_t])
+        x = samplers_trigflow.trigflow_sampler(net, latents, t_steps=steps,
+                                               randn_like=lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype))
+    else:
+        x = samplers_meanflow.meanflow_sampler(net, latents, t_steps=(1.0, mid_t, 0.0))
+    np.testing.assert_array_equal(read_png(tmp_path / 'out' / '000003.png'), samplers.to_uint8(x)[0].numpy())

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import dnnlib
@@ -14,7 +15,7 @@ import schedule_search
 from tests.test_fid_cli import _tiny_ecm_snapshot
 from tests.test_metrics import TinyDetector, save_torchscript
 from metrics import detectors, metric_main, metric_utils
-from training.checkpoints import reader
+from training.checkpoints import checkpoint, reader
 from training.checkpoints import openai_state as checkpoint_cm
 from training.sampling import samplers
 from training.sampling import samplers_karras
@@ -188,3 +189,24 @@ def test_randnet_search_reproduces_the_metric_of_the_training_callback(tmp_path)
     winner = json.load(open(tmp_path / 'schedule-search.json'))['winner']
     direct = metric_main.calc_metric('two_step_fd_randnet', net, ref=data, num_samples=8, mid_t=[winner['mid_t']])
     assert winner['fid'] == pytest.approx(direct.results['two_step_fd_randnet'], rel=1e-6)
+
+
+def test_meanflow_snapshot_searches_its_mid_t_in_flow_time(setup, tmp_path):
+    """A MeanFlow snapshot's 2-step mid_t is searched in flow time (0, 1) with its own sampler; the grid search is
+    refused in one line (it is a σ grid)."""
+    from training.networks.meanflow_unet import MeanFlowPrecond
+    from training.sampling import samplers_meanflow
+    torch.manual_seed(0)
+    net = MeanFlowPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                          attn_resolutions=[]).eval()
+    path = tmp_path / 'meanflow.pt'
+    checkpoint.save_network_snapshot(path, net, kimg=1, mid_t=[0.5], sampler='meanflow')
+    result = _run(setup, tmp_path, '--mid_t-range=0.2,0.8', '--evals=3', network=path)
+    assert result.exit_code == 0, result.output
+    record = json.load(open(tmp_path / 'schedule-search.json'))
+    assert len(record['points']) == 3 and all(0.2 <= row['mid_t'] <= 0.8 for row in record['points'])
+    best = record['winner']
+    kwargs = dict(t_steps=samplers_meanflow.make_meanflow_steps(1.0, [best['mid_t']]))
+    assert best['fid'] == pytest.approx(_fid(setup, 'meanflow', kwargs, net=net), rel=1e-6)
+    refused = _run(setup, tmp_path / 'grid', network=path)
+    assert refused.exit_code == 2 and 'search its 2-step mid_t with --mid_t-range' in refused.output
