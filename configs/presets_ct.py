@@ -6,6 +6,7 @@ docs/SCM.md, docs/MEANFLOW.md and docs/TCM.md list where this project departs fr
 """
 
 import math
+import os
 
 from training.sampling.samplers import IMAGENET64_MID_T
 from training.sampling.samplers_trigflow import TRIG_MID_T
@@ -79,6 +80,19 @@ _TCM_TICKS = dict(tick_kimg=102.4, snap_ticks=100, dump_ticks=100, sample_ticks=
                   double_ticks=None, transfer='stage1', batch=1024, grid_sampler='consistency', xflip=False,
                   precision='auto')    # README:58,111 batch 1024; the official fp32 (CIFAR) / fp16 (ImageNet)
 
+# The quickstart's data, checkpoint and network (the same values as QUICKSTART_DATA, QUICKSTART_CHECKPOINT,
+# _QUICKSTART_DATA and _QUICKSTART_NET of configs/presets.py, which imports this module and so cannot be imported here).
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_QUICKSTART_ZIP = os.path.join(_REPO_ROOT, 'datasets', 'quickstart-shapes-16x16.zip')   # built on first use
+_QUICKSTART_PT = os.path.join(_REPO_ROOT, 'checkpoints', 'quickstart-edm-shapes16.pt')
+_QUICKSTART = dict(data=_QUICKSTART_ZIP, data_source='procedural:shapes', data_max_images=10000, cond=False, workers=0,
+                   dropout=0.0, precision='fp32', tick_kimg=2.0, snap_ticks=10, dump_ticks=10, sample_ticks=10,
+                   metrics=['fd_randnet', 'two_step_fd_randnet'], metrics_ref=_QUICKSTART_ZIP, eval_ticks=1000,
+                   metric_samples=500, eval_init_background=True)
+_QUICKSTART_NET = dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8])
+_QUICKSTART_MID_SIGMA = 1.5   # the quickstart's 2-step σ (configs/presets.py QUICKSTART_MID_T, docs/TUNING_STUDY.md)
+_QUICKSTART_INIT = ['fd_randnet', 'two_step_fd_randnet']   # the starting network's 1- and 2-step scores
+
 PRESETS = {
     'cifar10-sct': dict(
         _SCM_CIFAR10, dropout=0.2,                            # config_scm.py:109
@@ -133,5 +147,42 @@ PRESETS = {
         _MEANFLOW_CIFAR10,
         method_kwargs=dict(class_name='training.methods.meanflow.MeanFlow', time_sampler='v0',
                            P_mean_t=-2.0, P_std_t=2.0, P_mean_r=-2.0, P_std_r=2.0, ratio=0.75, norm_p=0.75,
+                           norm_eps=1e-3)),
+    # The quickstart's continuous-time runs on a CPU (docs/QUICKSTART.md "Continuous-time methods on the CPU"): the
+    # quickstart's data, network and batch 16 with fp32 and a 500-sample fd_randnet before and after, sized for minutes.
+    # sCD distils the quickstart's diffusion checkpoint into itself (teacher = initial weights), in TrigFlow time.
+    # Learning rates, EMAs, warm-up and lengths are set for runs of minutes, not tuned (one run each).
+    'quickstart-scd': dict(
+        _QUICKSTART, arch='ddpmpp', precond='trigflow', transfer=_QUICKSTART_PT,
+        network_kwargs=dict(_QUICKSTART_NET, denoiser='edm', logvar_head=True),
+        duration_mimg=0.008, batch=16,                        # 500 steps
+        optimizer=dict(class_name='torch.optim.RAdam', lr=2e-4, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0,
+                       foreach=True), lr_decay_batches=0, lr_rampup_kimg=0,
+        ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.995), grid_sampler='trigflow',
+        mid_t=[math.atan(_QUICKSTART_MID_SIGMA / 0.5)],       # the quickstart's σ 1.5 in radians: 1.2490
+        eval_init_metrics=_QUICKSTART_INIT,
+        method_kwargs=dict(class_name='training.methods.scm.SCD', teacher=_QUICKSTART_PT, guidance=None,
+                           P_mean=-1.0, P_std=1.4, sigma_max=80.0, **dict(_SCM_LOSS, warmup_steps=100))),
+    # TCM stage 2 from the quickstart's ECT network (--stage1=<quickstart run>/network-snapshot-000016.pt): EDM's
+    # form, in which ECT tunes (its boundary form is only for sampling); its curriculum continues the quickstart's
+    # (a stage every 250 steps: 2 ticks of 2 kimg at batch 16).
+    'quickstart-tcm': dict(
+        _QUICKSTART, arch='ddpmpp', precond='ecm', network_kwargs=dict(_QUICKSTART_NET, sigma_min=0.0),
+        transfer='stage1', duration_mimg=0.008, batch=16, grid_sampler='consistency',
+        optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True),
+        lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.995),
+        mid_t=[_QUICKSTART_MID_SIGMA], eval_init_metrics=_QUICKSTART_INIT,
+        method_kwargs=dict(_TCM_LOSS, q=2.0, ratio_limit=0.999, double_steps=250, c=0.0,
+                           weighting=dict(class_name='training.methods.loss.InverseGapWeighting'))),
+    # MeanFlow from scratch on the quickstart's data: a quickstart-sized MeanFlow U-Net, py-meanflow's v1 times.
+    'quickstart-meanflow': dict(
+        _QUICKSTART, arch='meanflow', precond='meanflow', network_kwargs=_QUICKSTART_NET, transfer=None,
+        duration_mimg=0.032, batch=32,                        # 1000 steps
+        optimizer=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
+                       foreach=True), lr_decay_batches=0, lr_rampup_kimg=4,
+        ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.999), grid_sampler='meanflow', mid_t=[0.5],
+        tick_kimg=4.0, eval_init_metrics=_QUICKSTART_INIT,
+        method_kwargs=dict(class_name='training.methods.meanflow.MeanFlow', time_sampler='v1',
+                           P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0, P_std_r=1.6, ratio=0.75, norm_p=0.75,
                            norm_eps=1e-3)),
 }
