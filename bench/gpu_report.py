@@ -23,8 +23,11 @@ def throughput_rows(records):
     for r in sorted((r for r in records if r.get('kind') in order), key=lambda r: order.index(r['kind'])):
         kind = r['kind']
         if kind == 'train':
-            rows.append((f'ECT train step, {r["preset"]} {r["resolution"]}x{r["resolution"]} (ours)', r['precision'],
-                         r['batch'], _number(r['img_per_s']), f'{r["sec_per_step"]:.4f} s', _number(r['peak_gib'], 2)))
+            ratio = (f', {r["ratio_to_baseline"]:.2f}x {r["baseline"]} ({r["ratio_min"]:.2f}-{r["ratio_max"]:.2f})'
+                     if r.get('baseline') not in (None, r['preset']) else '')
+            rows.append((f'{r.get("method", "ECT")} train step, {r["preset"]} {r["resolution"]}x{r["resolution"]} (ours)'
+                         f'{ratio}', r['precision'], r['batch'], _number(r['img_per_s']), f'{r["sec_per_step"]:.4f} s',
+                         _number(r['peak_gib'], 2)))
         elif kind == 'vs_official':
             for side in ('ours', 'official'):
                 rows.append((f'ECT train step, DDPM++ CIFAR-10, stage {r["stage"]} ({side}: '
@@ -41,7 +44,7 @@ def throughput_rows(records):
 def speedups(records):
     """Lines comparing our fastest DDPM++ CIFAR-10 step with the official arithmetic's (same machine)."""
     ours = [r for r in records if r.get('kind') == 'train' and r.get('preset', '').startswith('cifar10')
-            and r.get('arch_kwargs') is None]   # the preset's own DDPM++, as the official side runs it
+            and r.get('method', 'ECT') == 'ECT' and r.get('arch_kwargs') is None]   # the preset's own DDPM++ ECT step
     if not ours:
         return []
     best = max(ours, key=lambda r: r['img_per_s'])
