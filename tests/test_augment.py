@@ -10,7 +10,8 @@ import torch
 
 import dnnlib
 from training.data.augment import AugmentPipe
-from training.methods.edm import EDM, network_augment_dim
+from training.methods.edm import EDM
+from training.methods.loss import network_augment_dim
 from training.methods.loss import EDMLoss
 from training.networks import EDMPrecond
 

@@ -2,14 +2,8 @@
 EDM's non-leaking augmentation (training/data/augment.py, docs/AUGMENT.md)."""
 
 import dnnlib
-from training.methods.loss import EDMLoss, _build_component, _unwrap
+from training.methods.loss import EDMLoss, _build_component, _unwrap, network_augment_dim
 from training.methods.base import LossMethod
-
-
-def network_augment_dim(net):
-    """The augment_dim of a (possibly DDP-wrapped or compiled) preconditioned network: 0 when it takes no labels."""
-    layer = getattr(getattr(_unwrap(net), 'model', None), 'map_augment', None)
-    return 0 if layer is None else int(layer.in_features)
 
 
 class EDM(LossMethod):

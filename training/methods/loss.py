@@ -134,6 +134,12 @@ def _unwrap(net):
         net = inner
 
 
+def network_augment_dim(net):
+    """The augment_dim of a (possibly DDP-wrapped or compiled) preconditioned network: 0 when it takes no labels."""
+    layer = getattr(getattr(_unwrap(net), 'model', None), 'map_augment', None)
+    return 0 if layer is None else int(layer.in_features)
+
+
 def tuning_kwargs(net):
     """Keyword arguments for every training-pass call of `net` (a method's setup decides them once).
 

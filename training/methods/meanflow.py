@@ -8,6 +8,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training.methods import loss_compiled
 from training.methods.base import Method
+from training.methods.loss import _build_component, network_augment_dim
 from training.networks.jvp import require_jvp_support
 from training.methods.meanflow_loss import TIME_SAMPLERS, meanflow_loss, sample_times
 
@@ -40,9 +41,6 @@ class MeanFlow(Method):
         if time_sampler not in TIME_SAMPLERS:
             raise dnnlib.UserError(f'MeanFlow: time_sampler must be one of {", ".join(TIME_SAMPLERS)}, '
                                    f'got {time_sampler!r}')
-        if augment_kwargs is not None and not (isinstance(augment_kwargs, dict) and 'class_name' in augment_kwargs):
-            raise dnnlib.UserError(f'MeanFlow: augment_kwargs must be None or dict(class_name=..., **kwargs), '
-                                   f'got {augment_kwargs!r}')
         inf = float('inf')
         self.times_kwargs = dict(P_mean_t=_number('P_mean_t', P_mean_t, -inf, inf),
             P_std_t=_number('P_std_t', P_std_t, 0, inf), P_mean_r=_number('P_mean_r', P_mean_r, -inf, inf),
@@ -50,31 +48,35 @@ class MeanFlow(Method):
         self.time_sampler = time_sampler
         self.norm_p = _number('norm_p', norm_p, 0, inf)
         self.norm_eps = _number('norm_eps', norm_eps, 0, inf, low_open=True)
-        self.augment_kwargs = augment_kwargs
-        self.augment_pipe = None
+        self.augment_pipe = None if augment_kwargs is None else _build_component('MeanFlow', 'augment_kwargs',
+                                                                                 augment_kwargs, {})
         self.ready = False          # set by setup
 
     def setup(self, net, device):
-        """Check that `net` is a MeanFlow network and build the augmentation pipe for it."""
+        """Check that `net` is a MeanFlow network that takes the augmentation pipe's labels."""
         del device  # the pipe has no tensors; the draws follow the images' device
-        self.augment_pipe = self.check_network(net)
+        self.check_network(net)
         self.ready = True
 
     def check_network(self, net):
-        """UserError unless `net` is a MeanFlow network that takes a JVP and the augment labels; returns the
-        augmentation pipe built for it (None without augmentation)."""
+        """UserError unless `net` is a MeanFlow network that takes a JVP and the augment labels."""
         if not getattr(net, 'is_meanflow', False):
             raise dnnlib.UserError(f'MeanFlow trains a training.networks.meanflow_unet.MeanFlowPrecond '
                                    f'(--precond=meanflow), got {type(net).__name__}')
         require_jvp_support(net, 'MeanFlow')
-        augment_dim = net.model.map_augment.in_features if net.model.map_augment is not None else 0
-        if self.augment_kwargs is None:
+        augment_dim = network_augment_dim(net)
+        if self.augment_pipe is None:
             if augment_dim and dist.get_world_size() > 1:
                 raise dnnlib.UserError(f'MeanFlow: the network has augment_dim={augment_dim} but augment_kwargs is '
                                        f'None: its augment layer would get no gradient, which DDP cannot sync; '
                                        f'set --augment=P or augment_dim=0')
-            return None
-        return _build_augment_pipe(self.augment_kwargs, net, augment_dim)
+            return
+        label_dim = getattr(self.augment_pipe, 'label_dim', augment_dim)
+        if label_dim != augment_dim:
+            raise dnnlib.UserError(f'MeanFlow: augment_kwargs give {label_dim} augment labels but the network has '
+                                   f'augment_dim={augment_dim} (--arch-kwargs augment_dim)')
+        if hasattr(self.augment_pipe, 'check_image_shape'):
+            self.augment_pipe.check_image_shape(net.img_channels, net.img_resolution, net.img_resolution)
 
     def snapshot_metadata(self):
         """The snapshot's sampler family (training.sampling.samplers.FEW_STEP), read by generate.py and the metrics."""
@@ -92,18 +94,3 @@ class MeanFlow(Method):
         noise = torch.randn_like(images)
         t, r = sample_times(self.time_sampler, images.shape[0], images.device, **self.times_kwargs)
         return meanflow_loss(net, images, noise, r, t, self.norm_p, self.norm_eps, kwargs)
-
-
-def _build_augment_pipe(augment_kwargs, net, augment_dim):
-    """The augmentation pipe of `augment_kwargs`, checked against the network's augment labels and image shape."""
-    try:
-        pipe = dnnlib.util.construct_class_by_name(**augment_kwargs)
-    except (ImportError, AttributeError, TypeError) as e:
-        raise dnnlib.UserError(f'MeanFlow: augment_kwargs {augment_kwargs!r} cannot be built: {e}') from None
-    label_dim = getattr(pipe, 'label_dim', augment_dim)
-    if label_dim != augment_dim:
-        raise dnnlib.UserError(f'MeanFlow: augment_kwargs give {label_dim} augment labels but the network has '
-                               f'augment_dim={augment_dim} (--arch-kwargs augment_dim)')
-    if hasattr(pipe, 'check_image_shape'):
-        pipe.check_image_shape(net.img_channels, net.img_resolution, net.img_resolution)
-    return pipe

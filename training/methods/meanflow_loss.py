@@ -10,6 +10,7 @@ gradient through the JVP's primal output instead; the gradients agree to float32
 
 import torch
 
+from training.methods.loss import _unwrap
 from training.networks.jvp import network_jvp
 from training.networks.randomness import sharing_draws
 
@@ -37,11 +38,6 @@ def sample_times(version, num_samples, device, P_mean_t, P_std_t, P_mean_r, P_st
     return t, r
 
 
-def unwrap_ddp(net):
-    """The module inside DistributedDataParallel (the network itself otherwise)."""
-    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
-
-
 def average_velocity_target(module, z, v, r, t, net_kwargs):
     """u_tgt = v − (t − r)·du/dt (MeanFlow Eq. 10), du/dt = ∂_z u·v + ∂_t u by a JVP along (v, 0, 1) in (z, r, t)
     (Eq. 8), under no_grad in float32 on the unwrapped `module`. r and t are [N]."""
@@ -63,7 +59,7 @@ def meanflow_loss(net, images, noise, r, t, norm_p, norm_eps, net_kwargs=None):
     v = noise - images
     with sharing_draws(net) as tape:
         with tape.recording():
-            target = average_velocity_target(unwrap_ddp(net), z, v, r, t, kwargs)
+            target = average_velocity_target(_unwrap(net), z, v, r, t, kwargs)
         with tape.replaying():
             u = net(z, r, t, **kwargs)
     delta_sq = (u.to(torch.float32) - target).square().sum(dim=(1, 2, 3))
