@@ -3,7 +3,6 @@ and a resumed run keeps its W&B run id (from the training state); TensorBoard ev
 scalars, the sample grids and the metric records; W&B falls back to offline logging when it cannot go online."""
 
 import glob
-import importlib
 import os
 import types
 
@@ -51,27 +50,10 @@ def wandb_files(run_dir):
     return found
 
 
-def _installed(package):
-    try:
-        importlib.import_module(package)
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture(scope='module')
-def tracked_run(shapes_zip, tmp_path_factory):
-    """One short run logging to every tracker whose package is installed (CI installs both): its run directory."""
-    root = tmp_path_factory.mktemp('tracked')
-    flags = [flag for flag, package in (('--wandb=ect-tests/short', 'wandb'), ('--tensorboard', 'tensorboard'))
-             if _installed(package)]
-    run_train(short_run_args(root / 'a', shapes_zip, *flags), root)
-    return only_run_dir(root / 'a')
-
-
-def test_wandb_offline_run_and_resume_keep_the_id(shapes_zip, tracked_run, tmp_path):
+def test_wandb_offline_run_and_resume_keep_the_id(shapes_zip, tmp_path):
     pytest.importorskip('wandb', reason='the wandb package (an optional extra, installed by CI) is not installed')
-    run_dir = tracked_run
+    run_train(short_run_args(tmp_path / 'a', shapes_zip, '--wandb=ect-tests/short'), tmp_path)
+    run_dir = only_run_dir(tmp_path / 'a')
     (run_id, files), = wandb_files(run_dir).items()
     data = open(files[0], 'rb').read()
     for key in (b'Loss/loss', b'Progress/lr', b'Progress/stage', b'metrics/fd_randnet', b'metrics/fd_randnet',
@@ -91,11 +73,12 @@ def test_wandb_offline_run_and_resume_keep_the_id(shapes_zip, tracked_run, tmp_p
     assert state['trackers'][trackers.WANDB_ID_KEY] == run_id
 
 
-def test_tensorboard_events_read_back(tracked_run):
+def test_tensorboard_events_read_back(shapes_zip, tmp_path):
     pytest.importorskip('tensorboard', reason='the tensorboard package (an optional extra, installed by CI) is not '
                                               'installed')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run_dir = tracked_run
+    run_train(short_run_args(tmp_path / 'tb', shapes_zip, '--tensorboard'), tmp_path)
+    run_dir = only_run_dir(tmp_path / 'tb')
     events = EventAccumulator(str(run_dir), size_guidance={'scalars': 0, 'images': 0})
     events.Reload()
     stats = run_records.stats_records(str(run_dir))
