@@ -15,7 +15,6 @@ extrapolated linearly to 50,000. The networks have random weights (speed does no
 """
 
 import os
-import statistics
 import sys
 import tempfile
 import time

@@ -1,4 +1,3 @@
-from training.checkpoints import reader
 """Shared test helpers: the location of the reference fixtures (never copied into the repository) and small
 synthetic EDM-format datasets."""
 
@@ -11,6 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+
+from training.checkpoints import reader
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT.parent / 'shared' / 'fixtures'
@@ -57,7 +58,6 @@ OPENAI_CM_HEAD_CHANNELS = dict(imagenet_like=16, lsun_like=8)
 def load_openai_cm_net(name, parameterization):
     """The tiny fixture network `name` (imagenet_like / lsun_like) as a KarrasDenoiser in eval mode: 'edm' or
     'consistency' form, loaded from its openai state dict through the project's loader."""
-    from training.checkpoints import openai_state as checkpoint_cm
     path = FIXTURES_DIR / 'openai_cm' / f'tiny_{name}.pt'
     net, _ = reader.load_network(str(path), resolution=16, parameterization=parameterization,
                                              num_head_channels=OPENAI_CM_HEAD_CHANNELS[name])

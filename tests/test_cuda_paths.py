@@ -11,9 +11,10 @@ import torch
 
 import dnnlib
 import generate
+from multiprocess import free_port, run_ranks
 from test_generate import snapshot  # noqa: F401 (fixtures)
 from test_samplers import ecm_net  # noqa: F401
-from test_training import _free_port, data_dir, tiny_options  # noqa: F401
+from test_training import data_dir, tiny_options  # noqa: F401
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training.checkpoints import checkpoint
@@ -46,7 +47,7 @@ def _fresh_run_worker(rank, port, data, out):
 def test_every_rank_of_a_fresh_run_has_its_own_cuda_stream(data_dir, tmp_path):
     """Two processes build the real Trainer: each rank's CUDA generators start from rank_seed(seed, rank), the
     rule of its CPU stream (building the network used to reseed every CUDA generator with the plain seed)."""
-    torch.multiprocessing.spawn(_fresh_run_worker, args=(_free_port(), data_dir, str(tmp_path)), nprocs=2)
+    run_ranks(_fresh_run_worker, (free_port(), data_dir, str(tmp_path)))
     seeds = [torch.load(tmp_path / f'seed{rank}.pt') for rank in range(2)]
     assert seeds == [misc.rank_seed(7, 0), misc.rank_seed(7, 1)]
     assert seeds[0] != seeds[1]
@@ -211,8 +212,7 @@ def test_one_file_outputs_are_sampled_by_every_rank(snapshot, tmp_path, capsys):
     """generate.py --grid --npz under torchrun (2 gloo processes): each rank samples its share (rank 0 used to
     sample every seed while the others waited in a collective: NCCL's watchdog kills such a wait after 10 minutes),
     and rank 0's files equal one process's, byte for byte."""
-    torch.multiprocessing.spawn(_generate_worker, nprocs=2,
-                                args=(_free_port(), snapshot, str(tmp_path / 'two'), str(tmp_path)))
+    run_ranks(_generate_worker, (free_port(), snapshot, str(tmp_path / 'two'), str(tmp_path)))
     sampled = [torch.load(tmp_path / f'sampled{rank}.pt') for rank in range(2)]
     assert sampled == [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7], [9]]]
     _run_single(snapshot, tmp_path / 'one')

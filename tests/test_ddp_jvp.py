@@ -10,14 +10,11 @@ rank seeds the global RNG before its loss call (SEED + rank): the single-process
 noise, augmentations and masks by computing each rank's half batch on its own with that rank's seed.
 """
 
-import importlib
 import os
-import socket
-import time
 
-import pytest
 import torch
 
+from multiprocess import free_port, run_ranks
 from training.loop import runtime
 from training.loop import training_loop as tl
 from training.methods.base import Progress
@@ -38,7 +35,6 @@ UNET = dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, ch
 AUGMENT = dict(class_name='training.data.augment.AugmentPipe', p=0.5, xflip=1e8, scale=1, aniso=1,
                translate_frac=1)   # MeanFlow preset's transforms (configs/presets_ct.py), 6 augment labels
 METHODS = ('sct', 'meanflow')
-JOIN_TIMEOUT_S = 120     # longest wait for the workers
 
 
 def _perturbed(net):
@@ -126,29 +122,11 @@ def _worker(rank, port, out_dir):
     torch.save(grads, os.path.join(out_dir, f'grads{rank}.pt'))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def run_workers(out_dir):
     """Each rank's saved gradients {method: synced, method.bypass: the control run's}; the single-process reference
-    {method.halves: [g_0, g_1]} (half_gradients) is in the file of one rank per method.
-
-    The workers are forked, not spawned: they start with torch and the project already imported (spawn pays
-    2-3 s of imports per process); each worker runs single-threaded, as DataLoader's forked workers do. A stuck
-    worker fails the test after JOIN_TIMEOUT_S instead of stalling the run. DDP's constructor imports
-    torch._dynamo (about 2 s): imported here once, before the fork, rather than in each worker."""
-    importlib.import_module('torch._dynamo')
-    context = torch.multiprocessing.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
-                                                    join=False, start_method='fork')
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=0.05):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f'the DDP workers did not finish within {JOIN_TIMEOUT_S} s')
+    {method.halves: [g_0, g_1]} (half_gradients) is in the file of one rank per method. The ranks are forked
+    (tests/multiprocess.py)."""
+    run_ranks(_worker, (free_port(), str(out_dir)), nprocs=WORLD)
     return [torch.load(out_dir / f'grads{rank}.pt') for rank in range(WORLD)]
 
 

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 import edit
 from training.checkpoints import reader
-from training.checkpoints import openai_state as checkpoint_cm
 from training.sampling import editing
 from training.sampling import samplers
 from training.sampling.generation import save_png

@@ -1,4 +1,3 @@
-from training.checkpoints import reader
 """Files of the official EDM2 code, built as it builds them (tests/edm2_files.py): reference statistics .pkl read
 by load_ref and fid.py, safely; hostile variants refused."""
 
@@ -16,6 +15,7 @@ import fid
 from edm2_files import StabilityVAEEncoder, write_edm2_reference, write_edm2_snapshot
 from metrics import metric_utils
 from torch_utils import numpy_pickle
+from training.checkpoints import reader
 
 
 def _stats(width, seed):
@@ -98,7 +98,6 @@ def test_fid_calc_picks_the_edm2_entry_of_its_detector(tmp_path, edm2_ref):
 # EDM2 latent-space networks (img512 and larger): the snapshot holds a StabilityVAEEncoder, refused by name.
 
 def test_edm2_latent_network_is_refused_with_one_message(tmp_path):
-    from training.checkpoints import checkpoint
     from training.networks import edm2 as networks_edm2
     from training.loop import phema
     net = networks_edm2.Precond(img_resolution=8, img_channels=4, label_dim=0, use_fp16=False, model_channels=16,

@@ -11,7 +11,6 @@ import sys
 import types
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import dnnlib

@@ -3,12 +3,12 @@ survival across resumes, the host-only flag exchange of the loop. (What needs CU
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 
 from configs import presets
+from multiprocess import free_port, run_ranks
 from torch_utils import distributed as dist
 from training.loop import runtime
 
@@ -110,10 +110,7 @@ def _flag_worker(rank, port, out):
 
 
 def test_agree_any_over_a_host_group(tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_flag_worker, args=(port, str(tmp_path)), nprocs=2)
+    run_ranks(_flag_worker, (free_port(), str(tmp_path)))
     for rank in range(2):
         assert torch.load(tmp_path / f'flags{rank}.pt') == [[True, False], [True, True], 3.0]
     assert dist.host_group() is None   # one process: nothing to agree over

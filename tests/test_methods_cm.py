@@ -164,7 +164,6 @@ def test_bad_options_and_teachers_are_refused_before_work(teacher_file, tmp_path
 
 def test_openai_teachers_load_and_consistency_forms_are_refused(fixtures_dir, tmp_path):
     import shutil
-    from training.checkpoints import openai_state as checkpoint_cm
     source = fixtures_dir / 'openai_cm' / 'tiny_imagenet_like.pt'
     student, _ = reader.load_network(str(source), resolution=16, parameterization='consistency',
                                                  num_head_channels=16)

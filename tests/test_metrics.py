@@ -4,10 +4,8 @@ References are independent float64 computations (eigen-decompositions, explicit 
 neighbours); no network is downloaded: the detectors are small TorchScript modules built here.
 """
 
-import io
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest

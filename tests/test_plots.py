@@ -20,12 +20,13 @@ pytest.importorskip('matplotlib', reason='the matplotlib package (an optional ex
 
 @pytest.fixture(scope='module')
 def recorded_run(tmp_path_factory, shapes_zip):
-    """The run directory of a shortened quickstart: 3 ticks, a snapshot and metrics every tick."""
+    """The run directory of a shortened quickstart: 3 ticks, a snapshot and metrics every tick (the initial network's
+    in the loop)."""
     root = tmp_path_factory.mktemp('plots')
     data = shapes_zip
     args = ['--preset=quickstart', f'--outdir={root / "runs"}', f'--data={data}', f'--ref={data}', '--batch=16',
             '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=16', '--snap=1', '--dump=3',
-            '--sample-every=0', '--eval-every=1', '--eval-init=fd_randnet']
+            '--sample-every=0', '--eval-every=1', '--eval-init=fd_randnet', '--eval-init-background=0']
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv('ECT_CACHE_DIR', str(root / 'cache'))   # dataset statistics: this test's own cache
         result = CliRunner().invoke(train.main, args)

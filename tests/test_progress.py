@@ -1,15 +1,18 @@
 """Progress bars (torch_utils.progress): shown on a terminal, silent when the output is captured, on ranks other
-than 0, with --no-progress and with ECT_NO_PROGRESS=1. The CLIs run as real processes on a pseudo-terminal."""
+than 0, with --no-progress and with ECT_NO_PROGRESS=1. The CLIs run as real (forked) processes on a
+pseudo-terminal."""
 
 import fcntl
 import io
 import os
 import pty
+import runpy
 import select
+import signal
 import struct
-import subprocess
 import sys
 import termios
+import traceback
 
 import pytest
 
@@ -30,34 +33,74 @@ def clean_env(**extra):
     return dict(env, PYTHONPATH=REPO_ROOT, **extra)
 
 
-def run_on_pty(args, env):
-    """(exit code, everything written to stdout and stderr) of a process whose output is a pseudo-terminal."""
-    parent, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))   # a 120-column terminal
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=child, stderr=child,
-                            cwd=REPO_ROOT, env=env)
-    os.close(child)
+def _run_script_here(args, env):
+    """In a forked child whose fds 0-2 are set: `python args[0] args[1:]` with `env`, as the interpreter runs a
+    script (runpy, as __main__), on fresh text streams over those fds; exits the child with the script's code."""
+    code = 1
+    try:
+        os.chdir(REPO_ROOT)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, 'w', buffering=1, closefd=False)
+        sys.stderr = open(2, 'w', buffering=1, closefd=False)
+        sys.argv = list(args)
+        try:
+            runpy.run_path(args[0], run_name='__main__')
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (e.code is not None)
+    except BaseException:   # noqa: B902 -- whatever happens in the child is reported on its output
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _read_all(fd, pid):
+    """(exit code of child `pid`, everything it wrote to `fd`) once the child has closed it."""
     chunks = []
     while True:
-        ready, _, _ = select.select([parent], [], [], 60)
+        ready, _, _ = select.select([fd], [], [], 60)
         if not ready:
-            proc.kill()
+            os.kill(pid, signal.SIGKILL)
             raise AssertionError('no output for 60 s')
         try:
-            data = os.read(parent, 4096)
-        except OSError:   # EIO: the child side is closed (process exited)
+            data = os.read(fd, 4096)
+        except OSError:   # EIO: the terminal's child side is closed (the process exited)
             break
         if not data:
             break
         chunks.append(data)
-    os.close(parent)
-    return proc.wait(), b''.join(chunks).decode('utf-8', 'replace')
+    os.close(fd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), b''.join(chunks).decode('utf-8', 'replace')
+
+
+# The CLIs run as real processes, forked from the test process: a spawned interpreter would spend seconds importing
+# torch again, and the script runs as `python script.py` runs it (runpy, __main__) on the same files.
+
+def run_on_pty(args, env):
+    """(exit code, everything written to stdout and stderr) of a process whose output is a pseudo-terminal."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))   # a 120-column terminal
+        _run_script_here(args, env)
+    return _read_all(fd, pid)
 
 
 def run_captured(args, env):
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                            timeout=120)
-    return result.returncode, result.stdout + result.stderr
+    """The same with stdout and stderr a pipe (captured output, as in a batch job's log)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        for fd, source in ((0, devnull), (1, write), (2, write)):
+            os.dup2(source, fd)
+        _run_script_here(args, env)
+    os.close(write)
+    return _read_all(read, pid)
 
 
 def dataset_args(tmp_path, name):

@@ -1,8 +1,11 @@
 """The quickstart: procedural data, the random-network Frechet distance, the presets, and a shortened run of
-`python train.py --preset=quickstart` through the same code path."""
+`python train.py --preset=quickstart` through the same code path: its initial network scored in a background process
+(metrics.background) gives the in-loop path's records, grids and log lines, and a resumed run finishes what a
+pre-emption cut short."""
 
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -14,6 +17,7 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from configs import presets
+from metrics import background
 from metrics import detectors
 from metrics import metric_main
 from training.checkpoints import reader
@@ -201,13 +205,32 @@ def test_mistyped_data_is_not_fabricated(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_short_quickstart_run(shapes_zip, tmp_path):
-    args = ['--preset=quickstart', f'--outdir={tmp_path / "runs"}', f'--data={shapes_zip}', f'--ref={shapes_zip}',
-            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=8',
-            '--snap=1', '--dump=2', '--sample-every=3']
+def _run(shapes_zip, outdir, *extra):
+    """A shortened quickstart (3 ticks of 32 images, 8 metric samples): (run dir, {(snapshot, metric): results},
+    output). As the preset says, it scores its initial network in a background process while training starts."""
+    args = ['--preset=quickstart', f'--outdir={outdir}', f'--data={shapes_zip}', f'--ref={shapes_zip}',
+            '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=8', '--snap=1',
+            '--dump=2', '--sample-every=3', *extra]
     result = CliRunner().invoke(train.main, args)
     assert result.exit_code == 0, result.output
-    run_dir, = [d for d in (tmp_path / 'runs').iterdir() if d.is_dir()]
+    run_dir, = [d for d in outdir.iterdir() if d.is_dir()]
+    records = {(r['snapshot_pkl'], r['metric']): r['results'] for r in metric_main.all_records(str(run_dir))}
+    return run_dir, records, result.output
+
+
+@pytest.fixture(scope='module')
+def short_run(shapes_zip, tmp_path_factory):
+    """One shortened quickstart run shared by the tests below (a copy of it is resumed): (run dir, records,
+    output, intra-op threads before, after)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('ECT_CACHE_DIR', str(tmp_path_factory.mktemp('cache')))
+        run = _run(shapes_zip, tmp_path_factory.mktemp('runs'))
+    return (*run, threads, torch.get_num_threads())
+
+
+def test_short_quickstart_run(short_run):
+    run_dir, _, output, _, _ = short_run
     files = set(os.listdir(run_dir))
     assert {'grid-initial-heun.png', 'grid-initial-1step.png', 'grid-initial-2step.png', 'grid-000000-1step.png',
             'grid-000000-2step.png', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pt',
@@ -221,13 +244,57 @@ def test_short_quickstart_run(shapes_zip, tmp_path):
                      ('network-snapshot-000000.pt', 'fd_randnet', 'consistency', 1),
                      ('network-snapshot-000000.pt', 'two_step_fd_randnet', 'consistency', 2)}
     assert all(r['num_samples'] == 8 and np.isfinite(list(r['results'].values())).all() for r in records)
-    assert 'Curriculum stage 2' in result.output                 # 3 ticks, doubling every tick
+    assert 'Curriculum stage 2' in output                        # 3 ticks, doubling every tick
     log = (run_dir / 'log.txt').read_text()
     table = log[log.index('Summary of the metric records'):]
     assert len([line for line in table.splitlines() if 'fd_randnet' in line]) == 5
     net, metadata = checkpoint.load_network_snapshot(str(run_dir / 'network-snapshot-000000.pt'))
     assert net.sigma_min == pytest.approx(0.003)
     assert metadata['mid_t'] == [presets.QUICKSTART_MID_T]        # 2-step grids and metrics at the preset's mid_t
+
+
+def _transferred_quickstart_network(run_dir):
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    ecm = dnnlib.util.construct_class_by_name(**options['network_kwargs'], img_resolution=16, img_channels=3,
+                                              label_dim=0)
+    checkpoint.transfer_weights(reader.load_network(presets.QUICKSTART_CHECKPOINT)[0], ecm)
+    return ecm.eval()
+
+
+def test_background_scores_match_the_in_loop_scores(shapes_zip, short_run):
+    run_dir, records, output, threads_before, threads_after = short_run
+    assert threads_after == threads_before                      # the threads lent to the child came back
+    # The same numbers as scoring the transferred network directly (only float sums' thread split may differ).
+    net = _transferred_quickstart_network(run_dir)
+    for metric in ('fd_randnet_heun', 'fd_randnet', 'two_step_fd_randnet'):
+        direct = metric_main.calc_metric(metric, net, ref=shapes_zip, num_samples=8, mid_t=[1.5]).results
+        for name, value in direct.items():
+            assert records[('initial-network.pt', metric)][name] == pytest.approx(value, rel=1e-4), metric
+    # The child's report lines reach the training process's output (and so log.txt), before the summary table.
+    assert any(line.startswith('fd_randnet_heun: fd_randnet_heun') for line in output.splitlines())
+    log = (run_dir / 'log.txt').read_text()
+    assert log.index('fd_randnet_heun: ') < log.index('Summary of the metric records')
+    # initial-network.pt, the name the records carry, holds the transferred diffusion model.
+    snap, metadata = checkpoint.load_network_snapshot(str(run_dir / background.SNAPSHOT_NAME))
+    assert metadata['mid_t'] == [presets.QUICKSTART_MID_T] and metadata['kimg'] == 0
+    expected = net.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in snap.state_dict().items())
+
+
+def test_a_resumed_run_finishes_what_a_preemption_cut_short(shapes_zip, short_run, tmp_path):
+    outdir = tmp_path / 'runs'
+    run_dir = outdir / short_run[0].name
+    shutil.copytree(short_run[0], run_dir)
+    heun = run_dir / 'metric-fd_randnet_heun.jsonl'
+    first = heun.read_text()
+    heun.unlink()                      # as if pre-empted before the background child wrote it
+    resumed_dir, resumed, output = _run(shapes_zip, outdir, '--resume=auto', '--duration=0.000128')
+    assert resumed_dir == run_dir
+    initial = [r for r in metric_main.all_records(str(run_dir)) if r['snapshot_pkl'] == 'initial-network.pt']
+    assert sorted(r['metric'] for r in initial) == ['fd_randnet', 'fd_randnet_heun', 'two_step_fd_randnet']
+    assert resumed[('initial-network.pt', 'fd_randnet_heun')] == pytest.approx(
+        json.loads(first)['results'], rel=1e-4)
+    assert 'fd_randnet_heun: fd_randnet_heun' in output
 
 
 @pytest.mark.parametrize('flag, message', [('--eval-init=bogus', '--eval-init: unknown metric "bogus"'),

@@ -16,7 +16,6 @@ from tests.test_fid_cli import _tiny_ecm_snapshot
 from tests.test_metrics import TinyDetector, save_torchscript
 from metrics import detectors, metric_main, metric_utils
 from training.checkpoints import checkpoint, reader
-from training.checkpoints import openai_state as checkpoint_cm
 from training.sampling import samplers
 from training.sampling import samplers_karras
 from training.sampling import ternary_search

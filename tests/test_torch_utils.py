@@ -4,14 +4,13 @@ import io
 import json
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing
 
 import dnnlib
+from multiprocess import free_port, run_ranks
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
@@ -113,12 +112,6 @@ class _BoundaryNet(torch.nn.Module):
         return self.lin(x)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _gloo_worker(rank, world_size, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
@@ -164,7 +157,7 @@ def _gloo_worker(rank, world_size, port, out_dir):
 
 
 def test_two_process_gloo_stats_and_helpers(tmp_path):
-    torch.multiprocessing.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_gloo_worker, (2, free_port(), str(tmp_path)))
     results = [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in range(2)]
     everything = np.array([0, 1, 2, 10, 11, 12], dtype=np.float64)
     for rank, result in enumerate(results):

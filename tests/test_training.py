@@ -9,7 +9,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 
 import PIL.Image
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from configs import presets
+from multiprocess import free_port, run_ranks
 from tests.conftest import write_random_dataset
 from torch_utils import distributed as dist
 from training.checkpoints import checkpoint
@@ -153,14 +153,8 @@ def _ddp_worker(rank, port, data, out_dir):
     torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_equals_single_process(data_dir, tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), data_dir, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_ddp_worker, (free_port(), data_dir, str(tmp_path)))
     dataset, net = build_net(data_dir)
     single = grads_after(net, dataset, 8, None)
     for rank in range(2):
