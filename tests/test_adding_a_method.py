@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import train
 from configs import presets
-from tests.conftest import write_random_dataset
+from conftest import write_random_dataset
 from training.checkpoints import checkpoint
 from training.methods.base import Progress
 from training.methods.toy import ToyDenoising

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import fid
 import generate
 from metrics import evaluate
-from tests.test_metrics import TinyDetector, save_torchscript
+from test_metrics import TinyDetector, save_torchscript
 from training import compile as tc, networks
 from training.checkpoints import checkpoint
 from training.sampling import generation

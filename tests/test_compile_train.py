@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import train
 from configs import presets
-from tests.conftest import write_random_dataset
+from conftest import write_random_dataset
 from training.checkpoints import checkpoint
 from training import compile as tc
 from training.loop import runtime
@@ -108,6 +108,7 @@ def assert_passes_agree(net, fresh_masks_differ):
     f_t, f_r = ECTLoss().prediction_and_target(net, x0, t, t, eps, labels, NET_KWARGS)
     after_both = torch.get_rng_state()
     assert f_t.requires_grad and not f_r.requires_grad
+    f_t.sum().backward()   # as a training step does (torch caches a compiled graph only once its backward is compiled)
     assert torch.equal(f_t.detach(), f_r)
     torch.manual_seed(3)
     alone = net(x0 + t * eps, t, labels, **NET_KWARGS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dnnlib
-from tests.conftest import zip_folder
+from conftest import zip_folder
 from training.data.dataset import ImageFolderDataset, InfiniteSampler
 
 

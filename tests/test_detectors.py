@@ -16,7 +16,7 @@ import dnnlib
 import fid
 from metrics import detectors, metric_utils
 from tests import nvidia_detectors
-from tests.test_fid_cli import write_dataset
+from test_fid_cli import write_dataset
 
 
 @pytest.fixture(scope='module')

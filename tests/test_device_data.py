@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dnnlib
-from tests.conftest import write_random_dataset
-from tests.test_training import base_args, final_weights, invoke, tiny_options
+from conftest import write_random_dataset
+from test_training import base_args, final_weights, invoke, tiny_options
 from training.data import device_data
 from training.loop import runtime
 from training.loop import training_loop as tl

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 import fid
 from metrics import evaluate
-from tests.conftest import FIXTURES_DIR, zip_folder
-from tests.test_metrics import TinyDetector, reference_frechet, save_torchscript
+from conftest import FIXTURES_DIR, zip_folder
+from test_metrics import TinyDetector, reference_frechet, save_torchscript
 from training import networks
 from training.checkpoints import checkpoint
 

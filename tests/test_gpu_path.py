@@ -33,9 +33,9 @@ def test_ect_presets_default_to_auto_and_the_quickstart_to_fp32():
 
 
 def test_auto_on_the_cpu_trains_exactly_as_fp32(tmp_path):
-    from tests.test_training import final_weights, tiny_options
+    from test_training import final_weights, tiny_options
     from training.loop import training_loop as tl
-    from tests.conftest import write_random_dataset
+    from conftest import write_random_dataset
     data = write_random_dataset(tmp_path / 'data', num_images=8)
     weights = []
     for precision in ('auto', 'fp32'):

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 from metrics import detectors, evaluate
-from tests.conftest import write_random_dataset
+from conftest import write_random_dataset
 from torch_utils import persistence
 from training.checkpoints import reader
 from training.checkpoints import checkpoint

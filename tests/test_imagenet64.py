@@ -21,7 +21,7 @@ import train
 from configs import presets
 from metrics import metric_main
 from edm2_files import EDM2Loss, StandardRGBEncoder
-from tests.conftest import load_npz_meta, write_random_dataset
+from conftest import load_npz_meta, write_random_dataset
 from training.checkpoints import checkpoint
 from training.loop import phema
 from training.sampling import samplers

@@ -9,7 +9,7 @@ script, not even another command line (what two of them share lives in training/
 import ast
 import pathlib
 
-from tests.conftest import REPO_ROOT
+from conftest import REPO_ROOT
 
 FLOORS = {'dnnlib': 0, 'torch_utils': 0, 'training': 1, 'metrics': 2, 'configs': 2}
 CLI_FLOOR = 3

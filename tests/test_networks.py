@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dnnlib
-from tests.conftest import FIXTURES_DIR, load_npz_meta
+from conftest import FIXTURES_DIR, load_npz_meta
 from training import networks
 
 CASES = ['ddpmpp_cond', 'ncsnpp_uncond', 'adm_cond']

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dnnlib
-from tests.conftest import load_npz_meta
+from conftest import load_npz_meta
 from training.networks import edm2 as networks_edm2
 from training.networks.edm2 import MPConv, Precond, UNet
 

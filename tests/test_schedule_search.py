@@ -12,8 +12,8 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 import schedule_search
-from tests.test_fid_cli import _tiny_ecm_snapshot
-from tests.test_metrics import TinyDetector, save_torchscript
+from test_fid_cli import _tiny_ecm_snapshot
+from test_metrics import TinyDetector, save_torchscript
 from metrics import detectors, metric_main, metric_utils
 from training.checkpoints import checkpoint, reader
 from training.sampling import samplers

@@ -20,7 +20,7 @@ import dnnlib
 import train
 from configs import presets
 from multiprocess import free_port, run_ranks
-from tests.conftest import write_random_dataset
+from conftest import write_random_dataset
 from torch_utils import distributed as dist
 from training.checkpoints import checkpoint
 from training.loop import runtime
