@@ -294,7 +294,8 @@ def test_schedule_continues_stage1_and_caps_ratio(stage1_files, ref):
 
 def test_setup_freezes_stage1_and_reads_its_length(stage1_files, ref):
     """The frozen copy: the trained network's module with the stage-1 weights, train mode (dropout), no gradients;
-    stage 1's optimiser steps from the snapshot metadata (nimg // batch_size) when not given."""
+    stage 1's optimiser steps from the snapshot metadata (nimg // batch_size) when not given, which the loop's
+    learning rate and EMA continue from (steps_before)."""
     data, meta = ref
     case = meta['cases']['cifar']
     source = tiny_net(meta, case, seed=1)
@@ -302,12 +303,12 @@ def test_setup_freezes_stage1_and_reads_its_length(stage1_files, ref):
                                      training_options=dict(batch_size=128)))
     student = tiny_net(meta, case, seed=0).train()
     method.setup(student, torch.device('cpu'))
-    assert method.stage1_steps == 1000 and method.stage1 is not student
+    assert method.stage1_steps == method.steps_before() == 1000 and method.stage1 is not student
     assert not any(p.requires_grad for p in method.stage1.parameters()) and method.stage1.training
     frozen, wanted = method.stage1.state_dict(), source.state_dict()
     assert frozen.keys() == wanted.keys() and all(torch.equal(frozen[k], wanted[k]) for k in wanted)
     method.load_state_dict(dict(stage1_steps=7))
-    assert method.state_dict() == dict(stage1_steps=7)
+    assert method.state_dict() == dict(stage1_steps=7) and method.steps_before() == 7
 
 
 def assert_one_line_refusal(fn, *words):

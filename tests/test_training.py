@@ -19,8 +19,8 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from configs import presets
-from multiprocess import free_port, run_ranks
 from conftest import write_random_dataset
+from multiprocess import free_port, run_ranks
 from torch_utils import distributed as dist
 from training.checkpoints import checkpoint
 from training.loop import runtime
@@ -106,6 +106,43 @@ class TargetMethod(ToyDenoising):
 
     def snapshot_networks(self):
         return {'-target': self.target}
+
+
+class ContinuingMethod(ToyDenoising):
+    """The toy method continuing an earlier run of `earlier_steps` optimiser steps, as TCM continues stage 1."""
+
+    def __init__(self, earlier_steps=0, **kwargs):
+        super().__init__(**kwargs)
+        self.earlier_steps = earlier_steps
+
+    def steps_before(self):
+        return self.earlier_steps
+
+
+def test_lr_schedule_and_ema_count_the_steps_a_method_continues(data_dir, tmp_path, monkeypatch):
+    """Method.steps_before() = K: the inverse-sqrt learning rate and the power-function EMA of step k are those of
+    step K + k (NVlabs/TCM's stage 2), written out independently; the run's own progress still starts at 0."""
+    K, decay, batch, gamma = 300, 100, 4, 16.97
+    lrs = []
+    monkeypatch.setattr(tl, 'training_step', lambda *args: lrs.append(args[7]))   # the loop's lr, no step
+    for earlier in (0, K):
+        method = dict(class_name='test_training.ContinuingMethod', earlier_steps=earlier)
+        options = tiny_options(data_dir, method_kwargs=method, lr_decay_batches=decay,
+                               ema=dict(class_name='training.loop.ema.PowerFunctionEMA', stds=[0.05]))
+        trainer = tl.Trainer(options, str(tmp_path / str(earlier)))
+        ema_net, = [net for _, net in trainer.run_ctx.state.ema.get()]
+        with torch.no_grad():
+            ema_net.model.enc['8x8_conv'].weight.zero_()   # its only distance from the unchanged trained net
+        gammas = trainer.run_ctx.state.ema.gammas
+        assert gammas == pytest.approx([gamma], rel=1e-3)
+        lrs.clear()
+        trainer.step()
+        assert trainer.run_ctx.state.progress.cur_nimg == batch
+        base = options.optimizer_kwargs['lr']
+        assert lrs == [pytest.approx(base / max((earlier + 0) / decay, 1) ** 0.5)]
+        beta = (1 - 1 / (earlier + 1)) ** (gammas[0] + 1)    # power-function EMA after step `earlier` + 1
+        weight = trainer.run_ctx.state.net.model.enc['8x8_conv'].weight
+        torch.testing.assert_close(ema_net.model.enc['8x8_conv'].weight, (1 - beta) * weight)
 
 
 def build_net(data, seed=0):

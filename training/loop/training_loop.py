@@ -171,6 +171,7 @@ class Trainer:
         self.data_iterator = runtime.build_data_iterator(dataset, o.data_loader_kwargs, batch_gpu, o.seed,
                                                          state.progress.cur_nimg, device, o.data_on_device)
         self.lr_schedule = dnnlib.util.construct_class_by_name(**o.lr_kwargs)
+        self.nimg_before = state.method.steps_before() * o.batch_size   # an earlier run's images, for lr and EMA
         self.callbacks = ([run_files.StatsWriter(run_dir)] if dist.get_rank() == 0 else []) \
             + trackers.tracker_callbacks(o, run_dir) + list(callbacks)
         self.scalars = {}   # the method's schedule values of the last step
@@ -188,13 +189,13 @@ class Trainer:
         """The method's schedule, the learning rate, one optimiser step, the method's after_step, the EMA update."""
         o, s = self.run_ctx.options, self.run_ctx.state
         self.scalars = s.method.schedule(self.progress())
-        lr = o.optimizer_kwargs['lr'] * self.lr_schedule(s.progress.cur_nimg, o.batch_size)
+        lr = o.optimizer_kwargs['lr'] * self.lr_schedule(self.nimg_before + s.progress.cur_nimg, o.batch_size)
         training_stats.report0('Progress/lr', lr)
         training_step(self.ddp, s.net, s.method.loss, s.optimizer, self.data_iterator, self.num_rounds,
                       o.batch_size, lr, self.run_ctx.device, AUTOCAST_DTYPES[o.precision], s.scaler)
         s.progress.cur_nimg += o.batch_size
         s.method.after_step(s.net, self.progress())
-        s.ema.update(s.progress.cur_nimg, o.batch_size)
+        s.ema.update(self.nimg_before + s.progress.cur_nimg, o.batch_size)
 
     def write_state(self):
         self.run_ctx.state.save(self.run_ctx.run_dir, self.run_ctx.options.to_dict())

@@ -11,6 +11,7 @@ this order (presets name the method as method_kwargs=dict(class_name='training.m
     method.check_network(net)                                     # train.py, before any work: net on 'meta'
     method.setup(net, device)                                     # once, after the trained net exists
     method.load_state_dict(state)                                 # on resume only, after setup
+    method.steps_before()                                         # once: steps of an earlier run this one continues
     every step:
         scalars = method.schedule(progress)                       # before the step: stage, N(k), mu(k), ...
         loss = method.loss(net=ddp, images=images, labels=labels) # per micro-batch: per-sample losses [N]
@@ -64,6 +65,12 @@ class Method:
     def setup(self, net, device):
         """Build the method's own networks (teacher, target, ...) for the trained network `net` on `device`,
         and decide anything that depends on the network once (e.g. the keyword arguments of its calls)."""
+
+    def steps_before(self):
+        """Optimiser steps of an earlier run that this one continues (TCM: stage 1's). The loop's learning-rate
+        schedule and EMA count on from them, as if the runs were one; `Progress` still counts this run's steps.
+        Called once, after setup and load_state_dict."""
+        return 0
 
     def schedule(self, progress):
         """Update the method's schedule from `progress` before a step; returns {name: number}, which the loop

@@ -132,6 +132,11 @@ class TCM(Method):
             raise dnnlib.UserError('--compile: TCM does not support compiled networks')
         return self.loss_fn(net, self.stage1, images, labels, self.net_kwargs)
 
+    def steps_before(self):
+        """NVlabs/TCM's stage 2 continues stage 1's iteration count in its learning rate and power-function EMA
+        (ct_training_loop.py:352,427,440-445)."""
+        return self.stage1_steps
+
     def state_dict(self):
         return dict(stage1_steps=self.stage1_steps)
 
