@@ -9,7 +9,7 @@ import torch
 import dnnlib
 from conftest import load_npz_meta
 from training import networks
-from training.sampling import samplers
+from training.sampling import samplers, samplers_meanflow, samplers_trigflow
 
 CASE = 'ddpmpp_cond'
 SEEDS = [0, 1, 2, 3]
@@ -203,3 +203,18 @@ def test_to_uint8_truncates_and_clips():
     assert out.dtype == torch.uint8 and out.shape == (1, 2, 4, 3)
     reference = [min(max(math.floor(v * 127.5 + 128), 0), 255) for v in values.tolist()]
     assert out[0, :, :, 2].flatten().tolist() == reference
+
+
+@pytest.mark.parametrize('make, t_max, too_far', [
+    (samplers.make_consistency_steps, 80.0, math.inf),                          # σ: any finite t_max
+    (samplers_trigflow.make_trigflow_steps, math.nextafter(math.pi / 2, 0), math.pi / 2),   # radians, below π/2
+    (samplers_meanflow.make_meanflow_steps, 1.0, math.nextafter(1.0, 2)),     # flow time, at most 1
+])
+def test_every_family_checks_its_steps_one_way(make, t_max, too_far):
+    """One check (training/sampling/time_steps.py) for the three families: strictly decreasing, finite, ending at
+    0, t_max within the family's bound; a violation is one UserError naming the flags."""
+    assert make(t_max, [t_max / 2]) == (t_max, t_max / 2, 0.0)
+    for bad in ((too_far, None), (t_max, [t_max]), (t_max, [t_max / 4, t_max / 2]), (t_max, [math.nan]),
+                (t_max, [-t_max / 2])):
+        with pytest.raises(dnnlib.UserError, match='--t-max/--mid_t: .* steps must decrease strictly'):
+            make(*bad)

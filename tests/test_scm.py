@@ -328,7 +328,7 @@ def test_trigflow_sampler_is_the_papers_algorithm_and_ects_consistency_sampler()
         cm = consistency_sampler(net, z, t_steps=[SD * math.tan(t) for t in steps], randn_like=lambda x: z2.double())
     assert rel_err(ours, x) < 1e-5 and rel_err(ours, cm) < 1e-6
     for bad in ([math.pi / 2, 0.0], [1.0, 1.2, 0.0], [1.0, 0.5]):
-        with pytest.raises(dnnlib.UserError, match='--t-steps'):
+        with pytest.raises(dnnlib.UserError, match='--t-max/--mid_t: TrigFlow steps'):
             trigflow_sampler(net, z, t_steps=bad)
 
 

@@ -25,6 +25,13 @@ def weight_init(shape, mode, fan_in, fan_out):
     raise dnnlib.UserError(f'init_mode: unknown weight initialisation "{mode}"')
 
 
+def batch_values(value, x, dtype=None):
+    """A noise level or time (python float, 0-d, [1] or [N] tensor) as [N, 1, 1, 1] on x's device, in `dtype`
+    (None: its own); a single value is broadcast over the batch of `x`."""
+    value = torch.as_tensor(value, dtype=dtype, device=x.device).reshape(-1, 1, 1, 1)
+    return value.expand(x.shape[0], 1, 1, 1) if value.shape[0] == 1 else value
+
+
 def _cast(tensor, dtype):
     return tensor.to(dtype) if tensor is not None else None
 

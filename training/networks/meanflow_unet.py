@@ -19,7 +19,7 @@ from torch.nn.functional import silu
 
 import dnnlib
 from torch_utils import persistence
-from training.networks.layers import FourierEmbedding, Linear, PositionalEmbedding, UNetBlock
+from training.networks.layers import FourierEmbedding, Linear, PositionalEmbedding, UNetBlock, batch_values
 from training.networks.song_unet import SongUNet
 
 #----------------------------------------------------------------------------
@@ -93,12 +93,6 @@ class MeanFlowUNet(SongUNet):
 
 #----------------------------------------------------------------------------
 
-def _batch_times(value, x):
-    """A time (python float, 0-d or [N] tensor) as float32 [N] on x's device."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=x.device).reshape(-1)
-    return value.expand(x.shape[0]) if value.shape[0] == 1 else value
-
-
 @persistence.persistent_class
 class MeanFlowPrecond(torch.nn.Module):
     """The average velocity u(z, r, t) (MeanFlow Eq. 3) of py-meanflow: its U-Net called with (t, t − r)."""
@@ -127,5 +121,5 @@ class MeanFlowPrecond(torch.nn.Module):
     def forward(self, x, r, t, class_labels=None, augment_labels=None):
         """u(x, r, t) in float32; r <= t are times in [0, 1] (floats or [N] tensors), t = 1 is noise."""
         x = x.to(torch.float32)
-        t, r = _batch_times(t, x), _batch_times(r, x)
+        t, r = batch_values(t, x, torch.float32).flatten(), batch_values(r, x, torch.float32).flatten()
         return self.model(x, (t, t - r), class_labels, augment_labels)

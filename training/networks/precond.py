@@ -5,7 +5,7 @@ import torch
 
 from torch_utils import persistence
 from training.networks.dhariwal_unet import DhariwalUNet
-from training.networks.layers import check_choice
+from training.networks.layers import batch_values, check_choice
 from training.networks.song_unet import SongUNet
 
 #----------------------------------------------------------------------------
@@ -52,8 +52,7 @@ class _Precond(torch.nn.Module):
     def _prepare(self, x, sigma):
         """Inputs in float32; sigma shaped [N, 1, 1, 1] (a scalar sigma is broadcast over the batch)."""
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        return x, (sigma.expand(x.shape[0], 1, 1, 1) if sigma.shape[0] == 1 else sigma)
+        return x, batch_values(sigma, x, torch.float32)
 
     def _precondition(self, x, coefficients, class_labels, force_fp32, model_kwargs):
         c_skip, c_out, c_in, c_noise = coefficients

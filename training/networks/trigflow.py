@@ -19,7 +19,7 @@ import torch
 
 from torch_utils import persistence
 from training.networks.edm2 import Precond as EDM2Precond
-from training.networks.layers import Linear, check_choice
+from training.networks.layers import Linear, batch_values, check_choice
 from training.networks.precond import ECMPrecond, EDMPrecond
 
 DENOISERS = dict(edm=EDMPrecond, ecm=ECMPrecond, edm2=EDM2Precond)   # denoiser= names of the wrapped classes
@@ -36,16 +36,10 @@ def edm_sigma(t_hat, sigma_data):
     return sigma_data * torch.tan(torch.as_tensor(t_hat))
 
 
-def _batch_times(t_hat, x):
-    """t̂ as float [N, 1, 1, 1] on x's device (a scalar is broadcast over the batch)."""
-    t_hat = torch.as_tensor(t_hat, device=x.device).reshape(-1, 1, 1, 1)
-    return t_hat.expand(x.shape[0], 1, 1, 1) if t_hat.shape[0] == 1 else t_hat
-
-
 # sCM §3 (TrigFlow PF-ODE): dx̂/dt = (cos t̂·x̂ − D(x̂/cos t̂, σd tan t̂)) / sin t̂ for a denoiser D of x_σ = x0 + σ·n
 # (docs/SCM.md §1, eq. T2); σd·F_θ of a TrigFlow network, the teacher's tangent in sCD.
 def trigflow_velocity(denoiser, x_hat, t_hat, sigma_data, class_labels=None, **denoiser_kwargs):
-    t = _batch_times(t_hat, x_hat).to(x_hat.dtype)
+    t = batch_values(t_hat, x_hat).to(x_hat.dtype)
     cos_t, sin_t = t.cos(), t.sin()
     denoised = denoiser(x_hat / cos_t, (sigma_data * t.tan()).flatten(), class_labels, **denoiser_kwargs)
     return (cos_t * x_hat - denoised.to(x_hat.dtype)) / sin_t
@@ -120,4 +114,4 @@ class TrigFlowPrecond(torch.nn.Module):
                                 force_fp32=force_fp32, **model_kwargs) / self.sigma_data
         if not return_logvar:
             return out
-        return out, self.logvar(edm_sigma(_batch_times(sigma, x).flatten().to(torch.float32), self.sigma_data))
+        return out, self.logvar(edm_sigma(batch_values(sigma, x).flatten().to(torch.float32), self.sigma_data))

@@ -9,7 +9,6 @@ callers pass networks already in `eval()` (ECM networks are called in their eval
 
 import collections
 import inspect
-import math
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ import torch
 import dnnlib
 from torch_utils import misc
 from training.sampling import samplers_karras, samplers_meanflow, samplers_trigflow
+from training.sampling.time_steps import check_time_steps
 
 # Recipe defaults of consistency sampling (docs/ECT.md §5).
 T_MAX = 80.0                # first time step t_max of consistency sampling
@@ -75,13 +75,7 @@ class StackedRandomGenerator:
 
 
 def _check_consistency_steps(steps):
-    """The steps as floats, after checking they decrease strictly from t_max to a final 0."""
-    steps = tuple(float(t) for t in steps)
-    decreasing = all(a > b for a, b in zip(steps[:-1], steps[1:]))
-    if len(steps) < 2 or steps[-1] != 0 or not decreasing or not all(math.isfinite(t) for t in steps):
-        raise dnnlib.UserError(f'--t-max/--mid_t: consistency steps must decrease strictly from t_max to 0 '
-                               f'with every intermediate t > 0, got {list(steps)}')
-    return steps
+    return check_time_steps(steps, 'consistency', '--t-max/--mid_t')
 
 
 def make_consistency_steps(t_max=T_MAX, mid_t=None):

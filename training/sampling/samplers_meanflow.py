@@ -7,25 +7,16 @@ steps. Like the consistency sampler it keeps its state in float64, converts what
 and never switches a module between train and eval mode (callers pass networks in eval()); it draws nothing.
 """
 
-import math
-
 import torch
 
-import dnnlib
+from training.sampling.time_steps import check_time_steps
 
 MEANFLOW_T_MAX = 1.0    # the noise end: py-meanflow's one-step sampler starts at t = 1 (meanflow.py MeanFlow.sample)
 MEANFLOW_MID_T = 0.5    # a 2-step intermediate time: NVlabs/FastGen config_mf_cifar10.py (t_list [0.999, 0.5, 0])
 
 
 def check_meanflow_steps(steps):
-    """The steps as floats, after checking they decrease strictly from a t_max in (0, 1] to a final 0."""
-    steps = tuple(float(t) for t in steps)
-    decreasing = all(a > b for a, b in zip(steps[:-1], steps[1:]))
-    if len(steps) < 2 or steps[-1] != 0 or not decreasing or steps[0] > 1 or \
-            not all(math.isfinite(t) for t in steps):
-        raise dnnlib.UserError(f'--t-max/--mid-t: MeanFlow steps must decrease strictly from a t_max <= 1 to 0 '
-                               f'with every intermediate time in (0, 1), got {list(steps)}')
-    return steps
+    return check_time_steps(steps, 'MeanFlow', '--t-max/--mid_t', 1.0, 'in (0, 1]')
 
 
 def make_meanflow_steps(t_max=MEANFLOW_T_MAX, mid_t=None):

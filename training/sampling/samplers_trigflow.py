@@ -12,7 +12,7 @@ import math
 
 import torch
 
-import dnnlib
+from training.sampling.time_steps import check_time_steps
 
 SIGMA_MAX = 80.0         # EDM's largest noise level: the sampler starts at t_max = arctan(SIGMA_MAX / σd)
 SIGMA_DATA = 0.5         # the data standard deviation σd of this project's networks
@@ -23,13 +23,7 @@ TRIG_MID_T = math.atan(0.821 / SIGMA_DATA)
 
 
 def _check_trigflow_steps(steps):
-    """The steps as floats, after checking they decrease strictly from t_max < π/2 to a final 0."""
-    steps = tuple(float(t) for t in steps)
-    decreasing = all(a > b for a, b in zip(steps[:-1], steps[1:]))
-    if len(steps) < 2 or steps[-1] != 0 or not decreasing or not 0 < steps[0] < math.pi / 2:
-        raise dnnlib.UserError(f'--t-steps: TrigFlow steps must decrease strictly from t_max in (0, π/2) to 0, '
-                               f'got {list(steps)}')
-    return steps
+    return check_time_steps(steps, 'TrigFlow', '--t-max/--mid_t', math.nextafter(math.pi / 2, 0), 'in (0, π/2)')
 
 
 def make_trigflow_steps(t_max=TRIG_T_MAX, mid_t=None):
