@@ -78,7 +78,7 @@ def cli_overrides(kw):
         max_hours=kw['max_hours'], seed=kw['seed'], precision=precision, transfer=kw['transfer'], loss=kw['loss'],
         q=kw['q'], k=kw['k'], b=kw['b'], c=kw['c'], mapping=kw['mapping'], weighting=kw['weighting'],
         P_mean=kw['p_mean'], P_std=kw['p_std'], augment_p=kw['augment'], lr=kw['lr'], lr_decay_batches=kw['lr_decay_batches'],
-        lr_rampup_kimg=kw['lr_rampup'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
+        lr_rampup_kimg=kw['lr_rampup'], grad_clip=kw['grad_clip'], ema_beta=kw['ema_beta'], ema_mimg=kw['ema'], mid_t=mid_t,
         xflip=kw['xflip'], cache=kw['cache'], workers=kw['workers'], data_on_device=kw['data_on_device'],
         tensorboard=kw['tensorboard'] or None, channels_last=kw['channels_last'], compile=kw['compile'] or None,
         wandb=kw['wandb'],
@@ -327,6 +327,7 @@ def launch(options, run_dir):
 @click.option('--lr', help='Base learning rate', metavar='FLOAT', type=float)
 @click.option('--lr-decay-batches', help='Inverse-sqrt lr decay after this many steps (0 = none)', metavar='INT', type=float)
 @click.option('--lr-rampup', help='Linear lr warm-up in kimg (0 = none)', metavar='KIMG', type=float)
+@click.option('--grad-clip', help='Clip the global gradient norm to this before each step (0 = none)', metavar='FLOAT', type=float)
 @click.option('--ema', help='EMA half-life in Mimg (EDM meaning; HalfLifeEMA)', metavar='MIMG', type=float)
 @click.option('--ema-beta', help='Constant EMA decay per step (ECT: 0.9999)', metavar='FLOAT', type=float)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=float)

@@ -28,6 +28,8 @@ def check_numbers(o):
         raise dnnlib.UserError(f'--dropout: must be in [0, 1), got {o.dropout}')
     if o.double_ticks is not None and not o.double_ticks > 0:
         raise dnnlib.UserError(f'--double: must be positive, got {o.double_ticks}')
+    if o.grad_clip is not None and not o.grad_clip >= 0:
+        raise dnnlib.UserError(f'--grad-clip: must be a positive norm (0 = no clipping), got {o.grad_clip}')
     if o.max_hours is not None and not o.max_hours > 0:
         raise dnnlib.UserError(f'--max-hours: must be positive, got {o.max_hours}')
     choice('--grid-sampler', o.grid_sampler, GRID_SAMPLERS)

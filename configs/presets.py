@@ -16,6 +16,7 @@ Flat keys (all optional in a preset; see DEFAULTS for their defaults):
   loss ('ect' | 'edm', when method_kwargs is None), q, k, b, c,
   mapping ('sigmoid' | 'constant'), weighting ('ict' | 'edm2' | 'none'), P_mean, P_std, sigma_data,
   optimizer (dict(class_name, **kwargs)), lr (overrides optimizer lr), lr_decay_batches, lr_rampup_kimg,
+  grad_clip (the global gradient norm is clipped to it before each step; None or 0 = no clipping),
   ema (dict(class_name, **kwargs)), ema_beta (-> ConstantEMA), ema_mimg (-> EDM half-life EMA), mid_t,
   grid_sampler ('edm' | 'consistency' | 'trigflow' | 'meanflow'), xflip, cache, workers, data_on_device (the whole
   dataset on the training device, no DataLoader workers: training.data.device_data), compile (torch.compile the trained network; off
@@ -84,8 +85,8 @@ DEFAULTS = dict(
     seed=0, precision='fp32', transfer=None, method_kwargs=None, loss='ect', q=2, k=8, b=1, c=0.0, mapping='sigmoid',
     weighting='ict', P_mean=-1.1, P_std=2.0, sigma_data=0.5,
     optimizer=dict(class_name='torch.optim.RAdam', lr=1e-4, betas=[0.9, 0.999], eps=1e-8, foreach=True),
-    lr=None, lr_decay_batches=0, lr_rampup_kimg=0, ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999),
-    ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
+    lr=None, lr_decay_batches=0, lr_rampup_kimg=0, grad_clip=None,
+    ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999), ema_beta=None, ema_mimg=None, mid_t=[CIFAR10_MID_T], grid_sampler='consistency', xflip=False, cache=True, workers=2,
     data_on_device=False, compile=False,
     find_unused_parameters=False, channels_last=False, metrics_ref=None, tensorboard=False, wandb=None, data_source=None,
     data_max_images=None,
@@ -327,7 +328,7 @@ def build_options(o):
         optimizer_kwargs=_optimizer_kwargs(o),
         lr_kwargs=dict(class_name='training.loop.training_loop.LearningRateSchedule',
                        decay_batches=float(o.lr_decay_batches), rampup_kimg=float(o.lr_rampup_kimg)),
-        ema_kwargs=_ema_kwargs(o),
+        ema_kwargs=_ema_kwargs(o), grad_clip_norm=float(o.grad_clip) if o.grad_clip else None,
         total_kimg=float(o.duration_mimg) * 1000, batch_size=int(o.batch),
         batch_gpu=None if o.batch_gpu is None else int(o.batch_gpu), tick_kimg=float(o.tick_kimg),
         snapshot_ticks=o.snap_ticks, state_dump_ticks=o.dump_ticks, sample_ticks=o.sample_ticks,

@@ -111,6 +111,7 @@ PRESETS = {
         optimizer=dict(class_name='torch.optim.Adam', lr=7e-5, betas=[0.9, 0.99], eps=1e-11, weight_decay=0.0,
                        foreach=True),                         # config_scd_in64.py:27-31
         lr_decay_batches=35000, lr_rampup_kimg=0,             # config_scd_in64.py:32-35 (inverse square root)
+        grad_clip=10.0,                                       # config_scd_in64.py:19 (CIFAR-10's 1e6: none)
         ema=_SCM_EMAS, grid_sampler='trigflow',               # config_scd_in64.py:44-48
         mid_t=[math.atan(1.1 / 0.5)],                         # 1.1442 rad: config_scd_in64.py:58 (2-step σ 1.1)
         precision='bf16',                                     # config_scd_in64.py:22 (the JVP runs in float32)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dnnlib
+from configs import presets
 from training.checkpoints import checkpoint, reader
 from training.methods import scm_loss
 from training.methods.base import Progress
@@ -346,3 +347,10 @@ def test_training_grids_and_metrics_use_the_trigflow_sampler():
     assert samplers.resolve_sampler(net, metadata=dict(sampler='trigflow', mid_t=[0.9]))[1]['t_steps'][1] == 0.9
     assert samplers.resolve_sampler(net, 'consistency', metadata=dict(sampler='trigflow', mid_t=[0.9]))[1] == dict(
         t_steps=(80.0, 0.821, 0.0))   # another family does not read the recorded (radian) mid_t
+
+
+@pytest.mark.parametrize('preset, norm', [('cifar10-sct', None), ('cifar10-scd', None), ('imagenet64-scd', 10.0)])
+def test_presets_clip_gradients_as_fastgen(preset, norm):
+    """NVlabs/FastGen clips the global gradient norm to 10 for ImageNet-64 sCD (configs/experiments/EDM/
+    config_scd_in64.py:19) and to 1e6, i.e. never, for CIFAR-10 (configs/methods/config_scm.py:104)."""
+    assert presets.resolve(preset, dict(data='unused')).grad_clip_norm == norm

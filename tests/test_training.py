@@ -22,6 +22,7 @@ from configs import presets
 from conftest import write_random_dataset
 from multiprocess import free_port, run_ranks
 from torch_utils import distributed as dist
+from torch_utils import training_stats
 from training.checkpoints import checkpoint
 from training.loop import runtime
 from training.loop import training_loop as tl
@@ -354,6 +355,31 @@ def test_fp16_scaler_skips_step_with_inf_gradients():
     assert float(net.weight[0, 1]) == pytest.approx(float(before[0][0, 1]) - 0.1 * 1e5)
 
 
+@pytest.mark.parametrize('max_norm', [None, 1e6, 0.5])
+def test_gradient_clipping_scales_the_whole_gradient(max_norm):
+    """--grad-clip: the update is lr·g·min(1, c/(‖g‖ + 1e-6)) with ‖g‖ the norm of every gradient together (torch's
+    clip_grad_norm_, as NVlabs/FastGen clips), written out in float64; no clipping without a norm or below it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.randn(5, 3)).square().sum().backward()
+    before = [p.detach().double().clone() for p in net.parameters()]
+    grads = [p.grad.detach().double().clone() for p in net.parameters()]
+    norm = sum(float(g.square().sum()) for g in grads) ** 0.5
+    assert norm > 0.5                                                # the 0.5 case clips
+    collector = training_stats.Collector(regex='Progress/grad_norm', keep_previous=False)
+    collector.update()                                               # what earlier tests reported is not counted
+    tl.optimizer_step(net, optimizer, 0.1, grad_clip_norm=max_norm)
+    scale = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
+    for b, g, p in zip(before, grads, net.parameters()):
+        torch.testing.assert_close(p.detach().double(), b - 0.1 * scale * g, rtol=0, atol=1e-7)
+    collector.update()
+    reported = collector.as_dict().get('Progress/grad_norm')
+    assert (reported is None) == (max_norm is None)
+    if reported is not None:
+        assert reported['mean'] == pytest.approx(norm, rel=1e-6)
+
+
 def test_learning_rate_schedule():
     schedule = tl.LearningRateSchedule(decay_batches=2000, rampup_kimg=0)
     assert schedule(0, 128) == 1.0
@@ -405,6 +431,14 @@ def test_dry_run_downloads_nothing(data_dir, tmp_path, monkeypatch):
     assert f'"transfer": "{presets.CIFAR10_VP_URL}"' in output
 
 
+@pytest.mark.parametrize('flag, expected', [([], None), (['--grad-clip=10'], 10.0), (['--grad-clip=0'], None)])
+def test_grad_clip_flag_reaches_the_options(data_dir, tmp_path, flag, expected):
+    code, output = invoke(base_args(data_dir, tmp_path / 'out') + flag)
+    assert code == 0, output
+    (run_dir,) = list((tmp_path / 'out').iterdir())
+    assert json.loads((run_dir / 'training_options.json').read_text())['grad_clip_norm'] == expected
+
+
 def test_dry_run_records_detector_files(data_dir, tmp_path):
     det = tmp_path / 'inception.pkl'
     det.write_bytes(b'\x80')
@@ -427,6 +461,7 @@ def test_dry_run_records_detector_files(data_dir, tmp_path):
     (['--resume=/definitely/not/here.pt'], '--resume'),
     (['--arch-kwargs=[1]'], '--arch-kwargs'),
     (['--detector=/definitely/not/here.pkl'], '--detector'),
+    (['--grad-clip=-1'], '--grad-clip'),
     (['--loss=edm', '--arch-kwargs={"model_channels": 16}', '--P_mean=nan'], 'method_kwargs'),
 ])
 def test_bad_values_give_one_line_errors(data_dir, tmp_path, extra, message):

@@ -17,6 +17,7 @@ class TrainingOptions:
     optimizer_kwargs: dict = dataclasses.field(default_factory=dict)    # optimiser (torch.optim.*), with lr
     lr_kwargs: dict = dataclasses.field(default_factory=dict)           # learning-rate schedule component
     ema_kwargs: dict = dataclasses.field(default_factory=dict)          # EMA component (training.loop.ema.*)
+    grad_clip_norm: float = None        # clip the global gradient norm to this before each step; None = no clipping
     total_kimg: float = 25600           # training length in thousands of images
     batch_size: int = 128               # global batch size
     batch_gpu: int = None               # micro-batch per process per round; None = no accumulation

@@ -85,8 +85,9 @@ def accumulate_gradients(ddp, loss_fn, data_iterator, num_rounds, batch_size, de
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
 
 
-def optimizer_step(net, optimizer, lr, scaler=None):
-    """Set the learning rate, unscale (fp16), replace non-finite gradient entries (docs/ECT.md §6 'grads'), step.
+def optimizer_step(net, optimizer, lr, scaler=None, grad_clip_norm=None):
+    """Set the learning rate, unscale (fp16), replace non-finite gradient entries (docs/ECT.md §6 'grads'), clip
+    the global gradient norm to `grad_clip_norm` (None: no clipping; NVlabs/FastGen's GradClipCallback order), step.
 
     With a GradScaler, unscale_ runs BEFORE nan_to_num, so the scaler has already seen any overflow and skips
     that step; nan_to_num only protects the fp32/bf16 paths and keeps the unscaled gradients finite.
@@ -96,6 +97,9 @@ def optimizer_step(net, optimizer, lr, scaler=None):
     if scaler is not None:
         scaler.unscale_(optimizer)
     misc.nan_to_num_grads_(net.parameters(), nan=0.0, posinf=1e5, neginf=-1e5)
+    if grad_clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip_norm, foreach=True)
+        training_stats.report0('Progress/grad_norm', norm)   # before clipping
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -106,11 +110,11 @@ def optimizer_step(net, optimizer, lr, scaler=None):
 
 
 def training_step(ddp, net, loss_fn, optimizer, data_iterator, num_rounds, batch_size, lr, device,
-                  autocast_dtype=None, scaler=None):
+                  autocast_dtype=None, scaler=None, grad_clip_norm=None):
     """One optimiser step on one global batch."""
     optimizer.zero_grad(set_to_none=True)
     accumulate_gradients(ddp, loss_fn, data_iterator, num_rounds, batch_size, device, autocast_dtype, scaler)
-    optimizer_step(net, optimizer, lr, scaler)
+    optimizer_step(net, optimizer, lr, scaler, grad_clip_norm)
 
 # ----------------------------------------------------------------------------------------------------------
 # The run.
@@ -192,7 +196,7 @@ class Trainer:
         lr = o.optimizer_kwargs['lr'] * self.lr_schedule(self.nimg_before + s.progress.cur_nimg, o.batch_size)
         training_stats.report0('Progress/lr', lr)
         training_step(self.ddp, s.net, s.method.loss, s.optimizer, self.data_iterator, self.num_rounds,
-                      o.batch_size, lr, self.run_ctx.device, AUTOCAST_DTYPES[o.precision], s.scaler)
+                      o.batch_size, lr, self.run_ctx.device, AUTOCAST_DTYPES[o.precision], s.scaler, o.grad_clip_norm)
         s.progress.cur_nimg += o.batch_size
         s.method.after_step(s.net, self.progress())
         s.ema.update(self.nimg_before + s.progress.cur_nimg, o.batch_size)
