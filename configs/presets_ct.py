@@ -63,9 +63,9 @@ _MEANFLOW_CIFAR10 = dict(
                    foreach=True),                             # train.py:157-161, cifar10_v1.sh:6, train_arg_parser.py:20
     lr_decay_batches=0, lr_rampup_kimg=200 * MEANFLOW_EPOCH_KIMG,   # 200 warm-up epochs (cifar10_v1.sh:16), then constant
     ema=dict(class_name='training.loop.ema.CombinedEMA', trackers=[     # train_arg_parser.py:24-25
-        dict(class_name='training.loop.ema.ConstantEMA', beta=0.9999, suffix='-0.9999'),
-        dict(class_name='training.loop.ema.ConstantEMA', beta=0.99995, suffix='-0.99995'),   # the README's net_ema1
-        dict(class_name='training.loop.ema.ConstantEMA', beta=0.9996, suffix='-0.9996')]),
+        dict(class_name='training.loop.ema.PeriodicEMA', beta=0.9999, period=16, suffix='-0.9999'),   # ema.py:13
+        dict(class_name='training.loop.ema.PeriodicEMA', beta=0.99995, period=16, suffix='-0.99995'),  # net_ema1
+        dict(class_name='training.loop.ema.PeriodicEMA', beta=0.9996, period=16, suffix='-0.9996')]),
     xflip=True,                                               # data_transform.py:19 RandomHorizontalFlip
     precision='tf32',                                         # train.py:34 (the JVP always runs in float32)
     grid_sampler='meanflow', mid_t=[0.5],                     # FastGen config_mf_cifar10.py:17 (2 steps: t 0.5)

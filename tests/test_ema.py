@@ -76,6 +76,30 @@ def test_constant_ema_formula():
     assert tracker.get()[0][0] == ''
 
 
+def test_periodic_ema_is_py_meanflows_update():
+    """py-meanflow's EMA (models/ema.py:13-21): nothing between updates; after optimiser step k with k % 16 == 0,
+    ema = float32(ema + (1 − β¹⁶)(p − ema)) computed in float64. Written out in numpy on a float32 network."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    tracker = ema_lib.PeriodicEMA(net, beta=0.99, period=16)
+    expected = [p.detach().numpy().astype(np.float32) for p in net.parameters()]
+    weight = 1 - 0.99 ** 16
+    for step in range(1, 41):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape) * 0.1)
+        tracker.update(cur_nimg=step * 8, batch_size=8)
+        if step % 16 == 0:
+            expected = [(e.astype(np.float64) + weight * (p.detach().numpy().astype(np.float64) -
+                                                          e.astype(np.float64))).astype(np.float32)
+                        for e, p in zip(expected, net.parameters())]
+        ema = tracker.get()[0][1]
+        assert all(np.array_equal(e, q.numpy()) for e, q in zip(expected, ema.parameters())), step
+    assert step // 16 == 2 and not np.array_equal(expected[0], net.weight.detach().numpy())
+    with pytest.raises(dnnlib.UserError, match='period'):
+        ema_lib.PeriodicEMA(net, period=0)
+
+
 def test_halflife_ema_formula():
     net = Scalar()
     tracker = ema_lib.HalfLifeEMA(net, halflife_kimg=0.1, rampup_ratio=0.05)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dnnlib
+from configs import presets
 from training.checkpoints import checkpoint
 from training.checkpoints.meanflow_state import load_meanflow_checkpoint, meanflow_to_ours, ours_to_meanflow
 from training.methods.meanflow import MeanFlow
@@ -247,3 +248,13 @@ def test_unused_augment_layer_is_refused_under_ddp(net, monkeypatch):
     monkeypatch.setattr(dist, 'get_world_size', lambda: 2)
     with pytest.raises(dnnlib.UserError, match='augment_dim=6 but augment_kwargs is None'):
         MeanFlow().setup(net, 'cpu')
+
+
+@pytest.mark.parametrize('preset', ['cifar10-meanflow', 'cifar10-meanflow-v0'])
+def test_presets_keep_py_meanflows_three_emas(preset):
+    """py-meanflow keeps EMAs of decay 0.9999, 0.99995 and 0.9996 (train_arg_parser.py:24-25), each updated every
+    16 steps with the 16th power (models/ema.py:13-21)."""
+    ema = presets.resolve(preset, dict(data='unused')).ema_kwargs
+    assert ema['class_name'] == 'training.loop.ema.CombinedEMA'
+    assert [(t['class_name'], t['beta'], t['period']) for t in ema['trackers']] == [
+        ('training.loop.ema.PeriodicEMA', beta, 16) for beta in (0.9999, 0.99995, 0.9996)]

@@ -79,6 +79,35 @@ class ConstantEMA(_Tracker):
         _lerp_into(self.emas[0][1], self.net, self.beta)
 
 
+@torch.no_grad()
+def _lerp_into_float64(ema, net, weight):
+    """ema <- ema + weight * (net - ema) for parameters, computed in float64 and stored in the EMA's dtype (as
+    py-meanflow does, models/ema.py:17-21); buffers are copied from the net."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e64 = e.double()
+        e.copy_(e64 + weight * (p.detach().double() - e64))
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b.detach())
+
+
+# Periodic fixed-decay EMA (py-meanflow, models/ema.py:13-21, meanflow.py:25-34): after every `period`-th optimiser
+# step, ema <- ema + (1 - beta^period)(net - ema) in float64; the same decay per step as ConstantEMA on average.
+class PeriodicEMA(ConstantEMA):
+    def __init__(self, net,
+                 beta=0.9999,   # decay per optimiser step (applied as beta**period every period steps)
+                 period=16,     # optimiser steps between updates (py-meanflow: 16)
+                 suffix='',     # appended to snapshot names
+                 ):
+        super().__init__(net, beta, suffix)
+        if not (isinstance(period, int) and period >= 1):
+            raise dnnlib.UserError(f'PeriodicEMA: period must be a positive integer, got {period}')
+        self.period = period
+
+    def update(self, cur_nimg, batch_size):
+        if (cur_nimg // batch_size) % self.period == 0:   # the optimiser steps taken, this one included
+            _lerp_into_float64(self.emas[0][1], self.net, 1 - self.beta ** self.period)
+
+
 def halflife_beta(cur_nimg, batch_size, halflife_kimg, rampup_ratio):
     """EDM (Karras et al. 2022, Appendix F.1): beta = 0.5^(batch / max(min(halflife, cur_nimg * rampup), 1e-8))."""
     halflife_nimg = halflife_kimg * 1000
