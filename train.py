@@ -327,7 +327,7 @@ def launch(options, run_dir):
 @click.option('--lr', help='Base learning rate', metavar='FLOAT', type=float)
 @click.option('--lr-decay-batches', help='Inverse-sqrt lr decay after this many steps (0 = none)', metavar='INT', type=float)
 @click.option('--lr-rampup', help='Linear lr warm-up in kimg (0 = none)', metavar='KIMG', type=float)
-@click.option('--grad-clip', help='Clip the global gradient norm to this before each step (0 = none)', metavar='FLOAT', type=float)
+@click.option('--grad-clip', '--gclip', 'grad_clip', help='Clip the global gradient norm to this before each step (0 = none)', metavar='FLOAT', type=float)
 @click.option('--ema', help='EMA half-life in Mimg (EDM meaning; HalfLifeEMA)', metavar='MIMG', type=float)
 @click.option('--ema-beta', help='Constant EMA decay per step (ECT: 0.9999)', metavar='FLOAT', type=float)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=float)

@@ -431,7 +431,8 @@ def test_dry_run_downloads_nothing(data_dir, tmp_path, monkeypatch):
     assert f'"transfer": "{presets.CIFAR10_VP_URL}"' in output
 
 
-@pytest.mark.parametrize('flag, expected', [([], None), (['--grad-clip=10'], 10.0), (['--grad-clip=0'], None)])
+@pytest.mark.parametrize('flag, expected', [([], None), (['--grad-clip=10'], 10.0), (['--grad-clip=0'], None),
+                                            (['--gclip=5'], 5.0)])   # NVlabs/TCM's spelling (ct_train.py:136)
 def test_grad_clip_flag_reaches_the_options(data_dir, tmp_path, flag, expected):
     code, output = invoke(base_args(data_dir, tmp_path / 'out') + flag)
     assert code == 0, output
