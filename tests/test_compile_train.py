@@ -92,7 +92,7 @@ def plain_nets(data_dir):
     return net, *compiled_warm(net)
 
 
-def test_passes_agree_bitwise_when_r_equals_t(data_dir, plain_nets):
+def test_passes_agree_bitwise_when_r_equals_t(data_dir):
     """r = t: f_t == f_r bit for bit and the global RNG continues as after the prediction pass alone, at dropout
     0.5 (fresh masks, shared_dropout=False, differ: the masks matter), eager and compiled (the target pass runs the
     prediction's graph: a no_grad graph could round differently)."""
