@@ -4,6 +4,7 @@ synthetic EDM-format datasets."""
 import json
 import os
 import pathlib
+import shutil
 import zipfile
 
 import numpy as np
@@ -104,6 +105,27 @@ def zip_folder(root, dest):
 def private_cache(tmp_path, monkeypatch):
     """Dataset statistics are cached under dnnlib's cache dir: keep the test's own (pytestmark usefixtures)."""
     monkeypatch.setenv('ECT_CACHE_DIR', str(tmp_path / 'cache'))
+
+
+def once_per_session(tmp_path_factory, name, produce):
+    """(folder, result) of `produce(folder)`, run once per test session even under pytest-xdist: the first worker
+    that needs it runs it in a folder of the session's shared temporary root while holding a lock (torch depends on
+    filelock), the others wait for it and read its JSON result. For expensive end-to-end runs whose files the tests
+    only read (or copy), which a module-scoped fixture would repeat on every worker its tests are spread over."""
+    import filelock
+    shared = os.environ.get('PYTEST_XDIST_WORKER') is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    folder, result_file = root / name, root / f'{name}.json'
+    with filelock.FileLock(str(root / f'{name}.lock')):
+        if not result_file.is_file():
+            folder.mkdir()
+            try:
+                result = produce(folder)
+            except BaseException:
+                shutil.rmtree(folder)   # a worker that tries again starts clean (and fails the same way)
+                raise
+            result_file.write_text(json.dumps(result))
+    return folder, json.loads(result_file.read_text())
 
 
 @pytest.fixture(scope='session')

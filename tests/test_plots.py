@@ -3,6 +3,7 @@ real (shortened quickstart) run records, several runs overlaid; matplotlib missi
 
 import json
 import os
+import pathlib
 import shutil
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
+from conftest import once_per_session
 from training.loop import plots
 from training.loop import run_records
 
@@ -20,19 +22,19 @@ pytest.importorskip('matplotlib', reason='the matplotlib package (an optional ex
 
 @pytest.fixture(scope='module')
 def recorded_run(tmp_path_factory, shapes_zip):
-    """The run directory of a shortened quickstart: 3 ticks, a snapshot and metrics every tick (the initial network's
-    in the loop)."""
-    root = tmp_path_factory.mktemp('plots')
-    data = shapes_zip
-    args = ['--preset=quickstart', f'--outdir={root / "runs"}', f'--data={data}', f'--ref={data}', '--batch=16',
-            '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=16', '--snap=1', '--dump=3',
-            '--sample-every=0', '--eval-every=1', '--eval-init=fd_randnet', '--eval-init-background=0']
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv('ECT_CACHE_DIR', str(root / 'cache'))   # dataset statistics: this test's own cache
-        result = CliRunner().invoke(train.main, args)
-    assert result.exit_code == 0, result.output
-    run_dir, = [d for d in (root / 'runs').iterdir() if d.is_dir()]
-    return run_dir
+    """The run directory of a shortened quickstart, made once per session: 3 ticks, a snapshot and metrics every
+    tick (the initial network's in the loop)."""
+    def produce(root):
+        args = ['--preset=quickstart', f'--outdir={root / "runs"}', f'--data={shapes_zip}', f'--ref={shapes_zip}',
+                '--batch=16', '--tick=0.032', '--double=1', '--duration=0.000096', '--metric-samples=16', '--snap=1',
+                '--dump=3', '--sample-every=0', '--eval-every=1', '--eval-init=fd_randnet', '--eval-init-background=0']
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv('ECT_CACHE_DIR', str(root / 'cache'))   # dataset statistics: this run's own cache
+            result = CliRunner().invoke(train.main, args)
+        assert result.exit_code == 0, result.output
+        run_dir, = [d for d in (root / 'runs').iterdir() if d.is_dir()]
+        return str(run_dir)
+    return pathlib.Path(once_per_session(tmp_path_factory, 'plots-run', produce)[1])
 
 
 def assert_png(path):

@@ -5,6 +5,7 @@ pre-emption cut short."""
 
 import json
 import os
+import pathlib
 import shutil
 import zipfile
 
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from configs import presets
+from conftest import once_per_session
 from metrics import background
 from metrics import detectors
 from metrics import metric_main
@@ -220,13 +222,18 @@ def _run(shapes_zip, outdir, *extra):
 
 @pytest.fixture(scope='module')
 def short_run(shapes_zip, tmp_path_factory):
-    """One shortened quickstart run shared by the tests below (a copy of it is resumed): (run dir, records,
-    output, intra-op threads before, after)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv('ECT_CACHE_DIR', str(tmp_path_factory.mktemp('cache')))
-        run = _run(shapes_zip, tmp_path_factory.mktemp('runs'))
-    return (*run, threads, torch.get_num_threads())
+    """One shortened quickstart run shared by the tests below, once per session (a copy of it is resumed):
+    (run dir, records, output, intra-op threads before and after it in the process that ran it)."""
+    def produce(folder):
+        threads = torch.get_num_threads()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv('ECT_CACHE_DIR', str(folder / 'cache'))
+            run_dir, _, output = _run(shapes_zip, folder / 'runs')
+        return dict(run_dir=str(run_dir), output=output, threads=[threads, torch.get_num_threads()])
+    _, run = once_per_session(tmp_path_factory, 'quickstart-short-run', produce)
+    run_dir = pathlib.Path(run['run_dir'])
+    records = {(r['snapshot_pkl'], r['metric']): r['results'] for r in metric_main.all_records(str(run_dir))}
+    return (run_dir, records, run['output'], *run['threads'])
 
 
 def test_short_quickstart_run(short_run):
