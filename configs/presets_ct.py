@@ -157,8 +157,8 @@ PRESETS = {
         _QUICKSTART, arch='ddpmpp', precond='trigflow', transfer=_QUICKSTART_PT,
         network_kwargs=dict(_QUICKSTART_NET, denoiser='edm', logvar_head=True),
         duration_mimg=0.008, batch=16,                        # 500 steps
-        optimizer=dict(class_name='torch.optim.RAdam', lr=2e-4, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0,
-                       foreach=True), lr_decay_batches=0, lr_rampup_kimg=0,
+        optimizer=dict(class_name='torch.optim.RAdam', lr=5e-4, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0,
+                       foreach=True), lr_decay_batches=0, lr_rampup_kimg=0,   # the quickstart's lr (2e-4: slower)
         ema=dict(class_name='training.loop.ema.ConstantEMA', beta=0.995), grid_sampler='trigflow',
         mid_t=[math.atan(_QUICKSTART_MID_SIGMA / 0.5)],       # the quickstart's σ 1.5 in radians: 1.2490
         eval_init_metrics=_QUICKSTART_INIT,
