@@ -58,18 +58,20 @@ def test_series_follow_the_records(recorded_run):
     assert list(zip(xs, values)) == expected
 
 
-def test_plots_of_one_run(recorded_run):
-    result = CliRunner().invoke(plots.main, [str(recorded_run)])
+def test_plots_of_one_run(recorded_run, tmp_path):
+    run = tmp_path / recorded_run.name   # a copy: the recorded run is shared by every worker, read only
+    shutil.copytree(recorded_run, run)
+    result = CliRunner().invoke(plots.main, [str(run)])
     assert result.exit_code == 0, result.output
-    out = recorded_run / 'plots'
+    out = run / 'plots'
     assert sorted(os.listdir(out)) == ['metrics.png', 'training.png']
     for name in ('training.png', 'metrics.png'):
         assert_png(out / name)
-    runs = plots.load_runs([str(recorded_run)])
+    runs = plots.load_runs([str(run)])
     training = plots.training_figure(runs)
     assert len(training.axes) == 4
     assert [ax.get_title() for ax in training.axes] == ['loss', 'learning rate', 'curriculum stage', 'img/s']
-    metric_names = sorted({r['metric'] for r in run_records.metric_records(str(recorded_run))})
+    metric_names = sorted({r['metric'] for r in run_records.metric_records(str(run))})
     assert metric_names == ['fd_randnet', 'two_step_fd_randnet']
     metrics = plots.metrics_figure(runs)
     assert [ax.get_title() for ax in metrics.axes] == metric_names
