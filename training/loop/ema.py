@@ -29,6 +29,11 @@ def _lerp_into(ema, net, beta):
     if ema_params:
         torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, net.parameters())],
                              1 - beta)
+    _copy_buffers(ema, net)
+
+
+def _copy_buffers(ema, net):
+    """The EMA copy's buffers set to the network's (one multi-tensor copy)."""
     ema_buffers = list(ema.buffers())
     if ema_buffers:
         torch._foreach_copy_(ema_buffers, [b.detach() for b in net.buffers()])
@@ -86,8 +91,7 @@ def _lerp_into_float64(ema, net, weight):
     for e, p in zip(ema.parameters(), net.parameters()):
         e64 = e.double()
         e.copy_(e64 + weight * (p.detach().double() - e64))
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b.detach())
+    _copy_buffers(ema, net)
 
 
 # Periodic fixed-decay EMA (py-meanflow, models/ema.py:13-21, meanflow.py:25-34): after every `period`-th optimiser
